@@ -45,3 +45,13 @@ def demo_dir(tmp_path_factory):
 def backbone(tokenizer):
     torch.manual_seed(0)
     return M.tiny_backbone(tokenizer, seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """`python train.py --size tiny` exactly as the README runs it (about 1.5 minutes on 2
+    cores); shared by the tests that need a trained model."""
+    import train
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    train.main(["--size", "tiny", "--out", str(out)])
+    return out
