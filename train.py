@@ -50,10 +50,12 @@ class Config:
     val_fraction: float = 0.01  # held out per source
     eval_every: int = 500  # steps between validation losses; 0 = only at the end
     save_every: int = 1000  # steps between resumable checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept
+    max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     seed: int = 0
     precision: str = "auto"  # bf16 (autocast, fp32 master weights) | fp32; auto = bf16 on GPU
     shard_optimizer: bool = True  # ZeroRedundancyOptimizer across ranks when world > 1
-    resume: bool = False  # continue from the latest checkpoint in `out`
+    resume: bool = False  # continue from the latest checkpoint in `out` (automatic under torchrun restarts)
     dry_run: bool = False  # print the plan of the run and exit, no weights
 
 
@@ -94,7 +96,7 @@ def check_config(cfg: Config, world: int) -> None:
     if cfg.batch_size % world:
         fail(f"--batch-size {cfg.batch_size} is not divisible by the world size {world}; "
              f"use a multiple of {world}")
-    for name in ["batch_size", "chunk_size", "lr", "max_length"]:
+    for name in ["batch_size", "chunk_size", "lr", "max_length", "keep_checkpoints", "max_bad_steps"]:
         if getattr(cfg, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.max_length < 2:
@@ -105,6 +107,14 @@ def check_config(cfg: Config, world: int) -> None:
         fail(f"--data {cfg.data}: no such folder")
     if cfg.resume and not latest_checkpoint(cfg.out):
         fail(f"--resume: no checkpoint in {cfg.out}/checkpoints; start without --resume")
+    if not cfg.resume and latest_checkpoint(cfg.out):
+        fail(f"--out {cfg.out} already holds checkpoints; add --resume to continue that run "
+             f"or choose another --out")
+
+
+def restarted_by_torchrun() -> bool:
+    """torchrun --max-restarts N restarts every rank after a failure: continue, no flag needed."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
 
 # ---------------------------------------------------------------------------- distributed
@@ -249,7 +259,7 @@ def latest_checkpoint(out: str) -> str | None:
     return os.path.join(folder, steps[-1]) if steps else None
 
 
-def save_checkpoint(out, step, backbone, optimizer, scheduler, stream, cfg, tokenizer, rank, keep=2):
+def save_checkpoint(out, step, backbone, optimizer, scheduler, stream, cfg, tokenizer, rank):
     """Rank 0 writes checkpoints/step_N.tmp, then renames it: a crash mid-save leaves the
     previous checkpoint as the latest. ZeRO shards are gathered to rank 0 first."""
     if hasattr(optimizer, "consolidate_state_dict"):
@@ -265,7 +275,7 @@ def save_checkpoint(out, step, backbone, optimizer, scheduler, stream, cfg, toke
                    os.path.join(tmp, "state.pt"))
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, final)
-        old = sorted(os.listdir(os.path.join(out, "checkpoints")))[:-keep]
+        old = sorted(os.listdir(os.path.join(out, "checkpoints")))[:-cfg.keep_checkpoints]
         for name in old:
             shutil.rmtree(os.path.join(out, "checkpoints", name), ignore_errors=True)
     barrier()
@@ -275,6 +285,8 @@ def save_checkpoint(out, step, backbone, optimizer, scheduler, stream, cfg, toke
 def main(argv=None):
     cfg = parse_config(argv)
     rank, world, device = setup_distributed()
+    if restarted_by_torchrun() and latest_checkpoint(cfg.out):
+        cfg.resume = True
     check_config(cfg, world)
     say = print if rank == 0 else (lambda *a, **k: None)
 
@@ -326,7 +338,9 @@ def main(argv=None):
         backbone, tokenizer = M.load_backbone(cfg.model, attn)
     backbone.to(device).train()
     say(f"model: {sum(p.numel() for p in backbone.parameters()):,} parameters, dim {backbone.config.hidden_size}")
-    ddp = DDP(backbone, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else None
+    # gradient_as_bucket_view: the gradients live in DDP's buckets, saving one model-sized copy
+    ddp = DDP(backbone, device_ids=[device.index] if device.type == "cuda" else None,
+              gradient_as_bucket_view=True) if world > 1 else None
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     # --- optimizer and schedule
@@ -364,7 +378,7 @@ def main(argv=None):
             f.writelines(keep)
 
     # --- the loop
-    bad_steps = 0
+    bad_steps, warned_truncation = 0, False
     while step < total_steps:
         t0 = time.time()
         batch = next(stream).shard(rank, world)
@@ -377,10 +391,15 @@ def main(argv=None):
         else:  # a non-finite loss or gradient never reaches the weights
             bad_steps += 1
             say(f"step {step + 1}: non-finite loss or gradient, update skipped ({bad_steps} in a row)")
-            if bad_steps >= 5:
-                raise SystemExit("train.py: error: 5 non-finite steps in a row; lower --lr or check the data")
+            if bad_steps >= cfg.max_bad_steps:
+                raise SystemExit(f"train.py: error: {bad_steps} non-finite steps in a row (--max-bad-steps); "
+                                 f"lower --lr, check the data, or resume from an earlier checkpoint")
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        if m["truncated"] and not warned_truncation:
+            say(f"note: texts longer than --max-length {cfg.max_length} are cut to {cfg.max_length - 1} "
+                f"tokens + EOS; metrics.jsonl counts them per step ('truncated')")
+            warned_truncation = True
         dt = time.time() - t0
         record = dict(step=step, loss=all_mean(m["loss"], device), hard=all_mean(m["hard"], device),
                       in_batch=all_mean(m["in_batch"], device), source=batch.source,

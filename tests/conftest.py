@@ -55,3 +55,17 @@ def trained_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny") / "run"
     train.main(["--size", "tiny", "--out", str(out)])
     return out
+
+
+@pytest.fixture(scope="session")
+def small_demo_dir(tmp_path_factory, demo_dir):
+    """The first 150 rows of each demo source: for tests that start many short runs."""
+    import shutil
+    import pyarrow.parquet as pq
+    path = tmp_path_factory.mktemp("small_demo")
+    for name in os.listdir(demo_dir):
+        if name.endswith(".parquet"):
+            pq.write_table(pq.read_table(os.path.join(demo_dir, name)).slice(0, 150), path / name)
+        else:
+            shutil.copy(os.path.join(demo_dir, name), path / name)
+    return str(path)
