@@ -12,6 +12,7 @@ Contract:
   loader all load with last-token pooling, normalisation and an EOS-appending tokenizer.
 Importing this file does nothing.
 """
+import copy
 import json
 import os
 import shutil
@@ -21,14 +22,15 @@ import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config
 
 # Size presets (DESIGN §2). `dim` and `params` are the published models' own figures.
+# chunk_size: sequences per forward, chosen so that `train.py --dry-run` plans < 80 GB per GPU.
 PRESETS = {
-    "tiny": dict(model="tiny", lr=1e-3, batch_size=32, dim=64, max_length=128),
+    "tiny": dict(model="tiny", lr=1e-3, batch_size=32, dim=64, max_length=128, chunk_size=32),
     "0.6b": dict(model="Qwen/Qwen3-0.6B", lr=1e-5, batch_size=512, dim=1024, max_length=1024,
-                 params=596_049_920),
+                 chunk_size=16, params=596_049_920),
     "1.7b": dict(model="Qwen/Qwen3-1.7B", lr=9e-6, batch_size=512, dim=2048, max_length=1024,
-                 params=1_720_574_976),
+                 chunk_size=8, params=1_720_574_976),
     "4b": dict(model="Qwen/Qwen3-4B", lr=8e-6, batch_size=512, dim=2560, max_length=1024,
-               params=4_022_468_096),
+               chunk_size=2, params=4_022_468_096),
 }
 
 # The backbones' architectures (config.json of each hub model), so that a dry run can build
@@ -199,3 +201,78 @@ def save_export(backbone, tokenizer, out: str, prompts: dict | None = None,
     if os.path.exists(out):
         shutil.rmtree(out)
     os.replace(tmp, out)
+
+
+# ---------------------------------------------------------------------------- planning
+def qwen3_config(size: str, num_hidden_layers: int | None = None) -> Qwen3Config:
+    config = Qwen3Config(**QWEN3_CONFIGS[size])
+    if num_hidden_layers is not None:
+        config.num_hidden_layers = num_hidden_layers
+    return config
+
+
+def meta_backbone(config: Qwen3Config, dtype=torch.bfloat16):
+    """The architecture with no weights (meta device): shapes and counts, no memory.
+    Eager attention: its saved tensors are plain ops that the meta device reproduces
+    exactly (tests/test_plan.py checks them against a real CPU forward)."""
+    with torch.device("meta"):  # a copy: from_config would record the dtype in `config`
+        return AutoModel.from_config(copy.deepcopy(config), dtype=dtype, attn_implementation="eager")
+
+
+def saved_activation_bytes(backbone, n: int, length: int, device="meta", drop_scores=False) -> int:
+    """Bytes autograd keeps for backward in one forward of n sequences of `length` tokens,
+    counted with saved-tensor hooks (each tensor once). On the meta device this costs no
+    memory. drop_scores leaves out (..., L, L) attention-score tensors: flash attention
+    never stores them."""
+    saved = {}
+
+    def pack(t):
+        if not (drop_scores and t.dim() >= 2 and t.shape[-1] == t.shape[-2] == length):
+            saved[id(t)] = t.numel() * t.element_size()
+        return t
+    ids = torch.zeros(n, length, dtype=torch.long, device=device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        backbone(input_ids=ids)
+    return sum(saved.values())
+
+
+def memory_plan(config: Qwen3Config, world: int, chunk_size: int, max_length: int,
+                sequences_per_rank: int, shard_optimizer: bool = True) -> dict:
+    """Per-GPU bytes of a training step (bf16 autocast over fp32 master weights, DDP with
+    gradients as bucket views, AdamW states sharded by ZeroRedundancyOptimizer):
+      weights (fp32 master)   4 P
+      gradients (fp32)        4 P
+      AdamW m and v (fp32)    8 P / world   (8 P without sharding)
+      bf16 weight copies      2 P           (autocast casts each weight once per forward,
+                                             kept for backward)
+      activations             one chunk of chunk_size sequences at max_length, all layers
+                              (pass 2 holds one chunk at a time), measured on the meta device
+                              from a 1- and 2-layer model; eager attention's (L, L) score
+                              tensors are left out (flash attention stores none), its other
+                              tensors kept, so the figure errs on the high side
+      cached reps             sequences_per_rank x D fp32, with its gradient
+    """
+    p = sum(t.numel() for t in meta_backbone(config).parameters())
+    acts = []
+    for layers in (1, 2):
+        small = meta_backbone(qwen3_config_like(config, layers))
+        acts.append(saved_activation_bytes(small, chunk_size, max_length, drop_scores=True))
+    per_layer, base = acts[1] - acts[0], 2 * acts[0] - acts[1]
+    plan = {
+        "weights_fp32": 4 * p,
+        "gradients_fp32": 4 * p,
+        "adamw_states": 8 * p // (world if shard_optimizer else 1),
+        "bf16_weight_copies": 2 * p,
+        "activations_one_chunk": base + per_layer * config.num_hidden_layers,
+        "cached_reps": 2 * 4 * sequences_per_rank * config.hidden_size,
+    }
+    plan["total"] = sum(plan.values())
+    plan["activations_per_layer"] = per_layer
+    return plan
+
+
+def qwen3_config_like(config: Qwen3Config, num_hidden_layers: int) -> Qwen3Config:
+    small = Qwen3Config(**{k: v for k, v in config.to_dict().items() if k in QWEN3_CONFIGS["4b"]
+                           or k in ("hidden_size", "intermediate_size", "num_attention_heads")})
+    small.num_hidden_layers = num_hidden_layers
+    return small

@@ -56,7 +56,9 @@ class Config:
     precision: str = "auto"  # bf16 (autocast, fp32 master weights) | fp32; auto = bf16 on GPU
     shard_optimizer: bool = True  # ZeroRedundancyOptimizer across ranks when world > 1
     resume: bool = False  # continue from the latest checkpoint in `out` (automatic under torchrun restarts)
-    dry_run: bool = False  # print the plan of the run and exit, no weights
+    dry_run: bool = False  # print the plan of the run and exit, no weights, no download
+    nproc: int = 0  # dry run only: GPUs per node to plan for (0 = this world size)
+    nodes: int = 1  # dry run only: nodes to plan for
 
 
 # Training overrides per size, on top of model.PRESETS (backbone, lr, batch, max length).
@@ -282,8 +284,41 @@ def save_checkpoint(out, step, backbone, optimizer, scheduler, stream, cfg, toke
 
 
 # ---------------------------------------------------------------------------- main
+RELEASED_TUPLES = 5_933_988  # rows of the released F2LLM training set (62 sources)
+
+
+def dry_run(cfg: Config, world: int) -> None:
+    """Plan a run of a real size without weights: parameters, batch arithmetic, memory."""
+    world = (cfg.nproc or world) * cfg.nodes
+    check_config(cfg, world)
+    config = M.qwen3_config(cfg.size)
+    params = sum(p.numel() for p in M.meta_backbone(config).parameters())
+    b = cfg.batch_size // world
+    seqs = b * (2 + max(D.K_BY_TYPE.values()))
+    train_rows = RELEASED_TUPLES - int(RELEASED_TUPLES * cfg.val_fraction)
+    per_epoch = train_rows // cfg.batch_size  # at most one partial batch per source is dropped
+    steps = cfg.steps or cfg.epochs * per_epoch
+    print(f"backbone {cfg.model}: {params:,} parameters without LM head, embedding dim "
+          f"{config.hidden_size}, {config.num_hidden_layers} layers")
+    print(f"world {world} = {cfg.nodes} node(s) x {world // cfg.nodes} GPUs; batch {cfg.batch_size} "
+          f"queries/step = {b} per rank; up to {seqs} sequences per rank per step "
+          f"(b x (2 + k), k = 7) in {math.ceil(seqs / cfg.chunk_size)} chunks of {cfg.chunk_size}")
+    print(f"data: {RELEASED_TUPLES:,} tuples, {cfg.val_fraction:.0%} held out -> about {per_epoch:,} "
+          f"steps per epoch, {steps:,} steps in total ({cfg.epochs} epochs)")
+    plan = M.memory_plan(config, world, cfg.chunk_size, cfg.max_length, seqs, cfg.shard_optimizer)
+    print(f"memory per GPU (chunk of {cfg.chunk_size} x {cfg.max_length} tokens):")
+    for name, nbytes in plan.items():
+        if name not in ("total", "activations_per_layer"):
+            print(f"  {name:24s} {nbytes / 2**30:7.2f} GiB")
+    # 4 GiB of an 80 GB card stay free for the CUDA context, NCCL buffers and fragmentation
+    verdict = "fits" if plan["total"] < 76 * 2**30 else "does NOT fit; lower --chunk-size"
+    print(f"  {'total':24s} {plan['total'] / 2**30:7.2f} GiB of 76 usable on an 80 GB GPU: {verdict}")
+
+
 def main(argv=None):
     cfg = parse_config(argv)
+    if cfg.dry_run:
+        return dry_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     rank, world, device = setup_distributed()
     if restarted_by_torchrun() and latest_checkpoint(cfg.out):
         cfg.resume = True
