@@ -200,6 +200,13 @@ def cached_step(backbone, ddp, batch: D.Batch, tokenizer, cfg: Config, device, a
     Leaves in the parameters' .grad the gradient of the loss of the GLOBAL batch (DDP
     averages over ranks at the last chunk). Returns the loss terms and token counts."""
     seqs, n_cut = batch_sequences(batch, tokenizer, cfg.max_length)
+    m = step_on_sequences(backbone, ddp, seqs, batch, tokenizer.pad_token_id, cfg, device, autocast)
+    return dict(m, truncated=n_cut)
+
+
+def step_on_sequences(backbone, ddp, seqs, batch: D.Batch, pad_id: int, cfg: Config, device, autocast):
+    """The cached step on id lists [queries; positives; negatives] of this rank's batch
+    (`batch` gives b, k and the task type). Split out so gpu_check.py can feed token ids."""
     chunks = make_chunks(seqs, cfg.chunk_size)
     # 1. pass 1, no grad: cache the reps of all S sequences, and each chunk's RNG state
     reps = torch.empty(len(seqs), backbone.config.hidden_size, device=device)  # (S, D) fp32
@@ -207,7 +214,7 @@ def cached_step(backbone, ddp, batch: D.Batch, tokenizer, cfg: Config, device, a
     with torch.no_grad():
         for rows in chunks:
             states.append(rng_state(device))
-            reps[rows] = embed_chunk(backbone, seqs, rows, tokenizer.pad_token_id, device, autocast)
+            reps[rows] = embed_chunk(backbone, seqs, rows, pad_id, device, autocast)
     # 2. loss on the cached reps: d loss / d reps, including other ranks' queries' terms
     reps.requires_grad_(True)
     loss, hard, in_batch = batch_loss(reps, batch, cfg.temperature)
@@ -220,12 +227,12 @@ def cached_step(backbone, ddp, batch: D.Batch, tokenizer, cfg: Config, device, a
         for i, rows in enumerate(chunks):
             sync = ddp is None or i == len(chunks) - 1
             with (contextlib.nullcontext() if sync else ddp.no_sync()), restored_rng(states[i], device):
-                chunk_reps = embed_chunk(net, seqs, rows, tokenizer.pad_token_id, device, autocast)
+                chunk_reps = embed_chunk(net, seqs, rows, pad_id, device, autocast)
                 (chunk_reps * reps.grad[rows]).sum().backward()
     real = sum(len(s) for s in seqs)
     computed = sum(len(rows) * len(seqs[rows[0]]) for rows in chunks)
     return dict(loss=loss.item(), hard=hard.item(), in_batch=in_batch.item(), finite=finite,
-                sequences=len(seqs), real_tokens=real, padded_tokens=computed, truncated=n_cut)
+                sequences=len(seqs), real_tokens=real, padded_tokens=computed)
 
 
 @torch.no_grad()

@@ -76,3 +76,16 @@ def test_bf16_autocast_embeddings_close_to_fp32(tokenizer, backbone):
     assert bf16.dtype == torch.float32  # pooled reps always leave in fp32
     assert ((bf16 - fp32).norm(dim=-1) / fp32.norm(dim=-1)).max() < 1e-2
     assert not torch.equal(bf16, fp32)  # autocast really ran in bf16
+
+
+def test_gpu_check_runs_its_code_path_on_cpu(tmp_path):
+    """gpu_check.py can only be timed on a GPU; its code path (random-weight Qwen3 shapes,
+    the length mix, the cached step, the plan beside it) runs here with tiny shapes."""
+    import gpu_check
+    lengths = gpu_check.length_mix(32, 7, 1024, torch.Generator().manual_seed(0))
+    assert len(lengths) == 32 * 9 and all(20 <= n <= 300 for n in lengths[:32])
+    assert all(32 <= n <= 1024 for n in lengths[32:]) and max(lengths[32:]) > 600
+    results = gpu_check.main(["--cpu-smoke", "--out", str(tmp_path / "g.json")])
+    assert [r["name"].split(",")[0] for r in results] == ["0.6b-shaped", "4b-shaped"]
+    for r in results:
+        assert r["real_tokens"] > 0 and 0 < r["padding_efficiency"] <= 1 and r["plan_bytes"] > 0
