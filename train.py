@@ -353,9 +353,10 @@ def main(argv=None):
         f"{sum(len(v.queries) for v in val_batches)} held-out queries")
     for s in sources:
         say(f"  {s.name:32s} {s.task_type:14s} k={s.k} train={len(s.train_rows)} val={len(s.val_rows)}")
-    say(f"batch: {cfg.batch_size} queries/step = {world} ranks x {b}; per rank up to "
-        f"{b * (2 + max(s.k for s in sources))} sequences in chunks of {cfg.chunk_size}; "
-        f"{total_steps} steps")
+    seqs = b * (2 + max(s.k for s in sources))
+    say(f"batch: {cfg.batch_size} queries/step = {world} ranks x {b}; per rank up to {seqs} "
+        f"sequences (b x (2 + k)) in {math.ceil(seqs / cfg.chunk_size)} chunks of <= {cfg.chunk_size}; "
+        f"{total_steps} steps ({total_steps / stream.batches_per_epoch:.2f} epochs)")
 
     # --- run folder
     os.makedirs(cfg.out, exist_ok=True)
