@@ -175,6 +175,7 @@ def save_export(backbone, tokenizer, out: str, prompts: dict | None = None,
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     backbone.save_pretrained(tmp, safe_serialization=True)
+    tokenizer = copy.deepcopy(tokenizer)  # the caller's tokenizer stays as it was
     tokenizer.add_eos_token = True  # the saved tokenizer appends EOS after truncation
     tokenizer.model_max_length = max_length
     tokenizer.save_pretrained(tmp)

@@ -39,6 +39,7 @@ class Config:
     epochs: int = 2
     batch_size: int = 0  # GLOBAL queries per step (all ranks); 0 = preset
     chunk_size: int = 32  # sequences per forward pass: memory only, never the math
+    chunk_tokens: int = 0  # also cap a chunk's padded tokens (len x longest); 0 = no cap
     lr: float = 0.0  # peak learning rate; 0 = preset
     min_lr: float = 1e-7  # floor of the cosine schedule
     warmup_steps: int = 500
@@ -98,6 +99,8 @@ def check_config(cfg: Config, world: int) -> None:
     if cfg.batch_size % world:
         fail(f"--batch-size {cfg.batch_size} is not divisible by the world size {world}; "
              f"use a multiple of {world}")
+    if cfg.chunk_tokens < 0:
+        fail(f"--chunk-tokens must be >= 0 (0 = no cap), got {cfg.chunk_tokens}")
     for name in ["batch_size", "chunk_size", "lr", "max_length", "keep_checkpoints", "max_bad_steps"]:
         if getattr(cfg, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
@@ -163,11 +166,21 @@ def restored_rng(state, device):
         yield
 
 
-def make_chunks(seqs: list[list[int]], chunk_size: int) -> list[list[int]]:
-    """Sequence ids sorted by length, cut into chunks of at most chunk_size, so each chunk
-    pads only to its own longest sequence."""
+def make_chunks(seqs: list[list[int]], chunk_size: int, chunk_tokens: int = 0) -> list[list[int]]:
+    """Sequence ids sorted by length (longest first), cut greedily into chunks of at most
+    chunk_size sequences and, if chunk_tokens > 0, at most chunk_tokens padded tokens
+    (len(chunk) x its longest; a longer sequence gets a chunk of its own). Each chunk pads
+    only to its own longest sequence; a token cap packs many short sequences per forward."""
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    return [order[i:i + chunk_size] for i in range(0, len(order), chunk_size)]
+    chunks = []
+    for i in order:
+        last = chunks[-1] if chunks else None
+        if last and len(last) < chunk_size and (
+                not chunk_tokens or (len(last) + 1) * len(seqs[last[0]]) <= chunk_tokens):
+            last.append(i)
+        else:
+            chunks.append([i])
+    return chunks
 
 
 def embed_chunk(net, seqs, rows, pad_id, device, autocast):
@@ -207,7 +220,7 @@ def cached_step(backbone, ddp, batch: D.Batch, tokenizer, cfg: Config, device, a
 def step_on_sequences(backbone, ddp, seqs, batch: D.Batch, pad_id: int, cfg: Config, device, autocast):
     """The cached step on id lists [queries; positives; negatives] of this rank's batch
     (`batch` gives b, k and the task type). Split out so gpu_check.py can feed token ids."""
-    chunks = make_chunks(seqs, cfg.chunk_size)
+    chunks = make_chunks(seqs, cfg.chunk_size, cfg.chunk_tokens)
     # 1. pass 1, no grad: cache the reps of all S sequences, and each chunk's RNG state
     reps = torch.empty(len(seqs), backbone.config.hidden_size, device=device)  # (S, D) fp32
     states = []
@@ -242,7 +255,7 @@ def validate(backbone, batches, rank, world, tokenizer, cfg, device, autocast) -
         batch = global_batch.shard(rank, world)
         seqs, _ = batch_sequences(batch, tokenizer, cfg.max_length)
         reps = torch.empty(len(seqs), backbone.config.hidden_size, device=device)
-        for rows in make_chunks(seqs, cfg.chunk_size):
+        for rows in make_chunks(seqs, cfg.chunk_size, cfg.chunk_tokens):
             reps[rows] = embed_chunk(backbone, seqs, rows, tokenizer.pad_token_id, device, autocast)
         losses.append(all_mean(batch_loss(reps, batch, cfg.temperature)[0].item(), device))
     return sum(losses) / max(len(losses), 1)
@@ -382,8 +395,10 @@ def main(argv=None):
     backbone.to(device).train()
     say(f"model: {sum(p.numel() for p in backbone.parameters()):,} parameters, dim {backbone.config.hidden_size}")
     # gradient_as_bucket_view: the gradients live in DDP's buckets, saving one model-sized copy
+    # broadcast_buffers=False: Qwen3's only buffer (rotary frequencies) is a constant, and a
+    # broadcast per forward would be one collective per chunk (ranks may differ in chunks)
     ddp = DDP(backbone, device_ids=[device.index] if device.type == "cuda" else None,
-              gradient_as_bucket_view=True) if world > 1 else None
+              gradient_as_bucket_view=True, broadcast_buffers=False) if world > 1 else None
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     # --- optimizer and schedule

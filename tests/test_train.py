@@ -108,3 +108,13 @@ def test_bad_data_folder_fails_before_model_and_writes_nothing(tmp_path):
 def test_batch_size_must_divide_over_ranks():
     with pytest.raises(SystemExit, match="--batch-size 9 is not divisible by the world size 2"):
         train.check_config(train.Config(batch_size=9, chunk_size=4, lr=1e-3, max_length=32), world=2)
+
+
+def test_token_cap_bounds_chunks_and_count_cap_still_applies():
+    seqs = [[1] * n for n in (5, 1, 9, 3, 7, 2, 2)]
+    assert train.make_chunks(seqs, 10, 12) == [[2], [4], [0, 3], [5, 6, 1]]
+    assert train.make_chunks(seqs, 2, 12) == [[2], [4], [0, 3], [5, 6], [1]]
+    for cap in (1, 6, 10, 100):
+        chunks = train.make_chunks(seqs, 100, cap)
+        assert sorted(i for c in chunks for i in c) == list(range(len(seqs)))
+        assert all(len(c) == 1 or len(c) * len(seqs[c[0]]) <= cap for c in chunks)
