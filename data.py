@@ -13,6 +13,7 @@ Contract:
   takes its slice with `batch.shard(rank, world)`, and `state_dict()` is two integers.
 - 1% of each source (`val_fraction`) is held out for validation: `validation_batches`.
 - `write_demo_sample(folder)` writes the `--size tiny` sample from real text (BBC News).
+- Your own data in this layout: mine.py (hard-negative mining, labelled-text conversions).
 Importing this file does nothing.
 """
 import csv
@@ -101,7 +102,7 @@ def _read_jsonl(path: str) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=pa.schema([(c, pa.string()) for c in columns]))
 
 
-def _read_table(path: str) -> pa.Table:
+def read_table(path: str) -> pa.Table:
     if path.endswith(".jsonl"):
         return _read_jsonl(path)
     try:
@@ -173,7 +174,7 @@ def load_sources(folder: str, seed: int = 0, val_fraction: float = 0.01) -> list
                             f"'{name},<retrieval|clustering|classification>' to "
                             f"{os.path.join(folder, 'task_types.csv')} (header: dataset,task_type)")
         k = K_BY_TYPE[types[name]]
-        table = _read_table(path)
+        table = read_table(path)
         n_candidates = _check_table(path, table, k)
         rows = np.random.default_rng([seed, len(sources)]).permutation(table.num_rows)
         n_val = int(table.num_rows * val_fraction)

@@ -1,0 +1,257 @@
+"""Your own training data in the released layout (DESIGN §2), for `train.py --data`.
+
+    python mine.py mine --pairs PAIRS --model MODEL --out FOLDER        # + 24 hard negatives
+    python mine.py classification --labelled TEXTS --instruction I --out FOLDER
+    python mine.py clustering --labelled TEXTS --instruction I --out FOLDER
+
+Contract:
+- `select_negatives` is the paper's margin rule as a pure function on retrieved scores:
+  candidates from the top range_max (100) that are not a positive, skip the best range_min
+  (5), keep score < max_score (0.8) and score < 0.95 x the positive's score, keep
+  num_negatives (24), drop queries with fewer and say which rule dropped them. Ranks are
+  skipped first, then filtered (sentence-transformers' mine_hard_negatives filters first,
+  which is not the paper's rule; its chunked top-k search, semantic_search, is used).
+- `mine_negatives` embeds with model.py (last-token pooling, a checkpoint this project
+  wrote or an HF id), documents in blocks, queries in chunks; exact copies of a positive
+  are the same document, so never a negative.
+- `classification_rows` / `clustering_rows` turn labelled texts into the other task types.
+Output is written to a temporary name and renamed; the source is added to task_types.csv.
+Importing this file does nothing.
+"""
+import csv
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data import DataError, instruct, read_table
+
+@dataclass
+class MiningRule:
+    """The paper's rule (DESIGN §2), named as in sentence-transformers' mine_hard_negatives."""
+    range_max: int = 100  # candidates: the best range_max documents that are not a positive
+    range_min: int = 5  # skip the best range_min candidates (likely unlabelled positives)
+    max_score: float | None = 0.8  # keep score < max_score
+    relative_margin: float | None = 0.05  # keep score < pos - |pos| * margin (0.95 pos if pos >= 0)
+    num_negatives: int = 24  # keep the best num_negatives; a query with fewer is dropped
+
+
+# why a query was dropped: the first rule after which fewer than num_negatives were left
+DROP_REASONS = {1: "too few candidates in ranks range_min..range_max", 2: "max_score",
+                3: "relative_margin"}
+
+
+def select_negatives(scores: np.ndarray, excluded: np.ndarray, positive_scores: np.ndarray,
+                     rule: MiningRule) -> tuple[np.ndarray, np.ndarray]:
+    """scores (n, c): each query's retrieved candidates, best first; excluded (n, c): its
+    positives (exact copies included) and padding; positive_scores (n,). Returns picks
+    (n, num_negatives): candidate columns, best first, -1 in dropped rows; reasons (n,):
+    0 kept, else a key of DROP_REASONS. Ranks are skipped first, then filtered (the paper's order)."""
+    rank = np.cumsum(~excluded, axis=1) - 1  # (n, c) rank among the non-positives
+    ok = ~excluded & (rank >= rule.range_min) & (rank < rule.range_max)
+    counts = [ok.sum(1)]
+    if rule.max_score is not None:
+        ok &= scores < rule.max_score
+    counts.append(ok.sum(1))
+    if rule.relative_margin is not None:  # |pos|: sign-safe, as in sentence-transformers (#3819)
+        pos = positive_scores[:, None]
+        ok &= scores < pos - np.abs(pos) * rule.relative_margin
+    counts.append(ok.sum(1))
+    short = np.stack(counts, 1) < rule.num_negatives  # (n, 3)
+    reasons = np.where(short.any(1), short.argmax(1) + 1, 0)
+    picks = np.argsort(~ok, axis=1, kind="stable")[:, :rule.num_negatives]  # first kept columns
+    return np.where(reasons[:, None] == 0, picks, -1), reasons
+
+
+def mine_negatives(queries: list[str], passages: list[str], model, path: str, corpus=(),
+                   rule: MiningRule = MiningRule(), batch_size: int = 32, max_length: int = 1024,
+                   chunk: int = 1024, progress: bool = True) -> dict:
+    """(query, positive) pairs -> `path`, parquet in the released layout; returns the report.
+    model: a folder this project wrote, an HF id, or (backbone, tokenizer). Queries are embedded
+    as given (with their instruction), documents (positives + corpus) without. Exact copies are
+    one document, and all positives of a query (it may have several pairs) are excluded for it.
+    Memory: the document embeddings, plus one chunk of queries and its output rows at a time."""
+    import model as M
+    import torch
+    from sentence_transformers.util import semantic_search  # top-k in query x corpus chunks
+    from tqdm import tqdm
+    t0, device = time.time(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(model, str):
+        model = M.load_backbone(model, M.attention_implementation(device),
+                                torch.bfloat16 if device.type == "cuda" else torch.float32)
+    backbone, tokenizer = model[0].to(device).eval(), model[1]
+    docs = list(dict.fromkeys(list(passages) + list(corpus)))
+    doc_id = {d: i for i, d in enumerate(docs)}
+    positive_ids = {}
+    for q, p in zip(queries, passages):
+        positive_ids.setdefault(q, set()).add(doc_id[p])
+    with tqdm(total=len(docs), desc="embedding documents", disable=not progress) as bar:
+        doc_reps, block = [], 64 * batch_size  # (n_docs, D) in blocks, so the bar moves
+        for lo in range(0, len(docs), block):
+            doc_reps.append(M.encode(backbone, tokenizer, docs[lo:lo + block], batch_size, max_length))
+            bar.update(len(doc_reps[-1]))
+    doc_reps = torch.cat(doc_reps)
+    k = min(rule.range_max + max(map(len, positive_ids.values())), len(docs))
+    reasons, tmp, writer = [], path + ".tmp", None
+    try:
+        for lo in tqdm(range(0, len(queries), chunk), desc="mining", disable=not progress):
+            qs, ps = queries[lo:lo + chunk], passages[lo:lo + chunk]
+            query_reps = M.encode(backbone, tokenizer, qs, batch_size, max_length)  # (b, D)
+            hits = semantic_search(query_reps, doc_reps, query_chunk_size=256, top_k=k)
+            ids = np.full((len(qs), k), -1)  # (b, k); a corpus smaller than k leaves padding
+            scores = np.full((len(qs), k), -np.inf, dtype=np.float32)
+            for i, h in enumerate(hits):
+                ids[i, :len(h)], scores[i, :len(h)] = [x["corpus_id"] for x in h], [x["score"] for x in h]
+            excluded = np.array([np.isin(row, list(positive_ids[q])) for row, q in zip(ids, qs)]) | (ids < 0)
+            pos_scores = (query_reps * doc_reps[[doc_id[p] for p in ps]]).sum(-1).numpy()  # (b,)
+            picks, why = select_negatives(scores, excluded, pos_scores, rule)
+            reasons.append(why)
+            rows = [{"query": qs[i], "passage": ps[i], **{f"negative_{j + 1}": docs[ids[i, c]]
+                     for j, c in enumerate(picks[i])}} for i in np.flatnonzero(why == 0)]
+            if rows:
+                table = pa.Table.from_pylist(rows)
+                writer = writer or pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+        if writer is None:
+            raise DataError(f"no query kept {rule.num_negatives} negatives, {path} not written; "
+                            f"loosen --max-score / --relative-margin or add a --corpus")
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    reasons = np.concatenate(reasons)
+    return {"pairs": len(queries), "documents": len(docs), "kept": int((reasons == 0).sum()),
+            "dropped": {DROP_REASONS[r]: int((reasons == r).sum()) for r in DROP_REASONS},
+            "seconds": time.time() - t0}
+
+
+def classification_rows(texts: list[str], labels: list[str], instruction: str, seed: int = 0) -> list[dict]:
+    """Text -> its label; the negative is the other label (a random other one if more than two)."""
+    names = sorted(set(labels))
+    if len(names) < 2:
+        raise DataError(f"classification needs at least two labels, found {names}")
+    rng = np.random.default_rng(seed)
+    return [{"query": instruct(instruction, t), "passage": y,
+             "negative_1": str(rng.choice([n for n in names if n != y]))} for t, y in zip(texts, labels)]
+
+
+def clustering_rows(texts: list[str], labels: list[str], instruction: str, seed: int = 0,
+                    num_negatives: int = 24) -> tuple[list[dict], int]:
+    """Text -> a random other text of its label; negatives: num_negatives random texts of other
+    labels. Returns (rows, texts skipped because their label has no other text)."""
+    rng, n = np.random.default_rng(seed), len(texts)
+    order = np.argsort(np.array(labels), kind="stable")  # each label is one block [lo, hi) of it
+    block = {}
+    for pos, i in enumerate(order):
+        block[labels[i]] = (block.get(labels[i], (pos,))[0], pos + 1)
+    rows, skipped = [], 0
+    for i, (text, y) in enumerate(zip(texts, labels)):
+        lo, hi = block[y]
+        if hi - lo < 2:
+            skipped += 1
+            continue
+        if n - (hi - lo) < num_negatives:
+            raise DataError(f"label {y!r}: {n - (hi - lo)} texts of other labels, {num_negatives} "
+                            f"needed; lower --num-negatives")
+        j = order[lo + rng.integers(hi - lo - 1)]  # uniform over the block without i
+        j = order[hi - 1] if j == i else j
+        other = rng.choice(n - (hi - lo), num_negatives, replace=False)
+        other = order[other + (other >= lo) * (hi - lo)]  # positions outside the block
+        rows.append({"query": instruct(instruction, text), "passage": texts[j],
+                     **{f"negative_{k + 1}": texts[o] for k, o in enumerate(other)}})
+    return rows, skipped
+
+
+def read_columns(path: str, columns: list[str], flag: str) -> dict[str, list[str]]:
+    """Text columns of a .jsonl or .parquet file; a missing file, column or text is a DataError."""
+    if not os.path.isfile(path):
+        raise DataError(f"{flag} {path}: no such file")
+    table, out = read_table(path), {}
+    if table.num_rows == 0:
+        raise DataError(f"{flag} {path}: the file has no rows")
+    for column in columns:
+        if column not in table.column_names:
+            raise DataError(f"{flag} {path}: missing column {column!r} (found {table.column_names}); "
+                            f"{flag} needs columns {columns}")
+        out[column] = [None if v is None else str(v) for v in table[column].to_pylist()]
+        bad = next((r for r, v in enumerate(out[column]) if v is None or not v.strip()), None)
+        if bad is not None:
+            raise DataError(f"{flag} {path}, row {bad}, column {column!r}: empty or missing text; "
+                            f"drop the row or fill it in")
+    return out
+
+
+def register_source(folder: str, name: str, task_type: str) -> None:
+    """Add or update `name` in folder/task_types.csv (written to a temporary name, then renamed)."""
+    path, types = os.path.join(folder, "task_types.csv"), {}
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            types = {r["dataset"]: r["task_type"] for r in csv.DictReader(f)}
+    with open(path + ".tmp", "w") as f:
+        f.write("dataset,task_type\n" + "".join(f"{n},{t}\n" for n, t in {**types, name: task_type}.items()))
+    os.replace(path + ".tmp", path)
+
+
+def main(argv=None):
+    """`python mine.py {mine,classification,clustering} ... --out FOLDER` (-h for the flags)."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="mine.py", description="Build a source in the released layout.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    mine = commands.add_parser("mine", help="(query, passage) pairs -> + hard negatives (retrieval)")
+    mine.add_argument("--pairs", required=True, help=".jsonl or .parquet, columns query, passage")
+    mine.add_argument("--corpus", help="extra candidate documents: .jsonl or .parquet, column text")
+    mine.add_argument("--model", required=True, help="a folder this project wrote, or an HF id")
+    mine.add_argument("--instruction", help="wrap each query as 'Instruct: ...\\nQuery: ...'")
+    for field, f in MiningRule.__dataclass_fields__.items():  # --range-max 100 ... ('none': off)
+        mine.add_argument("--" + field.replace("_", "-"), default=f.default, type=int if f.type is int
+                          else lambda s: None if s.lower() == "none" else float(s))
+    mine.add_argument("--batch-size", type=int, default=32)
+    mine.add_argument("--max-length", type=int, default=1024, help="tokens per text when embedding")
+    for kind in ("classification", "clustering"):
+        p = commands.add_parser(kind, help=f"labelled texts -> {kind} rows")
+        p.add_argument("--labelled", required=True, help=".jsonl or .parquet, columns text, label")
+        p.add_argument("--instruction", required=True)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--num-negatives", type=int, default=24, help=argparse.SUPPRESS
+                       if kind == "classification" else "negatives per text")
+    for p in commands.choices.values():
+        p.add_argument("--out", required=True, help="data folder: NAME.parquet and task_types.csv")
+        p.add_argument("--name", help="source name (default: the input file's name)")
+    args = parser.parse_args(argv)
+    source = args.pairs if args.command == "mine" else args.labelled
+    name = args.name or os.path.basename(source).rsplit(".", 1)[0]
+    path, task_type = os.path.join(args.out, f"{name}.parquet"), args.command
+    try:
+        if args.command == "mine":
+            pairs = read_columns(args.pairs, ["query", "passage"], "--pairs")
+            corpus = read_columns(args.corpus, ["text"], "--corpus")["text"] if args.corpus else []
+            queries = [instruct(args.instruction, q) if args.instruction else q for q in pairs["query"]]
+            rule = MiningRule(**{f: getattr(args, f) for f in MiningRule.__dataclass_fields__})
+            os.makedirs(args.out, exist_ok=True)
+            r = mine_negatives(queries, pairs["passage"], args.model, path, corpus, rule,
+                               args.batch_size, args.max_length)
+            print(f"kept {r['kept']:,} of {r['pairs']:,} pairs ({r['documents']:,} documents) in "
+                  f"{r['seconds']:.0f} s, {r['pairs'] / r['seconds']:.1f} pairs/s; dropped: " +
+                  ", ".join(f"{n:,} {why}" for why, n in r["dropped"].items()))
+            task_type = "retrieval"
+        else:
+            texts, labels = read_columns(args.labelled, ["text", "label"], "--labelled").values()
+            rows, skipped = (classification_rows(texts, labels, args.instruction, args.seed), 0) \
+                if args.command == "classification" else \
+                clustering_rows(texts, labels, args.instruction, args.seed, args.num_negatives)
+            os.makedirs(args.out, exist_ok=True)
+            pq.write_table(pa.Table.from_pylist(rows), path + ".tmp")
+            os.replace(path + ".tmp", path)
+            print(f"{len(rows):,} rows" + (f"; {skipped} skipped (alone in their label)" if skipped else ""))
+        register_source(args.out, name, task_type)
+    except DataError as e:
+        raise SystemExit(f"mine.py {args.command}: error: {e}")
+    print(f"wrote {path} ({task_type}); train with: python train.py --data {args.out}")
+
+
+if __name__ == "__main__":
+    main()
