@@ -22,8 +22,7 @@ def free_port() -> int:
 
 def run(args, nproc=0, restarts=0, fault=None, check=True):
     script = [os.path.join(HERE, "crash_worker.py"), *fault, "--", *args] if fault else [os.path.join(ROOT, "train.py"), *args]
-    # static rendezvous on a free port: under --standalone (c10d), torch 2.13's restarted gloo
-    # ranks failed to connect ("Connection refused"); the static rendezvous restarts cleanly
+    # the static rendezvous of a multi-node launch (--master-port), on a free port
     launcher = [sys.executable, "-m", "torch.distributed.run", "--master-port", str(free_port()),
                 "--nproc-per-node", str(nproc), "--max-restarts", str(restarts)] if nproc else [sys.executable]
     proc = subprocess.run(launcher + script, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
