@@ -94,8 +94,8 @@ def make_chunks_by_tokens(seqs: list[list[int]], max_tokens: int) -> list[list[i
 
 
 def ours_step(backbone, batch, tokenizer, cfg: train.Config, max_tokens: int = 0) -> dict:
-    """train.cached_step exactly as train.py runs it (world 1, fp32); max_tokens > 0 swaps in
-    make_chunks_by_tokens for train.make_chunks."""
+    """train.cached_step exactly as train.py runs it (world 1, fp32); max_tokens > 0 chunks by
+    the token cap alone (`--chunk-tokens`, no cap on the count)."""
     if max_tokens:
         cfg = dataclasses.replace(cfg, chunk_size=10**9, chunk_tokens=max_tokens)
     return train.cached_step(backbone, None, batch, tokenizer, cfg, CPU, contextlib.nullcontext)

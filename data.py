@@ -294,6 +294,12 @@ def instruct(instruction: str, text: str) -> str:
 # as the SentenceTransformer "query" prompt.
 DEFAULT_QUERY_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 
+
+def export_prompts() -> dict:
+    """The SentenceTransformer prompts every export stores: queries get the instruction
+    template, documents nothing (the F2LLM protocol)."""
+    return {"query": instruct(DEFAULT_QUERY_INSTRUCTION, ""), "document": ""}
+
 DEMO_INSTRUCTIONS = {
     "bbc_headline_retrieval": "Given a news headline, retrieve the article it heads.",
     "bbc_topic_clustering": "Identify the topic of the given news article.",

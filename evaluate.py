@@ -271,7 +271,7 @@ def untrained_export(ckpt: str, cfg: dict, out: str, max_length: int) -> str:
     else:
         backbone, tokenizer = M.load_backbone(cfg.get("model") or M.PRESETS[cfg["size"]]["model"])
     M.save_export(backbone, tokenizer, out, max_length=max_length,
-                  prompts={"query": D.instruct(D.DEFAULT_QUERY_INSTRUCTION, ""), "document": ""})
+                  prompts=D.export_prompts())
     return out
 
 

@@ -487,7 +487,7 @@ def main(argv=None):
     # --- final export (rank 0; written to a temporary name, then moved into place)
     if rank == 0:
         M.save_export(backbone, tokenizer, os.path.join(cfg.out, "final"),
-                      prompts={"query": D.instruct(D.DEFAULT_QUERY_INSTRUCTION, ""), "document": ""})
+                      prompts=D.export_prompts())
         say(f"final export: {os.path.join(cfg.out, 'final')}")
     barrier()
     if dist.is_initialized():
