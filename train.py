@@ -137,10 +137,7 @@ def setup_distributed():
         device = torch.device("cpu")
     # torchrun restarts reuse one rendezvous store, so the keys of a failed attempt (the gloo
     # addresses of dead ranks) would be read by the new ranks: one key prefix per attempt
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=rank == 0 and not agent_store, timeout=timedelta(minutes=30))
+    store, rank, world = next(dist.rendezvous("env://", timeout=timedelta(minutes=30)))
     store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store,
                             rank=rank, world_size=world)
