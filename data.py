@@ -281,8 +281,8 @@ def bbc_articles() -> list[dict]:
         for i, path in enumerate(sorted(glob.glob(os.path.join(root, topic, "*.txt")))):
             with open(path, encoding="latin-1") as f:
                 headline, _, body = f.read().strip().partition("\n")
-            articles.append(dict(topic=topic, headline=headline.strip(), body=body.strip(),
-                                 heldout=i % 5 == 0))
+            articles.append(dict(id=f"{topic}/{os.path.basename(path)[:-4]}", topic=topic,
+                                 headline=headline.strip(), body=body.strip(), heldout=i % 5 == 0))
     return articles
 
 
@@ -307,25 +307,42 @@ DEMO_INSTRUCTIONS = {
 }
 
 
-def write_demo_sample(folder: str, seed: int = 0, n_neg: int = 24) -> None:
+DEMO_NEGATIVES = os.path.join(HERE, "bbc_demo_negatives.csv")
+
+
+def write_demo_sample(folder: str, seed: int = 0, negatives: str = DEMO_NEGATIVES) -> None:
     """The tiny preset's training data in the released layout, from the training part of
-    BBC News: headline -> article retrieval (negatives: other articles of the same topic),
-    topic clustering (positive: an article of the same topic; negatives: other topics),
+    BBC News: headline -> article retrieval with the hard negatives mined for it (`negatives`,
+    written by `python mine.py demo`: the paper's rule; a headline without a row is left out),
+    topic clustering (positive: an article of the same topic; negatives: 24 of other topics),
     topic classification (positive: the topic name; negative: another topic name)."""
     rng = np.random.default_rng(seed)
     arts = [a for a in bbc_articles() if not a["heldout"]]
+    by_id = {a["id"]: a for a in arts}
+    retrieval, clustering, classification = [], [], []
+    if not os.path.isfile(negatives):
+        raise DataError(f"{negatives}: no such file; it ships with the repository, or rebuild "
+                        f"it with python mine.py demo --model MODEL")
+    with open(negatives, newline="") as f:
+        rows = csv.reader(f)
+        header = next(rows)  # article, negative_1, ..
+        for line, row in enumerate(rows, 2):
+            unknown = [x for x in row if x not in by_id]
+            if unknown or len(row) != len(header):
+                raise DataError(f"{negatives}, line {line}: " + (
+                    f"{unknown[0]!r} is not a training article of BBC News" if unknown else
+                    f"{len(row)} fields, the header has {len(header)}") +
+                    "; rebuild the file with python mine.py demo")
+            a = by_id[row[0]]
+            retrieval.append({"query": instruct(DEMO_INSTRUCTIONS["bbc_headline_retrieval"], a["headline"]),
+                              "passage": a["body"],
+                              **{f"negative_{n}": by_id[x]["body"] for n, x in enumerate(row[1:], 1)}})
     topics = sorted({a["topic"] for a in arts})
     by_topic = {t: [i for i, a in enumerate(arts) if a["topic"] == t] for t in topics}
-    retrieval, clustering, classification = [], [], []
     for i, a in enumerate(arts):
         same = [j for j in by_topic[a["topic"]] if j != i]
-        other = [j for j in range(len(arts)) if arts[j]["topic"] != a["topic"]]
-        negs = rng.choice(same, n_neg, replace=False)
-        retrieval.append({"query": instruct(DEMO_INSTRUCTIONS["bbc_headline_retrieval"], a["headline"]),
-                          "passage": a["body"],
-                          **{f"negative_{n + 1}": arts[j]["body"] for n, j in enumerate(negs)}})
-        pos = rng.choice(same)
-        negs = rng.choice(other, n_neg, replace=False)
+        other = [j for t in topics if t != a["topic"] for j in by_topic[t]]
+        pos, negs = rng.choice(same), rng.choice(other, 24, replace=False)
         clustering.append({"query": instruct(DEMO_INSTRUCTIONS["bbc_topic_clustering"], a["body"]),
                            "passage": arts[pos]["body"],
                            **{f"negative_{n + 1}": arts[j]["body"] for n, j in enumerate(negs)}})

