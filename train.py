@@ -149,6 +149,15 @@ def barrier():
         dist.barrier()
 
 
+def teardown():
+    """Close the process group once every rank is done with it. Without the barrier, a rank
+    that closes its gloo connections while another still holds them (DDP) makes that one abort
+    at exit, 'terminate called without an active exception' (1 run in 5, torch 2.13)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_mean(x: float, device) -> float:
     if not dist.is_initialized():
         return x
@@ -486,9 +495,7 @@ def main(argv=None):
         M.save_export(backbone, tokenizer, os.path.join(cfg.out, "final"),
                       prompts=D.export_prompts())
         say(f"final export: {os.path.join(cfg.out, 'final')}")
-    barrier()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    teardown()
 
 
 def download_released_data(rank: int) -> str:

@@ -37,5 +37,4 @@ if __name__ == "__main__":
     rank, grads, losses = step_gradients(tokenizer_dir, demo_dir, int(batch_size), int(chunk_size))
     if rank == 0:
         torch.save({"grads": grads, "losses": losses}, out)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    train.teardown()
