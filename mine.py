@@ -164,8 +164,10 @@ def mine_negatives(queries: list[str], passages: list[str], model, path: str, co
                 writer = writer or pq.ParquetWriter(tmp, table.schema)
                 writer.write_table(table)
         if writer is None:
-            raise DataError(f"no query kept {rule.num_negatives} negatives, {path} not written; "
-                            f"loosen --max-score / --relative-margin or add a --corpus")
+            dropped = _report(reasons, len(docs), t0)["dropped"]
+            raise DataError(f"no query kept {rule.num_negatives} negatives (dropped: " + ", ".join(
+                f"{n:,} {why}" for why, n in dropped.items() if n) + f"), {path} not written; "
+                f"loosen --max-score / --relative-margin or add a --corpus")
         writer.close()
         os.replace(tmp, path)
     finally:

@@ -99,6 +99,12 @@ def test_mine_excludes_every_positive_of_a_query_and_exact_copies(tokenizer, bac
     assert report["kept"] == 1 and report["dropped"][mine.DROP_REASONS[1]] == 2
     assert pq.read_table(path).column("query").to_pylist() == [queries[2]]
     assert not os.path.exists(path + ".tmp")
+    # nobody keeps 6: nothing is written, and the error says which rule dropped them
+    os.remove(path)
+    with pytest.raises(D.DataError, match=r"no query kept 6 negatives \(dropped: 3 too few candidates"):
+        mine.mine_negatives(queries, passages, (backbone, tokenizer), path, corpus,
+                            mine.MiningRule(**OFF, num_negatives=6), max_length=32, progress=False)
+    assert not os.path.exists(path) and not os.path.exists(path + ".tmp")
 
 
 LABELLED = [(f"text {i} about {y}", y) for y in ("sport", "tech", "food") for i in range(10)]
