@@ -234,15 +234,15 @@ def test_shipped_demo_negatives_obey_the_paper_rule_under_the_model_that_mined_t
         assert arts[row[0]]["body"] not in {arts[x]["body"] for x in row[1:]}
 
 
-def test_mine_demo_writes_what_the_demo_sample_reads(tokenizer, backbone, tmp_path):
-    """`mine_demo` with the untrained tiny model (margin rules off, so every headline has a row)
-    -> write_demo_sample -> load_sources; each retrieval row's negatives are the bodies listed.
-    A file naming an article that is not in the training part is refused with its line."""
+def test_mine_demo_writes_what_the_demo_sample_reads(trained_run, tmp_path, capsys):
+    """`python mine.py demo` with the trained tiny export (margin rules off, so every headline
+    has a row) -> write_demo_sample -> load_sources; each retrieval row's negatives are the
+    bodies listed. A file naming an article outside the training part is refused with its line."""
     import csv
     path = str(tmp_path / "negatives.csv")
-    report = mine.mine_demo((backbone, tokenizer), path, mine.MiningRule(max_score=None, relative_margin=None),
-                            max_length=32, progress=False)
-    assert report["pairs"] == 1777 and report["kept"] == 1777
+    mine.main(["demo", "--model", str(trained_run / "final"), "--out", path, "--max-length", "32",
+               "--max-score", "none", "--relative-margin", "none"])
+    assert "kept 1,777 of 1,777 headlines" in capsys.readouterr().out
     folder = str(tmp_path / "sample")
     D.write_demo_sample(folder, negatives=path)
     (retrieval,) = [s for s in D.load_sources(folder, val_fraction=0) if s.task_type == "retrieval"]
