@@ -24,6 +24,7 @@ import csv
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,17 +108,20 @@ def _sentence_transformer_pooling_other_than_last_token(folder) -> bool:
 
 
 def mine_ids(queries: list[str], passages: list[str], embed, corpus=(), rule: MiningRule = MiningRule(),
-             chunk: int = 1024, progress: bool = True):
-    """The search behind `mine_negatives`. Yields docs (the deduplicated positives + corpus)
-    once, then per chunk of queries (start, picks (b, num_negatives) indices into docs or -1,
-    reasons (b,)). Exact copies are one document, and all positives of a query (it may have
-    several pairs) are excluded for it. Memory: the document embeddings, plus one chunk of
-    queries at a time."""
+             chunk: int = 1024, progress: bool = True) -> tuple[list[str], Iterator]:
+    """The search behind `mine_negatives` and `mine_demo`. Returns docs (the positives and the
+    corpus, exact copies once) and a generator of, per chunk of queries, (start, negatives
+    (b, num_negatives) indices into docs or -1, reasons (b,)). All positives of a query (it may
+    have several pairs) are excluded for it. Memory: the document embeddings, plus one chunk
+    of queries at a time."""
+    docs = list(dict.fromkeys(list(passages) + list(corpus)))
+    return docs, _search(queries, passages, docs, embed, rule, chunk, progress)
+
+
+def _search(queries, passages, docs, embed, rule, chunk, progress):
     import torch
     from sentence_transformers.util import semantic_search  # top-k in query x corpus chunks
     from tqdm import tqdm
-    docs = list(dict.fromkeys(list(passages) + list(corpus)))
-    yield docs
     doc_id = {d: i for i, d in enumerate(docs)}
     positive_ids = {}
     for q, p in zip(queries, passages):
@@ -150,9 +154,8 @@ def mine_negatives(queries: list[str], passages: list[str], model, path: str, co
     model: see `load_encoder`. Queries are embedded as given (with their instruction),
     documents (positives + corpus) without. Rows are written per chunk of queries."""
     t0, reasons, tmp, writer = time.time(), [], path + ".tmp", None
-    search = mine_ids(queries, passages, load_encoder(model, batch_size, max_length), corpus, rule,
-                      chunk, progress)
-    docs = next(search)
+    docs, search = mine_ids(queries, passages, load_encoder(model, batch_size, max_length), corpus,
+                            rule, chunk, progress)
     try:
         for lo, negatives, why in search:
             reasons.append(why)
@@ -165,9 +168,9 @@ def mine_negatives(queries: list[str], passages: list[str], model, path: str, co
                 writer.write_table(table)
         if writer is None:
             dropped = _report(reasons, len(docs), t0)["dropped"]
-            raise DataError(f"no query kept {rule.num_negatives} negatives (dropped: " + ", ".join(
-                f"{n:,} {why}" for why, n in dropped.items() if n) + f"), {path} not written; "
-                f"loosen --max-score / --relative-margin or add a --corpus")
+            raise DataError(f"no query kept {rule.num_negatives} negatives (dropped: "
+                            f"{_dropped(dropped, skip_zero=True)}), {path} not written; "
+                            f"loosen --max-score / --relative-margin or add a --corpus")
         writer.close()
         os.replace(tmp, path)
     finally:
@@ -222,9 +225,8 @@ def mine_demo(model, path: str, rule: MiningRule = MiningRule(), batch_size: int
     turns into text. Returns the report."""
     t0 = time.time()
     arts = [a for a in bbc_articles() if not a["heldout"]]
-    search = mine_ids([a["headline"] for a in arts], [a["body"] for a in arts],
-                      load_encoder(model, batch_size, max_length), (), rule, progress=progress)
-    docs = next(search)
+    docs, search = mine_ids([a["headline"] for a in arts], [a["body"] for a in arts],
+                            load_encoder(model, batch_size, max_length), (), rule, progress=progress)
     article_of = {}
     for a in arts:  # a body found twice in BBC News is one document: the first article's id
         article_of.setdefault(a["body"], a["id"])
@@ -250,6 +252,11 @@ def _report(reasons: list[np.ndarray], documents: int, t0: float) -> dict:
     return {"pairs": len(reasons), "documents": documents, "kept": int((reasons == 0).sum()),
             "dropped": {DROP_REASONS[r]: int((reasons == r).sum()) for r in DROP_REASONS},
             "seconds": time.time() - t0}
+
+
+def _dropped(dropped: dict, skip_zero: bool = False) -> str:
+    """'26 relative_margin, ...': a report's drop counts in words."""
+    return ", ".join(f"{n:,} {why}" for why, n in dropped.items() if n or not skip_zero)
 
 
 def read_columns(path: str, columns: list[str], flag: str) -> dict[str, list[str]]:
@@ -316,8 +323,8 @@ def main(argv=None):
         rule = MiningRule(**{f: getattr(args, f) for f in MiningRule.__dataclass_fields__})
     if args.command == "demo":
         r = mine_demo(args.model, args.out, rule, args.batch_size, args.max_length)
-        print(f"kept {r['kept']:,} of {r['pairs']:,} headlines in {r['seconds']:.0f} s; dropped: " +
-              ", ".join(f"{n:,} {why}" for why, n in r["dropped"].items()) + f"; wrote {args.out}")
+        print(f"kept {r['kept']:,} of {r['pairs']:,} headlines in {r['seconds']:.0f} s; dropped: "
+              f"{_dropped(r['dropped'])}; wrote {args.out}")
         return
     source = args.pairs if args.command == "mine" else args.labelled
     name = args.name or os.path.basename(source).rsplit(".", 1)[0]
@@ -331,8 +338,8 @@ def main(argv=None):
             r = mine_negatives(queries, pairs["passage"], args.model, path, corpus, rule,
                                args.batch_size, args.max_length)
             print(f"kept {r['kept']:,} of {r['pairs']:,} pairs ({r['documents']:,} documents) in "
-                  f"{r['seconds']:.0f} s, {r['pairs'] / r['seconds']:.1f} pairs/s; dropped: " +
-                  ", ".join(f"{n:,} {why}" for why, n in r["dropped"].items()))
+                  f"{r['seconds']:.0f} s, {r['pairs'] / r['seconds']:.1f} pairs/s; dropped: "
+                  f"{_dropped(r['dropped'])}")
             task_type = "retrieval"
         else:
             texts, labels = read_columns(args.labelled, ["text", "label"], "--labelled").values()
