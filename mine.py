@@ -43,6 +43,18 @@ class MiningRule:
     num_negatives: int = 24  # keep the best num_negatives; a query with fewer is dropped
 
 
+# --help of each rule's flag (applied in this order; 'none' turns a threshold off)
+RULE_HELP = {
+    "range_max": "candidates: the best N documents that are not a positive of the query "
+                 "(default %(default)s)",
+    "range_min": "skip the best N candidates, likely unlabelled positives (default %(default)s)",
+    "max_score": "keep candidates with cosine score < this (default %(default)s)",
+    "relative_margin": "keep candidates with score < pos - |pos| x this, i.e. < 0.95 x the "
+                       "positive's score at the default %(default)s",
+    "num_negatives": "keep the best N left; a query left with fewer is dropped (not written), "
+                     "counted under the first rule that left it short (default %(default)s)",
+}
+
 # why a query was dropped: the first rule after which fewer than num_negatives were left
 DROP_REASONS = {1: "too few candidates in ranks range_min..range_max", 2: "max_score",
                 3: "relative_margin"}
@@ -294,7 +306,11 @@ def main(argv=None):
     import argparse
     parser = argparse.ArgumentParser(prog="mine.py", description="Build a source in the released layout.")
     commands = parser.add_subparsers(dest="command", required=True)
-    mine = commands.add_parser("mine", help="(query, passage) pairs -> + hard negatives (retrieval)")
+    mine = commands.add_parser("mine", help="(query, passage) pairs -> + hard negatives (retrieval)",
+                               description="Adds hard negatives to (query, passage) pairs with "
+                               "the paper's rule: of the top 100 documents, skip the best 5, keep "
+                               "score < 0.8 and < 0.95 x the positive's, keep the best 24; a query "
+                               "left with fewer than 24 is dropped.")
     mine.add_argument("--pairs", required=True, help=".jsonl or .parquet, columns query, passage")
     mine.add_argument("--corpus", help="extra candidate documents: .jsonl or .parquet, column text")
     mine.add_argument("--instruction", help="wrap each query as 'Instruct: ...\\nQuery: ...'")
@@ -303,9 +319,10 @@ def main(argv=None):
         p.add_argument("--model", required=True, help="a folder this project wrote, a "
                        "SentenceTransformer folder, or an HF id (see load_encoder)")
         for field, f in MiningRule.__dataclass_fields__.items():  # --range-max 100 ... ('none': off)
-            p.add_argument("--" + field.replace("_", "-"), default=f.default, type=int if f.type is int
+            p.add_argument("--" + field.replace("_", "-"), default=f.default, help=RULE_HELP[field]
+                           + ("" if f.type is int else "; 'none': off"), type=int if f.type is int
                            else lambda s: None if s.lower() == "none" else float(s))
-        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--batch-size", type=int, default=32, help="texts per forward when embedding")
         p.add_argument("--max-length", type=int, default=max_length, help="tokens per text when embedding")
     demo.add_argument("--out", default=DEMO_NEGATIVES, help="the CSV to write")
     for kind in ("classification", "clustering"):
