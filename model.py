@@ -5,46 +5,38 @@ Contract:
   `tiny_backbone(tokenizer)` builds the small Qwen3-architecture model of `--size tiny`.
 - `tokenize(tokenizer, texts, max_length)` gives id lists that END WITH EOS: texts are cut
   to max_length - 1 tokens and EOS is appended as an id, so truncation never deletes it.
-- `embed(backbone, input_ids, lengths)` gives fp32 unit vectors, one per sequence: the
-  hidden state of its last real token (the EOS), masks built from lengths (DESIGN I3).
-- `encode(backbone, tokenizer, texts)` embeds raw texts in length-sorted batches.
+- `make_chunks` + `pack` + `embed_packed`: sequences concatenated into rows with position
+  ids restarting per sequence, attention kept inside each sequence (flash-attn or torch
+  varlen on CUDA, block-diagonal sdpa masks otherwise), pooled at each sequence's EOS: no
+  padding is computed. `embed(backbone, input_ids, lengths)` is the padded reference: fp32
+  unit vectors at each row's last real token, masks built from lengths (DESIGN I3).
+- `encode(backbone, tokenizer, texts)` embeds raw texts in packed chunks.
 - `save_export(...)` writes a folder that AutoModel, SentenceTransformer and mteb's F2LLM
   loader all load with last-token pooling, normalisation and an EOS-appending tokenizer.
 Importing this file does nothing.
 """
 import copy
+import inspect
 import json
 import os
 import shutil
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config
+from transformers import AttentionInterface, AutoModel, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config
 
 # Size presets (DESIGN §2). `dim` and `params` are the published models' own figures.
-# chunk_size: sequences per forward, chosen so that `train.py --dry-run` plans < 80 GB per GPU.
+# chunk_tokens: real tokens per packed forward, the largest multiple of 1024 whose memory plan
+# fits an 80 GB GPU at the paper's 64 queries per GPU (plan.chunk_tokens_that_fit; a test checks).
 PRESETS = {
-    "tiny": dict(model="tiny", lr=1e-3, batch_size=32, dim=64, max_length=128, chunk_size=32),
+    "tiny": dict(model="tiny", lr=1e-3, batch_size=32, dim=64, max_length=128, chunk_tokens=4096),
     "0.6b": dict(model="Qwen/Qwen3-0.6B", lr=1e-5, batch_size=512, dim=1024, max_length=1024,
-                 chunk_size=16, params=596_049_920),
+                 chunk_tokens=31744, params=596_049_920),
     "1.7b": dict(model="Qwen/Qwen3-1.7B", lr=9e-6, batch_size=512, dim=2048, max_length=1024,
-                 chunk_size=8, params=1_720_574_976),
+                 chunk_tokens=16384, params=1_720_574_976),
     "4b": dict(model="Qwen/Qwen3-4B", lr=8e-6, batch_size=512, dim=2560, max_length=1024,
-               chunk_size=2, params=4_022_468_096),
-}
-
-# The backbones' architectures (config.json of each hub model), so that a dry run can build
-# them on the meta device without a download.
-_QWEN3_COMMON = dict(vocab_size=151936, head_dim=128, max_position_embeddings=40960,
-                     rope_theta=1_000_000, rms_norm_eps=1e-6, num_key_value_heads=8,
-                     bos_token_id=151643, eos_token_id=151645)
-QWEN3_CONFIGS = {
-    "0.6b": dict(_QWEN3_COMMON, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                 num_attention_heads=16, tie_word_embeddings=True),
-    "1.7b": dict(_QWEN3_COMMON, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                 num_attention_heads=16, tie_word_embeddings=True),
-    "4b": dict(_QWEN3_COMMON, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-               num_attention_heads=32, tie_word_embeddings=True),
+               chunk_tokens=5120, params=4_022_468_096),
 }
 
 # Qwen3's special tokens: pad `<|endoftext|>` is a real, EOS-like token (so masks never come
@@ -53,14 +45,78 @@ PAD_TOKEN, EOS_TOKEN, SPECIAL_TOKENS = "<|endoftext|>", "<|im_end|>", ["<|endoft
 
 
 # ---------------------------------------------------------------------------- backbones
+# Packed chunks (DESIGN §4) need attention that stays inside each sequence of a row:
+# - "f2llm_varlen" (CUDA): ONE row per chunk, cumulative lengths passed down as kwargs, so no
+#   layer syncs the host. Kernel: flash-attn's varlen function when installed, else torch's
+#   own torch.nn.attention.varlen.varlen_attn (no flash-attn, e.g. torch 2.11 images).
+# - "sdpa" (CPU, tests, CUDA without either kernel): several packed rows per chunk; transformers
+#   sees position ids restart and builds a block-diagonal causal mask per row.
+VARLEN = "f2llm_varlen"
+
+
+def _flash_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func
+        return flash_attn_varlen_func
+    except ImportError:
+        return None
+
+
+def _torch_varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+        return varlen_attn
+    except ImportError:
+        return None
+
+
+def varlen_kernel(device: torch.device) -> str | None:
+    """The varlen kernel packed chunks use on this device, or None (then sdpa rows)."""
+    if device.type != "cuda":
+        return None
+    return "flash-attn" if _flash_varlen() else "torch varlen_attn" if _torch_varlen() else None
+
+
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                     cu_seq_lens_q=None, max_length_q=None, **kwargs):
+    """transformers' attention interface for one packed row: query (1, H, T, d), key and value
+    (1, H_kv, T, d), sequences delimited by cu_seq_lens_q (n + 1,) int32 -> (1, T, H, d).
+    Causal inside each sequence, nothing across. On a CPU it runs one sdpa per sequence (the
+    reference the tests compare with)."""
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, d)
+    if torch.is_autocast_enabled(q.device.type):  # q/k leave Qwen3's fp32 norms under autocast
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    cu, longest = cu_seq_lens_q, max_length_q
+    flash, native = _flash_varlen(), _torch_varlen()
+    if q.is_cuda and flash:
+        out = flash(q, k, v, cu, cu, longest, longest, dropout_p=dropout, softmax_scale=scaling, causal=True)
+    elif q.is_cuda and native:
+        if dropout:
+            raise ValueError("attention dropout needs flash-attn (torch's varlen_attn has none); "
+                             "pip install flash-attn or set attention_dropout to 0")
+        params = inspect.signature(native).parameters  # torch 2.11 and 2.13 spell causality apart
+        extra = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+        if "enable_gqa" in params:
+            extra["enable_gqa"] = True
+        else:
+            k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+        out = native(q, k, v, cu, cu, longest, longest, scale=scaling, **extra)
+    else:
+        bounds = cu.tolist()
+        out = torch.cat([F.scaled_dot_product_attention(
+            q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=True,
+            scale=scaling, dropout_p=dropout, enable_gqa=True).transpose(0, 1)
+            for s, e in zip(bounds[:-1], bounds[1:])])
+    return out[None], None  # (1, T, H, d), no attention weights
+
+
 def attention_implementation(device: torch.device) -> str:
-    """flash_attention_2 on CUDA when the package is installed, sdpa otherwise."""
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-            return "flash_attention_2"
-        except ImportError:
-            pass
+    """VARLEN on CUDA when a varlen kernel exists, sdpa otherwise. Registers VARLEN with
+    transformers (not with its mask functions: the packed row needs no mask)."""
+    if varlen_kernel(device):
+        AttentionInterface.register(VARLEN, packed_attention)
+        return VARLEN
     return "sdpa"
 
 
@@ -145,23 +201,104 @@ def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch
 def embed(backbone, input_ids: torch.Tensor, lengths: torch.Tensor, side: str = "right"):
     """Padded ids (n, L) -> unit-norm fp32 embeddings (n, D)."""
     attention_mask = mask_from_lengths(lengths.to(input_ids.device), input_ids.shape[1], side)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     return F.normalize(last_token_pool(hidden, attention_mask).float(), dim=-1)
+
+
+# ---------------------------------------------------------------------------- packed chunks
+def make_chunks(lengths: list[int], chunk_tokens: int, chunk_size: int = 0) -> list[list[int]]:
+    """Sequence ids -> chunks of at most chunk_tokens real tokens (a longer sequence gets a
+    chunk of its own) and, if chunk_size > 0, at most chunk_size sequences: first-fit, longest
+    first, so chunks come out nearly full. Packed, a chunk computes its real tokens only."""
+    chunks, room = [], []  # sequence ids per chunk, free tokens per chunk
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        c = next((c for c, free in enumerate(room) if free >= lengths[i]
+                  and not (chunk_size and len(chunks[c]) >= chunk_size)), None)
+        if c is None:
+            chunks.append([]), room.append(max(chunk_tokens, lengths[i]))
+            c = len(chunks) - 1
+        chunks[c].append(i)
+        room[c] -= lengths[i]
+    return chunks
+
+
+@dataclass
+class Packed:
+    """Sequences laid end to end in rows, position ids restarting at each sequence."""
+    input_ids: torch.Tensor  # (R, W)
+    position_ids: torch.Tensor  # (R, W)
+    last: torch.Tensor  # (n,) index into the flattened (R * W) of each sequence's EOS
+    cu_seqlens: torch.Tensor | None  # (n + 1,) int32 sequence bounds, one-row layout only
+    longest: int
+
+    def to(self, device) -> "Packed":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Packed(move(self.input_ids), move(self.position_ids), move(self.last),
+                      move(self.cu_seqlens), self.longest)
+
+    @property
+    def computed_tokens(self) -> int:
+        return self.input_ids.numel()
+
+
+def pack(seqs: list[list[int]], one_row: bool, pin: bool = False) -> Packed:
+    """Id lists -> Packed. one_row (varlen attention): one row of all tokens, no padding.
+    Otherwise (sdpa): rows as wide as the longest sequence, filled first-fit longest first,
+    each row's tail padded by a dummy sequence that nothing pools."""
+    lengths = [len(s) for s in seqs]
+    width = sum(lengths) if one_row else max(lengths)
+    rows = make_chunks(lengths, width)  # sequence ids per row
+    ids, positions, last = [], [], [0] * len(seqs)
+    for members in rows:
+        for i in members:
+            last[i] = len(ids) + lengths[i] - 1  # rows before this one are width long
+            ids += seqs[i]
+            positions += range(lengths[i])
+        pad = width - len(ids) % width if len(ids) % width else 0
+        ids += [0] * pad  # padding: its own segment (positions restart at 0), never pooled
+        positions += range(pad)
+    shape = (len(rows), width)
+    packed = Packed(torch.tensor(ids).view(shape), torch.tensor(positions).view(shape),
+                    torch.tensor(last), None, max(lengths))
+    if one_row:
+        order = rows[0]
+        bounds = [0]
+        for i in order:
+            bounds.append(bounds[-1] + lengths[i])
+        packed.cu_seqlens = torch.tensor(bounds, dtype=torch.int32)
+    if pin:
+        packed = Packed(*(t.pin_memory() if t is not None else None for t in
+                          (packed.input_ids, packed.position_ids, packed.last, packed.cu_seqlens)),
+                        packed.longest)
+    return packed
+
+
+def embed_packed(backbone, packed: Packed) -> torch.Tensor:
+    """A packed chunk -> (n, D) fp32 unit vectors, at each sequence's last token (its EOS)."""
+    varlen = {}
+    if packed.cu_seqlens is not None:  # passed down to every layer: no layer syncs the host
+        varlen = dict(cu_seq_lens_q=packed.cu_seqlens, cu_seq_lens_k=packed.cu_seqlens,
+                      max_length_q=packed.longest, max_length_k=packed.longest)
+    hidden = backbone(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                      use_cache=False, **varlen).last_hidden_state  # (R, W, D)
+    return F.normalize(hidden.flatten(0, 1)[packed.last].float(), dim=-1)
+
+
+def uses_varlen(backbone) -> bool:
+    return backbone.config._attn_implementation == VARLEN
 
 
 @torch.no_grad()
 def encode(backbone, tokenizer, texts: list[str], batch_size: int = 32, max_length: int = 8192,
-           device=None) -> torch.Tensor:
-    """Texts -> (n, D) fp32 unit vectors, in the input order. Batches are formed from
-    texts sorted by length, so each batch pads only to its own longest text."""
+           device=None, chunk_tokens: int = 16384) -> torch.Tensor:
+    """Texts -> (n, D) fp32 unit vectors, in the input order. Texts are packed, longest
+    first, into chunks of at most batch_size texts and chunk_tokens tokens."""
     device = device or next(backbone.parameters()).device
     ids, _ = tokenize(tokenizer, texts, max_length)
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out = torch.empty(len(ids), backbone.config.hidden_size)
-    for start in range(0, len(ids), batch_size):
-        rows = order[start: start + batch_size]
-        input_ids, lengths = pad([ids[i] for i in rows], tokenizer.pad_token_id)
-        out[rows] = embed(backbone, input_ids.to(device), lengths).cpu()
+    for rows in make_chunks([len(x) for x in ids], chunk_tokens, batch_size):
+        packed = pack([ids[i] for i in rows], uses_varlen(backbone)).to(device)
+        out[rows] = embed_packed(backbone, packed).cpu()
     return out
 
 
@@ -202,78 +339,3 @@ def save_export(backbone, tokenizer, out: str, prompts: dict | None = None,
     if os.path.exists(out):
         shutil.rmtree(out)
     os.replace(tmp, out)
-
-
-# ---------------------------------------------------------------------------- planning
-def qwen3_config(size: str, num_hidden_layers: int | None = None) -> Qwen3Config:
-    config = Qwen3Config(**QWEN3_CONFIGS[size])
-    if num_hidden_layers is not None:
-        config.num_hidden_layers = num_hidden_layers
-    return config
-
-
-def meta_backbone(config: Qwen3Config, dtype=torch.bfloat16):
-    """The architecture with no weights (meta device): shapes and counts, no memory.
-    Eager attention: its saved tensors are plain ops that the meta device reproduces
-    exactly (tests/test_plan.py checks them against a real CPU forward)."""
-    with torch.device("meta"):  # a copy: from_config would record the dtype in `config`
-        return AutoModel.from_config(copy.deepcopy(config), dtype=dtype, attn_implementation="eager")
-
-
-def saved_activation_bytes(backbone, n: int, length: int, device="meta", drop_scores=False) -> int:
-    """Bytes autograd keeps for backward in one forward of n sequences of `length` tokens,
-    counted with saved-tensor hooks (each tensor once). On the meta device this costs no
-    memory. drop_scores leaves out (..., L, L) attention-score tensors: flash attention
-    never stores them."""
-    saved = {}
-
-    def pack(t):
-        if not (drop_scores and t.dim() >= 2 and t.shape[-1] == t.shape[-2] == length):
-            saved[id(t)] = t.numel() * t.element_size()
-        return t
-    ids = torch.zeros(n, length, dtype=torch.long, device=device)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        backbone(input_ids=ids)
-    return sum(saved.values())
-
-
-def memory_plan(config: Qwen3Config, world: int, chunk_size: int, max_length: int,
-                sequences_per_rank: int, shard_optimizer: bool = True) -> dict:
-    """Per-GPU bytes of a training step (bf16 autocast over fp32 master weights, DDP with
-    gradients as bucket views, AdamW states sharded by ZeroRedundancyOptimizer):
-      weights (fp32 master)   4 P
-      gradients (fp32)        4 P
-      AdamW m and v (fp32)    8 P / world   (8 P without sharding)
-      bf16 weight copies      2 P           (autocast casts each weight once per forward,
-                                             kept for backward)
-      activations             one chunk of chunk_size sequences at max_length, all layers
-                              (pass 2 holds one chunk at a time), measured on the meta device
-                              from a 1- and 2-layer model; eager attention's (L, L) score
-                              tensors are left out (flash attention stores none), its other
-                              tensors kept, so the figure errs on the high side
-      cached reps             sequences_per_rank x D fp32, with its gradient
-    """
-    p = sum(t.numel() for t in meta_backbone(config).parameters())
-    acts = []
-    for layers in (1, 2):
-        small = meta_backbone(qwen3_config_like(config, layers))
-        acts.append(saved_activation_bytes(small, chunk_size, max_length, drop_scores=True))
-    per_layer, base = acts[1] - acts[0], 2 * acts[0] - acts[1]
-    plan = {
-        "weights_fp32": 4 * p,
-        "gradients_fp32": 4 * p,
-        "adamw_states": 8 * p // (world if shard_optimizer else 1),
-        "bf16_weight_copies": 2 * p,
-        "activations_one_chunk": base + per_layer * config.num_hidden_layers,
-        "cached_reps": 2 * 4 * sequences_per_rank * config.hidden_size,
-    }
-    plan["total"] = sum(plan.values())
-    plan["activations_per_layer"] = per_layer
-    return plan
-
-
-def qwen3_config_like(config: Qwen3Config, num_hidden_layers: int) -> Qwen3Config:
-    small = Qwen3Config(**{k: v for k, v in config.to_dict().items() if k in QWEN3_CONFIGS["4b"]
-                           or k in ("hidden_size", "intermediate_size", "num_attention_heads")})
-    small.num_hidden_layers = num_hidden_layers
-    return small

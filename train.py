@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -26,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data as D
 import model as M
+import plan
 from loss import TEMPERATURE, hard_negative_loss, in_batch_loss
 
 
@@ -39,8 +41,8 @@ class Config:
     steps: int = 0  # optimizer steps; 0 = `epochs` passes over the data
     epochs: int = 2
     batch_size: int = 0  # GLOBAL queries per step (all ranks); 0 = preset
-    chunk_size: int = 32  # sequences per forward pass: memory only, never the math
-    chunk_tokens: int = 0  # also cap a chunk's padded tokens (len x longest); 0 = no cap
+    chunk_tokens: int = 0  # real tokens per packed forward: memory only, never the math; 0 = preset
+    chunk_size: int = 0  # also cap the sequences per forward; 0 = no cap
     lr: float = 0.0  # peak learning rate; 0 = preset
     min_lr: float = 1e-7  # floor of the cosine schedule
     warmup_steps: int = 500
@@ -59,6 +61,7 @@ class Config:
     shard_optimizer: bool = True  # ZeroRedundancyOptimizer across ranks when world > 1
     resume: bool = False  # continue from the latest checkpoint in `out` (automatic under torchrun restarts)
     dry_run: bool = False  # print the plan of the run and exit, no weights, no download
+    json: bool = False  # dry run only: print the plan as one JSON object
     nproc: int = 0  # dry run only: GPUs per node to plan for (0 = this world size)
     nodes: int = 1  # dry run only: nodes to plan for
 
@@ -100,9 +103,9 @@ def check_config(cfg: Config, world: int) -> None:
     if cfg.batch_size % world:
         fail(f"--batch-size {cfg.batch_size} is not divisible by the world size {world}; "
              f"use a multiple of {world}")
-    if cfg.chunk_tokens < 0:
-        fail(f"--chunk-tokens must be >= 0 (0 = no cap), got {cfg.chunk_tokens}")
-    for name in ["batch_size", "chunk_size", "lr", "max_length", "keep_checkpoints", "max_bad_steps"]:
+    if cfg.chunk_size < 0:
+        fail(f"--chunk-size must be >= 0 (0 = no cap), got {cfg.chunk_size}")
+    for name in ["batch_size", "chunk_tokens", "lr", "max_length", "keep_checkpoints", "max_bad_steps"]:
         if getattr(cfg, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.max_length < 2:
@@ -144,6 +147,14 @@ def setup_distributed():
     return rank, world, device
 
 
+def wrap_ddp(backbone, device, **kwargs) -> DDP:
+    """gradient_as_bucket_view: the gradients live in DDP's buckets, saving one model-sized
+    copy. broadcast_buffers=False: Qwen3's only buffer (rotary frequencies) is a constant, and
+    a broadcast per forward would be one collective per chunk (ranks may differ in chunks)."""
+    return DDP(backbone, device_ids=[device.index] if device.type == "cuda" else None,
+               gradient_as_bucket_view=True, broadcast_buffers=False, **kwargs)
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()
@@ -181,98 +192,80 @@ def restored_rng(state, device):
         yield
 
 
-def make_chunks(seqs: list[list[int]], chunk_size: int, chunk_tokens: int = 0) -> list[list[int]]:
-    """Sequence ids sorted by length (longest first), cut greedily into chunks of at most
-    chunk_size sequences and, if chunk_tokens > 0, at most chunk_tokens padded tokens
-    (len(chunk) x its longest; a longer sequence gets a chunk of its own). Each chunk pads
-    only to its own longest sequence; a token cap packs many short sequences per forward."""
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    chunks = []
-    for i in order:
-        last = chunks[-1] if chunks else None
-        if last and len(last) < chunk_size and (
-                not chunk_tokens or (len(last) + 1) * len(seqs[last[0]]) <= chunk_tokens):
-            last.append(i)
-        else:
-            chunks.append([i])
-    return chunks
-
-
-def embed_chunk(net, seqs, rows, pad_id, device, autocast):
-    input_ids, lengths = M.pad([seqs[i] for i in rows], pad_id)
-    with autocast():
-        return M.embed(net, input_ids.to(device), lengths.to(device))  # (len(rows), D) fp32
-
-
 def batch_sequences(batch: D.Batch, tokenizer, max_length: int):
     """A rank's batch -> its S = b * (2 + k) id lists [queries; positives; negatives]."""
     texts = batch.queries + batch.positives + [t for negs in batch.negatives for t in negs]
     return M.tokenize(tokenizer, texts, max_length)
 
 
-def batch_loss(reps: torch.Tensor, batch: D.Batch, temperature: float):
-    """reps (S, D) in [queries; positives; negatives] order -> (total, hard, in-batch)."""
-    b, k = len(batch.queries), len(batch.negatives[0])
+def batch_loss(reps: torch.Tensor, b: int, k: int, task_type: str, temperature: float):
+    """reps (S, D) in [queries; positives; negatives] order -> (total, hard, in-batch).
+    k = 0 (pairs only) leaves the in-batch loss alone."""
     query, positive, negatives = reps[:b], reps[b:2 * b], reps[2 * b:].view(b, k, -1)
-    hard = hard_negative_loss(query, positive, negatives, temperature)
-    if batch.task_type in D.IN_BATCH_TYPES:
-        in_batch = in_batch_loss(query, positive, temperature)
-    else:
-        in_batch = torch.zeros((), device=reps.device)
+    zero = torch.zeros((), device=reps.device)
+    hard = hard_negative_loss(query, positive, negatives, temperature) if k else zero
+    in_batch = in_batch_loss(query, positive, temperature) if task_type in D.IN_BATCH_TYPES else zero
     return hard + in_batch, hard, in_batch
 
 
-def cached_step(backbone, ddp, batch: D.Batch, tokenizer, cfg: Config, device, autocast):
-    """Pass 1 (no grad) -> loss on cached reps -> pass 2 (grad, chunk by chunk).
+def cached_step(model, seqs: list[list[int]], loss_fn, chunk_tokens: int, bf16: bool = False,
+                ddp=None, chunk_size: int = 0) -> dict:
+    """DESIGN §4: pass 1 (no grad) -> loss on cached reps -> pass 2 (grad, chunk by chunk).
 
-    Leaves in the parameters' .grad the gradient of the loss of the GLOBAL batch (DDP
-    averages over ranks at the last chunk). Returns the loss terms and token counts."""
-    seqs, n_cut = batch_sequences(batch, tokenizer, cfg.max_length)
-    m = step_on_sequences(backbone, ddp, seqs, batch, tokenizer.pad_token_id, cfg, device, autocast)
-    return dict(m, truncated=n_cut)
-
-
-def step_on_sequences(backbone, ddp, seqs, batch: D.Batch, pad_id: int, cfg: Config, device, autocast):
-    """The cached step on id lists [queries; positives; negatives] of this rank's batch
-    (`batch` gives b, k and the task type). Split out so gpu_check.py can feed token ids."""
-    chunks = make_chunks(seqs, cfg.chunk_size, cfg.chunk_tokens)
+    seqs: this rank's id lists; loss_fn(reps (S, D) fp32) -> (loss, *terms). Chunks hold at
+    most chunk_tokens tokens, packed (model.pack). One autocast region per pass, so autocast
+    casts each weight to bf16 once per pass, not once per chunk. Leaves in .grad the gradient
+    of the GLOBAL batch's loss (DDP averages over ranks at the last chunk: one all-reduce)."""
+    device = next(model.parameters()).device
+    chunks = M.make_chunks([len(s) for s in seqs], chunk_tokens, chunk_size)
+    packs = [M.pack([seqs[i] for i in rows], M.uses_varlen(model), pin=device.type == "cuda").to(device)
+             for rows in chunks]
+    rows = [torch.tensor(r).to(device, non_blocking=True) for r in chunks]
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
     # 1. pass 1, no grad: cache the reps of all S sequences, and each chunk's RNG state
-    reps = torch.empty(len(seqs), backbone.config.hidden_size, device=device)  # (S, D) fp32
+    reps = torch.empty(len(seqs), model.config.hidden_size, device=device)  # (S, D) fp32
     states = []
-    with torch.no_grad():
-        for rows in chunks:
+    with torch.no_grad(), autocast():
+        for i, packed in enumerate(packs):
             states.append(rng_state(device))
-            reps[rows] = embed_chunk(backbone, seqs, rows, pad_id, device, autocast)
-    # 2. loss on the cached reps: d loss / d reps, including other ranks' queries' terms
+            reps[rows[i]] = M.embed_packed(model, packed)
+    # 2. loss on the cached reps, in fp32: d loss / d reps, including other ranks' queries' terms
     reps.requires_grad_(True)
-    loss, hard, in_batch = batch_loss(reps, batch, cfg.temperature)
+    loss, *terms = loss_fn(reps)
     loss.backward()
     finite = all_mean(float(torch.isfinite(loss)), device) == 1.0  # the same on every rank
-    # 3. pass 2, with grad: replay each chunk and push its reps' gradient into the weights;
-    #    only the last chunk synchronises (one all-reduce per step)
+    # 3. pass 2, with grad: replay each chunk (same dropout masks) and push its reps' gradient
+    #    into the weights; every chunk but the last inside no_sync, forward and backward
     if finite:
-        net = ddp or backbone
-        for i, rows in enumerate(chunks):
-            sync = ddp is None or i == len(chunks) - 1
-            with (contextlib.nullcontext() if sync else ddp.no_sync()), restored_rng(states[i], device):
-                chunk_reps = embed_chunk(net, seqs, rows, pad_id, device, autocast)
-                (chunk_reps * reps.grad[rows]).sum().backward()
-    real = sum(len(s) for s in seqs)
-    computed = sum(len(rows) * len(seqs[rows[0]]) for rows in chunks)
-    return dict(loss=loss.item(), hard=hard.item(), in_batch=in_batch.item(), finite=finite,
-                sequences=len(seqs), real_tokens=real, padded_tokens=computed)
+        net = ddp or model
+        with autocast():
+            for i, packed in enumerate(packs):
+                sync = ddp is None or i == len(packs) - 1
+                with (contextlib.nullcontext() if sync else ddp.no_sync()), restored_rng(states[i], device):
+                    (M.embed_packed(net, packed) * reps.grad[rows[i]]).sum().backward()
+    values = torch.stack([loss.detach(), *(t.detach() for t in terms)]).tolist()  # one host sync
+    return dict(loss=values[0], terms=values[1:], finite=finite, chunks=len(packs), sequences=len(seqs),
+                real_tokens=sum(len(s) for s in seqs), computed_tokens=sum(p.computed_tokens for p in packs))
+
+
+def step_loss(batch: D.Batch, temperature: float):
+    """The recipe's loss of one rank's batch, as a function of its reps."""
+    b, k = len(batch.queries), len(batch.negatives[0]) if batch.negatives else 0
+    return lambda reps: batch_loss(reps, b, k, batch.task_type, temperature)
 
 
 @torch.no_grad()
-def validate(backbone, batches, rank, world, tokenizer, cfg, device, autocast) -> float:
+def validate(backbone, batches, rank, world, tokenizer, cfg, device, bf16) -> float:
     losses = []
     for global_batch in batches:
         batch = global_batch.shard(rank, world)
         seqs, _ = batch_sequences(batch, tokenizer, cfg.max_length)
         reps = torch.empty(len(seqs), backbone.config.hidden_size, device=device)
-        for rows in make_chunks(seqs, cfg.chunk_size, cfg.chunk_tokens):
-            reps[rows] = embed_chunk(backbone, seqs, rows, tokenizer.pad_token_id, device, autocast)
-        losses.append(all_mean(batch_loss(reps, batch, cfg.temperature)[0].item(), device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            for rows in M.make_chunks([len(s) for s in seqs], cfg.chunk_tokens, cfg.chunk_size):
+                packed = M.pack([seqs[i] for i in rows], M.uses_varlen(backbone)).to(device)
+                reps[rows] = M.embed_packed(backbone, packed)
+        losses.append(all_mean(step_loss(batch, cfg.temperature)(reps)[0].item(), device))
     return sum(losses) / max(len(losses), 1)
 
 
@@ -296,7 +289,7 @@ def latest_checkpoint(out: str) -> str | None:
     return os.path.join(folder, steps[-1]) if steps else None
 
 
-def save_checkpoint(out, step, backbone, optimizer, scheduler, stream, cfg, tokenizer, rank):
+def save_checkpoint(out, step, backbone, optimizer, scheduler, data_state, cfg, tokenizer, rank):
     """Rank 0 writes checkpoints/step_N.tmp, then renames it: a crash mid-save leaves the
     previous checkpoint as the latest. ZeRO shards are gathered to rank 0 first."""
     if hasattr(optimizer, "consolidate_state_dict"):
@@ -307,7 +300,7 @@ def save_checkpoint(out, step, backbone, optimizer, scheduler, stream, cfg, toke
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         torch.save(dict(step=step, model=backbone.state_dict(), optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), data=stream.state_dict(),
+                        scheduler=scheduler.state_dict(), data=data_state,
                         rng=torch.get_rng_state(), config=dataclasses.asdict(cfg)),
                    os.path.join(tmp, "state.pt"))
         tokenizer.save_pretrained(tmp)
@@ -319,35 +312,13 @@ def save_checkpoint(out, step, backbone, optimizer, scheduler, stream, cfg, toke
 
 
 # ---------------------------------------------------------------------------- main
-RELEASED_TUPLES = 5_933_988  # rows of the released F2LLM training set (62 sources)
-
-
-def dry_run(cfg: Config, world: int) -> None:
-    """Plan a run of a real size without weights: parameters, batch arithmetic, memory."""
-    world = (cfg.nproc or world) * cfg.nodes
-    check_config(cfg, world)
-    config = M.qwen3_config(cfg.size)
-    params = sum(p.numel() for p in M.meta_backbone(config).parameters())
-    b = cfg.batch_size // world
-    seqs = b * (2 + max(D.K_BY_TYPE.values()))
-    train_rows = RELEASED_TUPLES - int(RELEASED_TUPLES * cfg.val_fraction)
-    per_epoch = train_rows // cfg.batch_size  # at most one partial batch per source is dropped
-    steps = cfg.steps or cfg.epochs * per_epoch
-    print(f"backbone {cfg.model}: {params:,} parameters without LM head, embedding dim "
-          f"{config.hidden_size}, {config.num_hidden_layers} layers")
-    print(f"world {world} = {cfg.nodes} node(s) x {world // cfg.nodes} GPUs; batch {cfg.batch_size} "
-          f"queries/step = {b} per rank; up to {seqs} sequences per rank per step "
-          f"(b x (2 + k), k = 7) in {math.ceil(seqs / cfg.chunk_size)} chunks of {cfg.chunk_size}")
-    print(f"data: {RELEASED_TUPLES:,} tuples, {cfg.val_fraction:.0%} held out -> about {per_epoch:,} "
-          f"steps per epoch, {steps:,} steps in total ({cfg.epochs} epochs)")
-    plan = M.memory_plan(config, world, cfg.chunk_size, cfg.max_length, seqs, cfg.shard_optimizer)
-    print(f"memory per GPU (chunk of {cfg.chunk_size} x {cfg.max_length} tokens):")
-    for name, nbytes in plan.items():
-        if name not in ("total", "activations_per_layer"):
-            print(f"  {name:24s} {nbytes / 2**30:7.2f} GiB")
-    # 4 GiB of an 80 GB card stay free for the CUDA context, NCCL buffers and fragmentation
-    verdict = "fits" if plan["total"] < 76 * 2**30 else "does NOT fit; lower --chunk-size"
-    print(f"  {'total':24s} {plan['total'] / 2**30:7.2f} GiB of 76 usable on an 80 GB GPU: {verdict}")
+def dry_run(cfg: Config, world: int) -> dict:
+    """Plan a run of a real size without weights (plan.py): parameters, batch arithmetic,
+    FLOPs, memory per GPU at the chunk's token budget."""
+    check_config(cfg, (cfg.nproc or world) * cfg.nodes)
+    return plan.dry_run(cfg.size, cfg.model, cfg.nproc or world, cfg.nodes, cfg.batch_size, cfg.epochs,
+                        cfg.steps, cfg.val_fraction, cfg.chunk_tokens, cfg.max_length,
+                        shard_optimizer=cfg.shard_optimizer, as_json=cfg.json)
 
 
 def main(argv=None):
@@ -383,8 +354,9 @@ def main(argv=None):
         say(f"  {s.name:32s} {s.task_type:14s} k={s.k} train={len(s.train_rows)} val={len(s.val_rows)}")
     seqs = b * (2 + max(s.k for s in sources))
     say(f"batch: {cfg.batch_size} queries/step = {world} ranks x {b}; per rank up to {seqs} "
-        f"sequences (b x (2 + k)) in {math.ceil(seqs / cfg.chunk_size)} chunks of <= {cfg.chunk_size}; "
-        f"{total_steps} steps ({total_steps / stream.batches_per_epoch:.2f} epochs)")
+        f"sequences (b x (2 + k)) in packed chunks of <= {cfg.chunk_tokens} tokens"
+        + (f" and <= {cfg.chunk_size} sequences" if cfg.chunk_size else "")
+        + f"; {total_steps} steps ({total_steps / stream.batches_per_epoch:.2f} epochs)")
 
     # --- run folder
     os.makedirs(cfg.out, exist_ok=True)
@@ -396,7 +368,9 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     attn = M.attention_implementation(device)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    say(f"model: {cfg.model}, attention {attn}, {'bf16 autocast, fp32 master weights' if bf16 else 'fp32'}")
+    kernel = M.varlen_kernel(device)
+    say(f"model: {cfg.model}, attention {attn}" + (f" (packed rows, {kernel})" if kernel else
+        " (packed rows, block-diagonal masks)") + f", {'bf16 autocast, fp32 master weights' if bf16 else 'fp32'}")
     if cfg.model == "tiny":
         tok_dir = os.path.join(cfg.out, "tokenizer")
         if rank == 0 and not os.path.isdir(tok_dir):
@@ -409,12 +383,7 @@ def main(argv=None):
         backbone, tokenizer = M.load_backbone(cfg.model, attn)
     backbone.to(device).train()
     say(f"model: {sum(p.numel() for p in backbone.parameters()):,} parameters, dim {backbone.config.hidden_size}")
-    # gradient_as_bucket_view: the gradients live in DDP's buckets, saving one model-sized copy
-    # broadcast_buffers=False: Qwen3's only buffer (rotary frequencies) is a constant, and a
-    # broadcast per forward would be one collective per chunk (ranks may differ in chunks)
-    ddp = DDP(backbone, device_ids=[device.index] if device.type == "cuda" else None,
-              gradient_as_bucket_view=True, broadcast_buffers=False) if world > 1 else None
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    ddp = wrap_ddp(backbone, device) if world > 1 else None
 
     # --- optimizer and schedule
     opt_args = dict(lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
@@ -450,12 +419,20 @@ def main(argv=None):
         with open(metrics_path, "w") as f:
             f.writelines(keep)
 
-    # --- the loop
-    bad_steps, warned_truncation = 0, False
+    # --- the loop; the next batch is drawn and tokenized in a thread while a step computes
+    def draw():
+        batch = next(stream).shard(rank, world)
+        return batch, *batch_sequences(batch, tokenizer, cfg.max_length)
+    prefetch = ThreadPoolExecutor(max_workers=1)
+    pending = prefetch.submit(draw)
+    bad_steps, warned_truncation, t_start, step_start = 0, False, time.time(), step
     while step < total_steps:
         t0 = time.time()
-        batch = next(stream).shard(rank, world)
-        m = cached_step(backbone, ddp, batch, tokenizer, cfg, device, autocast)
+        batch, seqs, truncated = pending.result()
+        data_state = stream.state_dict()  # after this batch: what a checkpoint of this step resumes from
+        pending = prefetch.submit(draw)
+        m = cached_step(backbone, seqs, step_loss(batch, cfg.temperature), cfg.chunk_tokens, bf16, ddp,
+                        cfg.chunk_size)
         grad_norm = torch.nn.utils.clip_grad_norm_(backbone.parameters(), cfg.grad_clip).item()
         if m["finite"] and math.isfinite(grad_norm):
             optimizer.step()
@@ -469,26 +446,31 @@ def main(argv=None):
                                  f"lower --lr, check the data, or resume from an earlier checkpoint")
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        if m["truncated"] and not warned_truncation:
+        if truncated and not warned_truncation:
             say(f"note: texts longer than --max-length {cfg.max_length} are cut to {cfg.max_length - 1} "
                 f"tokens + EOS; metrics.jsonl counts them per step ('truncated')")
             warned_truncation = True
         dt = time.time() - t0
-        record = dict(step=step, loss=all_mean(m["loss"], device), hard=all_mean(m["hard"], device),
-                      in_batch=all_mean(m["in_batch"], device), source=batch.source,
+        hard, in_batch = m["terms"]
+        record = dict(step=step, loss=all_mean(m["loss"], device), hard=all_mean(hard, device),
+                      in_batch=all_mean(in_batch, device), source=batch.source,
                       lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
-                      seq_per_s=m["sequences"] * world / dt, real_tokens=m["real_tokens"],
-                      padded_tokens=m["padded_tokens"], truncated=m["truncated"], time=dt)
+                      seq_per_s=m["sequences"] * world / dt, tokens_per_s=m["real_tokens"] * world / dt,
+                      real_tokens=m["real_tokens"], computed_tokens=m["computed_tokens"], chunks=m["chunks"],
+                      truncated=truncated, time=dt)
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
-            record["val_loss"] = validate(backbone, val_batches, rank, world, tokenizer, cfg, device, autocast)
+            record["val_loss"] = validate(backbone, val_batches, rank, world, tokenizer, cfg, device, bf16)
+        eta = (time.time() - t_start) / (step - step_start) * (total_steps - step)
         say(f"step {step}/{total_steps} | loss {record['loss']:.4f} (hard {record['hard']:.4f}, "
             f"in-batch {record['in_batch']:.4f}) | lr {record['lr']:.2e} | grad {grad_norm:.3f} | "
-            f"{record['seq_per_s']:.0f} seq/s" + (f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""))
+            f"{dt:.2f}s, {record['tokens_per_s']:,.0f} tok/s, {m['chunks']} chunks | eta {eta / 60:.0f} min"
+            + (f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""))
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
-            save_checkpoint(cfg.out, step, backbone, optimizer, scheduler, stream, cfg, tokenizer, rank)
+            save_checkpoint(cfg.out, step, backbone, optimizer, scheduler, data_state, cfg, tokenizer, rank)
+    prefetch.shutdown(cancel_futures=True)
 
     # --- final export (rank 0; written to a temporary name, then moved into place)
     if rank == 0:

@@ -1,5 +1,6 @@
 """I1 world-size independence and I7 matching collectives, with real torch.distributed:
 2 gloo processes on CPU under torchrun."""
+import json
 import os
 import subprocess
 import sys
@@ -20,11 +21,12 @@ def torchrun(*args, nproc=2, timeout=300):
     return proc
 
 
-def test_two_ranks_give_the_one_process_gradients(tmp_path, tokenizer_dir, demo_dir):
-    """One step, batch 8: world=2 (b=4 each) == world=1 (b=8), retrieval and clustering."""
+def test_I1_two_ranks_give_the_one_process_gradients_with_one_allreduce_per_step(tmp_path, tokenizer_dir, demo_dir):
+    """One step, batch 8: world=2 (b=4 each, several packed chunks) == world=1 (b=8, one chunk),
+    retrieval and clustering. DESIGN §4: one all-reduce per step (per bucket), not per chunk."""
     worker = os.path.join(HERE, "dist_worker.py")
-    torchrun(worker, tokenizer_dir, demo_dir, str(tmp_path / "w2.pt"), "8", "5", nproc=2)
-    torchrun(worker, tokenizer_dir, demo_dir, str(tmp_path / "w1.pt"), "8", "100", nproc=0)
+    torchrun(worker, tokenizer_dir, demo_dir, str(tmp_path / "w2.pt"), "8", "120", nproc=2)
+    torchrun(worker, tokenizer_dir, demo_dir, str(tmp_path / "w1.pt"), "8", "100000", nproc=0)
     two, one = torch.load(tmp_path / "w2.pt"), torch.load(tmp_path / "w1.pt")
     for task_type in ("retrieval", "clustering"):
         assert two["losses"][task_type] == pytest.approx(one["losses"][task_type], rel=1e-5)
@@ -32,3 +34,14 @@ def test_two_ranks_give_the_one_process_gradients(tmp_path, tokenizer_dir, demo_
             assert g.abs().sum() > 0, name
             torch.testing.assert_close(two["grads"][task_type][name], g, rtol=1e-4, atol=1e-6,
                                        msg=lambda m: f"{task_type} {name}: {m}")
+
+    # one gradient all-reduce per DDP bucket per step, however many chunks pass 2 runs: each
+    # bucket once, and together exactly the model's gradient elements (a per-chunk all-reduce
+    # would send chunks x as many). DDP's first step runs on one initial bucket; it then
+    # rebuilds them by bucket_cap_mb, so the second step (clustering) has several.
+    for rank in (0, 1):
+        for task_type, c in json.load(open(f"{tmp_path / 'w2.pt'}.rank{rank}.json")).items():
+            assert c["chunks"] >= 3, c
+            assert c["allreduces"] == c["buckets"], (rank, task_type, c)
+            assert c["elements"] == c["parameters"], (rank, task_type, c)
+            assert task_type == "retrieval" or c["buckets"] >= 2, c

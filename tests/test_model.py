@@ -51,3 +51,60 @@ def test_encode_keeps_input_order(tokenizer, backbone):
     for i, t in enumerate(texts):
         torch.testing.assert_close(out[i], M.encode(backbone, tokenizer, [t])[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(3))
+
+
+def test_make_chunks_first_fit_within_budget_and_count():
+    lengths = [5, 1, 9, 3, 7, 2, 2]
+    assert M.make_chunks(lengths, 12) == [[2, 3], [4, 0], [5, 6, 1]]  # first fit, longest first
+    for budget in (1, 6, 10, 100):
+        for cap in (0, 2):
+            chunks = M.make_chunks(lengths, budget, cap)
+            assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
+            assert all(len(c) == 1 or sum(lengths[i] for i in c) <= budget for c in chunks)
+            assert not cap or all(len(c) <= cap for c in chunks)
+
+
+def _varlen_reference(backbone):
+    """The same weights behind model.packed_attention (its CPU path: one sdpa per sequence)."""
+    import copy
+    M.AttentionInterface.register(M.VARLEN, M.packed_attention)
+    net = copy.deepcopy(backbone)
+    net.set_attn_implementation(M.VARLEN)
+    assert M.uses_varlen(net) and not M.uses_varlen(backbone)
+    return net
+
+
+def test_packed_sequences_pool_their_own_eos_and_match_padded(tokenizer, backbone):
+    """I3 for packed chunks: each sequence pools its own EOS; packed rows (sdpa, block-diagonal
+    masks) and one varlen row give each sequence's unpacked embedding to 1e-5 in fp32."""
+    texts = ["a long sentence about the economy and markets " * 3, "hi", "the match ended",
+             "shares fell sharply today on news of the merger", "ok"]
+    seqs, _ = M.tokenize(tokenizer, texts, 64)
+    single = torch.cat([M.embed(backbone, torch.tensor([s]), torch.tensor([len(s)])) for s in seqs])
+    varlen = _varlen_reference(backbone)
+    for net, one_row in ((backbone, False), (varlen, True)):
+        packed = M.pack(seqs, one_row)
+        flat = packed.input_ids.flatten()
+        assert flat[packed.last].tolist() == [tokenizer.eos_token_id] * len(seqs)
+        if not one_row:  # rows as wide as the longest sequence, short ones sharing a row
+            assert packed.input_ids.shape == (2, max(len(s) for s in seqs))
+        if one_row:
+            assert packed.computed_tokens == sum(len(s) for s in seqs)
+            assert packed.cu_seqlens.diff().tolist() == sorted((len(s) for s in seqs), reverse=True)
+        torch.testing.assert_close(M.embed_packed(net, packed), single, atol=1e-5, rtol=1e-5)
+    # attention that crossed sequences would change every sequence but the first of a row
+    ids, pos = M.pack(seqs, True).input_ids, torch.arange(sum(len(s) for s in seqs))[None]
+    leaky = M.F.normalize(backbone(input_ids=ids, position_ids=pos).last_hidden_state[0, M.pack(seqs, True).last], dim=-1)
+    assert (leaky - single).abs().max() > 1e-2
+
+
+def test_no_kv_cache_in_training_forwards(tokenizer, backbone):
+    seqs, _ = M.tokenize(tokenizer, ["one text", "another text"], 32)
+    packed = M.pack(seqs, False)
+    seen = []
+    hook = backbone.register_forward_hook(lambda mod, args, kwargs, out: seen.append(out), with_kwargs=True)
+    M.embed_packed(backbone, packed)
+    M.embed(backbone, *M.pad(seqs, 0))
+    hook.remove()
+    assert backbone.config.use_cache  # Qwen3's default: a forward would build a cache unless told
+    assert [out.past_key_values for out in seen] == [None, None]

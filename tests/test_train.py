@@ -1,6 +1,6 @@
 """train.py: I2 chunk-size independence, the tiny recipe end to end, the schedule, and bad
 command lines that fail before any model is loaded and write nothing."""
-import contextlib
+import collections
 import json
 import math
 import os
@@ -9,43 +9,100 @@ import pytest
 import torch
 
 import data as D
+import model as M
 import train
 
 
-def _grads(backbone, tokenizer, batch, chunk_size):
-    cfg = train.Config(chunk_size=chunk_size, max_length=128)
-    m = train.cached_step(backbone, None, batch, tokenizer, cfg, torch.device("cpu"), contextlib.nullcontext)
-    grads = {n: p.grad.clone() for n, p in backbone.named_parameters()}
-    backbone.zero_grad(set_to_none=True)
+def _grads(net, seqs, loss_fn, chunk_tokens, bf16=False):
+    m = train.cached_step(net, seqs, loss_fn, chunk_tokens, bf16)
+    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad(set_to_none=True)
     return m, grads
 
 
-@pytest.mark.parametrize("task_type", ["retrieval", "classification"])
-def test_chunk_size_does_not_change_gradients(backbone, tokenizer, demo_dir, task_type):
-    """I2: chunks of 1, 3 and everything-in-one give the same gradients, and the same as a
-    plain forward/backward of the whole batch without caching."""
-    stream = D.BatchStream(D.load_sources(demo_dir), 6, seed=0)
+def _close(grads, reference, what):
+    for name, g in reference.items():
+        # float32 rounding, relative to the tensor's scale; a wrong chunk gives O(1)
+        assert (grads[name] - g).abs().max() <= 1e-4 * g.abs().max(), f"{what}: {name}"
+
+
+def _rank_batch(demo_dir, tokenizer, task_type, size=6, max_length=128):
+    stream = D.BatchStream(D.load_sources(demo_dir), size, seed=0)
     batch = next(b for b in stream if b.task_type == task_type)
-    results = {c: _grads(backbone, tokenizer, batch, c) for c in (1, 3, 10_000)}
-    # reference: one ordinary forward with grad through the model, no cache
-    seqs, _ = train.batch_sequences(batch, tokenizer, 128)
-    ids, lengths = train.M.pad(seqs, tokenizer.pad_token_id)
-    loss = train.batch_loss(train.M.embed(backbone, ids, lengths), batch, 0.05)[0]
+    return batch, train.batch_sequences(batch, tokenizer, max_length)[0]
+
+
+@pytest.mark.parametrize("task_type", ["retrieval", "classification"])
+def test_chunk_tokens_do_not_change_gradients(backbone, tokenizer, demo_dir, task_type):
+    """I2: packed chunks of one sequence each, of a few hundred tokens and of everything give
+    the same loss and gradients as one plain padded forward/backward of the whole batch."""
+    batch, seqs = _rank_batch(demo_dir, tokenizer, task_type)
+    loss_fn = train.step_loss(batch, 0.05)
+    results = {c: _grads(backbone, seqs, loss_fn, c) for c in (1, 300, 10**6)}
+    ids, lengths = M.pad(seqs, tokenizer.pad_token_id)
+    loss = loss_fn(M.embed(backbone, ids, lengths))[0]
     loss.backward()
     direct = {n: p.grad.clone() for n, p in backbone.named_parameters()}
+    assert [results[c][0]["chunks"] for c in (1, 10**6)] == [len(seqs), 1]
+    assert 1 < results[300][0]["chunks"] < len(seqs)
     for c, (m, grads) in results.items():
         assert m["loss"] == pytest.approx(loss.item(), rel=1e-5)
-        for name, g in direct.items():
-            # float32 rounding, relative to the tensor's scale; a wrong chunk gives O(1)
-            assert (grads[name] - g).abs().max() <= 1e-4 * g.abs().max(), f"C={c} {name}"
-    # length-sorted chunks pad less than one padded batch
-    assert results[3][0]["padded_tokens"] < len(seqs) * max(len(s) for s in seqs)
-    assert results[1][0]["padded_tokens"] == results[1][0]["real_tokens"]
+        _close(grads, direct, f"chunk_tokens={c}")
+    # packed rows compute no more than one padded batch; one sequence per chunk, exactly its tokens
+    assert results[10**6][0]["computed_tokens"] <= ids.numel()
+    assert results[1][0]["computed_tokens"] == results[1][0]["real_tokens"] == int(lengths.sum())
 
 
-def test_chunks_are_length_sorted():
-    seqs = [[1] * n for n in (5, 1, 9, 3, 7)]
-    assert train.make_chunks(seqs, 2) == [[2, 4], [0, 3], [1]]
+def test_I2_under_dropout_pass_2_replays_pass_1_masks(tokenizer, demo_dir):
+    """I2 with attention dropout 0.1 (Qwen3's only dropout): the cached step's gradients equal
+    one uncached forward and backward that draws the same masks (the same chunks in the same
+    order from the same RNG state). Without the RNG replay in pass 2, they do not."""
+    torch.manual_seed(0)
+    config = M.tiny_config(len(tokenizer))
+    config.attention_dropout = 0.1
+    backbone = M.AutoModel.from_config(config, attn_implementation="sdpa").train()
+    assert [k for k, v in config.to_dict().items() if "dropout" in k and v] == ["attention_dropout"]
+    batch, seqs = _rank_batch(demo_dir, tokenizer, "retrieval", max_length=48)
+    loss_fn, chunk_tokens = train.step_loss(batch, 0.05), 200
+    torch.manual_seed(1)
+    m, grads = _grads(backbone, seqs, loss_fn, chunk_tokens)
+    assert m["chunks"] > 2
+    # the reference: the step's chunks, forward WITH grad in order, one loss, one backward
+    torch.manual_seed(1)
+    reps = torch.empty(len(seqs), config.hidden_size)
+    for rows in M.make_chunks([len(s) for s in seqs], chunk_tokens):
+        reps = reps.index_put((torch.tensor(rows),), M.embed_packed(backbone, M.pack([seqs[i] for i in rows], False)))
+    loss = loss_fn(reps)[0]
+    loss.backward()
+    direct = {n: p.grad.clone() for n, p in backbone.named_parameters()}
+    backbone.zero_grad(set_to_none=True)
+    assert m["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    _close(grads, direct, "dropout 0.1")
+    torch.manual_seed(1)
+    _, without = _grads(backbone, seqs, loss_fn, 10**6)  # dropout on: a different draw differs
+    assert any((without[n] - g).abs().max() > 1e-2 * g.abs().max() for n, g in direct.items())
+
+
+def test_one_bf16_cast_per_weight_per_pass(backbone, tokenizer, demo_dir):
+    """Under bf16 autocast, the step casts each weight to bf16 once per pass (2 per step),
+    not once per chunk: autocast's cache lives as long as its outermost region."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    params = {p.untyped_storage().data_ptr(): n for n, p in backbone.named_parameters()}
+    casts = collections.Counter()
+
+    class CountCasts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and out.dtype == torch.bfloat16 \
+                    and args[0].untyped_storage().data_ptr() in params:
+                casts[params[args[0].untyped_storage().data_ptr()]] += 1
+            return out
+    batch, seqs = _rank_batch(demo_dir, tokenizer, "retrieval")
+    with CountCasts():
+        m = train.cached_step(backbone, seqs, train.step_loss(batch, 0.05), 300, bf16=True)
+    assert m["chunks"] >= 4
+    assert casts and max(casts.values()) == 2, casts.most_common(3)
 
 
 def test_lr_schedule_warmup_cosine_floor():
@@ -85,7 +142,7 @@ def test_tiny_recipe_end_to_end(trained_run):
     (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag"),
     (["--size", "7b"], "invalid choice: '7b'"),
     (["--batch-sz", "8"], "unrecognized arguments: --batch-sz"),  # no prefix matching
-    (["--chunk-size", "0"], "--chunk-size must be positive"),
+    (["--chunk-tokens", "0"], "--chunk-tokens must be positive"),
     (["--data", "/nonexistent/folder"], "--data /nonexistent/folder: no such folder"),
     (["--resume"], "--resume: no checkpoint in"),
 ])
@@ -108,13 +165,3 @@ def test_bad_data_folder_fails_before_model_and_writes_nothing(tmp_path):
 def test_batch_size_must_divide_over_ranks():
     with pytest.raises(SystemExit, match="--batch-size 9 is not divisible by the world size 2"):
         train.check_config(train.Config(batch_size=9, chunk_size=4, lr=1e-3, max_length=32), world=2)
-
-
-def test_token_cap_bounds_chunks_and_count_cap_still_applies():
-    seqs = [[1] * n for n in (5, 1, 9, 3, 7, 2, 2)]
-    assert train.make_chunks(seqs, 10, 12) == [[2], [4], [0, 3], [5, 6, 1]]
-    assert train.make_chunks(seqs, 2, 12) == [[2], [4], [0, 3], [5, 6], [1]]
-    for cap in (1, 6, 10, 100):
-        chunks = train.make_chunks(seqs, 100, cap)
-        assert sorted(i for c in chunks for i in c) == list(range(len(seqs)))
-        assert all(len(c) == 1 or len(c) * len(seqs[c[0]]) <= cap for c in chunks)
