@@ -29,8 +29,10 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 
 import mteb
+import torch
 from datasets import Dataset, DatasetDict
 from mteb.abstasks.classification import AbsTaskClassification
 from mteb.abstasks.clustering import AbsTaskClustering
@@ -228,10 +230,20 @@ def claim_results_folder(folder: str, identity: dict, overwrite: bool) -> None:
 
 
 # ---------------------------------------------------------------------------- model
-def load_f2llm(path: str, name: str, revision: str, dim: int, max_length: int):
+def model_kwargs(dtype: str) -> dict:
+    """What the backbone loads with: bf16 and flash attention (when installed) on CUDA by
+    default, fp32 and sdpa on a CPU. `dtype` auto | bf16 | fp32."""
+    cuda = torch.cuda.is_available()
+    bf16 = dtype == "bf16" or (dtype == "auto" and cuda)
+    flash = cuda and importlib.util.find_spec("flash_attn") is not None
+    return dict(dtype=torch.bfloat16 if bf16 else torch.float32,
+                attn_implementation="flash_attention_2" if flash and bf16 else "sdpa")
+
+
+def load_f2llm(path: str, name: str, revision: str, dim: int, max_length: int, dtype: str = "auto"):
     """mteb's own F2LLM loader on a local export, with F2LLM's loader arguments."""
     meta = mteb.get_model_meta(PROTOCOL_MODEL)
-    kwargs = dict(meta.loader_kwargs, max_seq_length=max_length)
+    kwargs = dict(meta.loader_kwargs, max_seq_length=max_length, model_kwargs=model_kwargs(dtype))
     model = meta.loader(path, revision=None, **kwargs)
     model.model.encode = encode_each_text_once(model.model.encode)
     # results are filed under this name and revision, never under the published model's
@@ -242,15 +254,23 @@ def load_f2llm(path: str, name: str, revision: str, dim: int, max_length: int):
     return model
 
 
+ENCODED = {"texts": 0, "seconds": 0.0}  # what the wrapped encoders did, for the texts/s line
+
+
 def encode_each_text_once(encode):
     """Wrap SentenceTransformer.encode so repeated texts are embedded once: an STS set pairs
-    a few documents many times (Lee: 50 documents in 1,225 pairs). Same vectors, less work."""
+    a few documents many times (Lee: 50 documents in 1,225 pairs). Same vectors, less work.
+    Counts the texts embedded and the time taken (ENCODED)."""
     def wrapped(sentences, **kwargs):
         unique = list(dict.fromkeys(sentences)) if all(isinstance(s, str) for s in sentences) else sentences
+        t0 = time.perf_counter()
+        out = encode(unique, **kwargs)
+        ENCODED["texts"] += len(unique)
+        ENCODED["seconds"] += time.perf_counter() - t0
         if len(unique) == len(sentences):
-            return encode(sentences, **kwargs)
+            return out
         position = {text: i for i, text in enumerate(unique)}
-        return encode(unique, **kwargs)[[position[s] for s in sentences]]
+        return out[[position[s] for s in sentences]]
     return wrapped
 
 
@@ -332,6 +352,8 @@ def parse_args(argv=None):
     p.add_argument("--results", help="results folder (default: results/<checkpoint>)")
     p.add_argument("--overwrite", action="store_true", help="replace results of another checkpoint")
     p.add_argument("--baseline", action="store_true", help="also score the run's untrained starting point")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="weights and compute of a local checkpoint (auto: bf16 + flash attention on CUDA, fp32 on CPU)")
     args = p.parse_args(argv)
     for flag in ("batch_size", "max_length"):
         if getattr(args, flag) < 1:
@@ -355,7 +377,8 @@ def main(argv=None) -> dict:
 
     cache = os.path.join(results, "mteb")
     if ckpt["path"]:
-        model = load_f2llm(ckpt["path"], ckpt["name"], ckpt["revision"], ckpt["dim"], args.max_length)
+        model = load_f2llm(ckpt["path"], ckpt["name"], ckpt["revision"], ckpt["dim"], args.max_length, args.dtype)
+        print(f"model: {model_kwargs(args.dtype)}")
     else:  # a published model: its mteb ModelMeta loads it exactly as for the leaderboard
         default = args.max_length == ckpt["meta"].loader_kwargs.get("max_seq_length")
         try:
@@ -364,10 +387,14 @@ def main(argv=None) -> dict:
             raise SystemExit(f"evaluate.py: error: {ckpt['name']} could not be loaded from the "
                              f"Hugging Face hub or its cache ({e}); it needs network access once")
     columns = {"score": run_tasks(model, tasks, cache, args.batch_size)}
+    if ENCODED["seconds"]:
+        print(f"encoded {ENCODED['texts']:,} texts in {ENCODED['seconds']:.1f} s: "
+              f"{ENCODED['texts'] / ENCODED['seconds']:,.0f} texts/s")
     if args.baseline:
         with tempfile.TemporaryDirectory() as tmp:
             path = untrained_export(ckpt["path"], cfg, os.path.join(tmp, "untrained"), args.max_length)
-            model = load_f2llm(path, ckpt["name"] + "-untrained", "untrained", ckpt["dim"], args.max_length)
+            model = load_f2llm(path, ckpt["name"] + "-untrained", "untrained", ckpt["dim"], args.max_length,
+                               args.dtype)
             columns["untrained"] = run_tasks(model, tasks, cache, args.batch_size)
     # the paper's column for this size; all F2LLM sizes, for reference, when it is no paper size
     for col in [ckpt["paper"]] if ckpt["paper"] else [c for c in paper_scores(None) if c.startswith("F2LLM")]:

@@ -206,19 +206,37 @@ def embed(backbone, input_ids: torch.Tensor, lengths: torch.Tensor, side: str = 
 
 
 # ---------------------------------------------------------------------------- packed chunks
-def make_chunks(lengths: list[int], chunk_tokens: int, chunk_size: int = 0) -> list[list[int]]:
-    """Sequence ids -> chunks of at most chunk_tokens real tokens (a longer sequence gets a
-    chunk of its own) and, if chunk_size > 0, at most chunk_size sequences: first-fit, longest
-    first, so chunks come out nearly full. Packed, a chunk computes its real tokens only."""
-    chunks, room = [], []  # sequence ids per chunk, free tokens per chunk
+def first_fit(lengths: list[int], capacity: int, most: int = 0) -> list[list[int]]:
+    """Ids -> bins of total length <= capacity (a longer item gets a bin of its own) and at
+    most `most` items (0 = any): first fit, longest first, so bins come out nearly full."""
+    bins, room = [], []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        c = next((c for c, free in enumerate(room) if free >= lengths[i]
-                  and not (chunk_size and len(chunks[c]) >= chunk_size)), None)
-        if c is None:
-            chunks.append([]), room.append(max(chunk_tokens, lengths[i]))
-            c = len(chunks) - 1
-        chunks[c].append(i)
-        room[c] -= lengths[i]
+        b = next((b for b, free in enumerate(room) if free >= lengths[i]
+                  and not (most and len(bins[b]) >= most)), None)
+        if b is None:
+            bins.append([]), room.append(max(capacity, lengths[i]))
+            b = len(bins) - 1
+        bins[b].append(i)
+        room[b] -= lengths[i]
+    return bins
+
+
+def make_chunks(lengths: list[int], chunk_tokens: int, chunk_size: int = 0, width: int | None = None):
+    """Sequence ids -> chunks of at most chunk_tokens computed tokens (a longer sequence gets a
+    chunk of its own) and, if chunk_size > 0, at most chunk_size sequences.
+    width None (varlen, one row per chunk): sequences first-fit into chunks, no padding.
+    width W (sdpa rows): sequences first-fit into rows of W tokens over the whole batch, so
+    short sequences fill the rows of long ones; then runs of rows form the chunks."""
+    if width is None:
+        return first_fit(lengths, chunk_tokens, chunk_size)
+    chunks, tokens = [], 0
+    for row in first_fit(lengths, width, chunk_size):
+        if chunks and tokens + width <= chunk_tokens and not (chunk_size and len(chunks[-1]) + len(row) > chunk_size):
+            chunks[-1] += row
+            tokens += width
+        else:
+            chunks.append(list(row))
+            tokens = width
     return chunks
 
 
@@ -241,13 +259,14 @@ class Packed:
         return self.input_ids.numel()
 
 
-def pack(seqs: list[list[int]], one_row: bool, pin: bool = False) -> Packed:
-    """Id lists -> Packed. one_row (varlen attention): one row of all tokens, no padding.
-    Otherwise (sdpa): rows as wide as the longest sequence, filled first-fit longest first,
-    each row's tail padded by a dummy sequence that nothing pools."""
+def pack(seqs: list[list[int]], width: int | None = None, pin: bool = False) -> Packed:
+    """Id lists -> Packed. width None (varlen attention): one row of all tokens, no padding.
+    width W (sdpa): rows of W tokens (at least the longest sequence), filled first-fit longest
+    first, each row's tail padded by a dummy sequence that nothing pools."""
     lengths = [len(s) for s in seqs]
-    width = sum(lengths) if one_row else max(lengths)
-    rows = make_chunks(lengths, width)  # sequence ids per row
+    one_row = width is None
+    width = sum(lengths) if one_row else max(width, *lengths)
+    rows = first_fit(lengths, width)  # sequence ids per row
     ids, positions, last = [], [], [0] * len(seqs)
     for members in rows:
         for i in members:
@@ -288,6 +307,12 @@ def uses_varlen(backbone) -> bool:
     return backbone.config._attn_implementation == VARLEN
 
 
+def row_width(backbone, seqs: list[list[int]]) -> int | None:
+    """The packing width for this backbone: None (one varlen row per chunk) or, for sdpa, the
+    longest sequence of the batch (rows shared by long and short sequences)."""
+    return None if uses_varlen(backbone) else max(len(s) for s in seqs)
+
+
 @torch.no_grad()
 def encode(backbone, tokenizer, texts: list[str], batch_size: int = 32, max_length: int = 8192,
            device=None, chunk_tokens: int = 16384) -> torch.Tensor:
@@ -296,8 +321,9 @@ def encode(backbone, tokenizer, texts: list[str], batch_size: int = 32, max_leng
     device = device or next(backbone.parameters()).device
     ids, _ = tokenize(tokenizer, texts, max_length)
     out = torch.empty(len(ids), backbone.config.hidden_size)
-    for rows in make_chunks([len(x) for x in ids], chunk_tokens, batch_size):
-        packed = pack([ids[i] for i in rows], uses_varlen(backbone)).to(device)
+    width = row_width(backbone, ids)
+    for rows in make_chunks([len(x) for x in ids], chunk_tokens, batch_size, width):
+        packed = pack([ids[i] for i in rows], width).to(device)
         out[rows] = embed_packed(backbone, packed).cpu()
     return out
 

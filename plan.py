@@ -196,7 +196,7 @@ def dry_run(size: str, model: str, world_per_node: int, nodes: int, batch_size: 
     rng = np.random.default_rng(0)
     batches = [length_mix(rng, b, k, max_length) for _ in range(20)]  # 20 rank-steps of the mix
     tokens_per_rank = float(np.mean([sum(x) for x in batches]))
-    chunks = max(len(M.make_chunks(x, chunk_tokens)) for x in batches)
+    chunks = max(len(M.make_chunks(x, chunk_tokens)) for x in batches)  # one varlen row per chunk (CUDA)
     plan = memory_plan(config, world, chunk_tokens, seqs, shard_optimizer)
     flops_step = flops_per_token(config) * tokens_per_rank * world
     days = steps * flops_step / (world * H100_BF16_FLOPS * mfu) / 86400

@@ -1,20 +1,20 @@
-"""bench.py measures what it claims: the token-budget chunker and length-sorted chunks change
-no gradient (I2), the baseline "official step" computes the same loss and gradients as ours,
-and the pairs-only loss is sentence-transformers' CachedMultipleNegativesRankingLoss."""
+"""bench.py measures what it claims: its baselines (the official padded step, the count-chunk
+step) compute the same loss and gradients as train.cached_step, the pairs-only loss is
+sentence-transformers' CachedMultipleNegativesRankingLoss, and the cast counter counts."""
 import pytest
 import torch
 
 import bench
-import data as D
 import model as M
-import train
 
-CFG = train.Config(chunk_size=3, max_length=64)  # short texts keep the tests fast
+MAX_LENGTH = 64  # short texts keep the tests fast
 
 
-def _batch(demo_dir, task_type, size=4):
-    stream = D.BatchStream(D.load_sources(demo_dir), size, seed=0)
-    return next(b for b in stream if b.task_type == task_type)
+@pytest.fixture()
+def batch(tokenizer):
+    """A retrieval batch of 4 queries, k = 7, texts cut from BBC News to the length mix."""
+    pool = bench.text_pool(tokenizer, n_articles=60)
+    return bench.make_batch(pool, tokenizer, 4, 7, MAX_LENGTH, seed=0)
 
 
 def _grads_of(net, step):
@@ -30,68 +30,60 @@ def _assert_same_grads(grads, reference, what):
         assert (grads[name] - g).abs().max() <= 1e-4 * g.abs().max(), f"{what}: {name}"
 
 
-def test_token_chunks_are_sorted_within_budget_and_cover_every_sequence():
-    seqs = [[1] * n for n in (5, 1, 9, 3, 7, 2, 2)]
-    chunks = bench.make_chunks_by_tokens(seqs, 12)
-    # longest first; a sequence over the budget alone; then as many as fit len * longest <= 12
-    assert chunks == [[2], [4], [0, 3], [5, 6, 1]]
-    for budget in (1, 6, 10, 100):
-        chunks = bench.make_chunks_by_tokens(seqs, budget)
-        assert sorted(i for c in chunks for i in c) == list(range(len(seqs)))
-        flat = [len(seqs[i]) for c in chunks for i in c]
-        assert flat == sorted(flat, reverse=True)
-        for c, nxt in zip(chunks, chunks[1:] + [None]):
-            longest = len(seqs[c[0]])
-            assert len(c) == 1 or len(c) * longest <= budget
-            if nxt:  # greedy: the next sequence would not have fitted
-                assert (len(c) + 1) * longest > budget
-
-
-def test_chunking_changes_no_gradient(backbone, tokenizer, demo_dir):
-    """I2 for both chunkers the bench measures: length-sorted chunks of C and token budgets
-    (down to one sequence per chunk) give the gradients of one plain forward of the batch."""
-    batch = _batch(demo_dir, "retrieval")  # hard and in-batch terms both present
-    seqs, _ = train.batch_sequences(batch, tokenizer, CFG.max_length)
-    ids, lengths = M.pad(seqs, tokenizer.pad_token_id)
-    direct_loss, direct = _grads_of(backbone, lambda: train.batch_loss(
-        M.embed(backbone, ids, lengths), batch, CFG.temperature)[0].backward())
-    longest = max(len(s) for s in seqs)
-    for max_tokens in (0, 1, 3 * longest):  # 0 = train.make_chunks with C = 3
-        m, grads = _grads_of(backbone, lambda: bench.ours_step(backbone, batch, tokenizer, CFG, max_tokens))
-        _assert_same_grads(grads, direct, f"max_tokens={max_tokens}")
-        assert m["real_tokens"] <= m["padded_tokens"] <= len(seqs) * longest
-    assert bench.make_chunks_by_tokens(seqs, 1) == train.make_chunks(seqs, 1)  # same length order
-
-
-def test_official_step_computes_our_loss_and_gradients(backbone, tokenizer, demo_dir):
-    """The baseline is the same math: one padded forward with activation checkpointing gives
-    our loss and gradients, and computes S x longest tokens."""
-    batch = _batch(demo_dir, "retrieval")
+def test_baselines_compute_our_loss_and_gradients(backbone, tokenizer, batch):
+    """The official step (one padded forward, activation checkpointing) and the count-chunk
+    step are the same math as ours; they only compute more tokens."""
+    seqs, loss_fn = bench.tokenized(batch, tokenizer, MAX_LENGTH)
+    assert len(seqs) == 4 * 9
     official = bench.checkpointed(backbone)
     assert all(layer.gradient_checkpointing for layer in official.layers)
-    ours, grads = _grads_of(backbone, lambda: bench.ours_step(backbone, batch, tokenizer, CFG))
-    base, base_grads = _grads_of(official, lambda: bench.official_step(official, batch, tokenizer, CFG))
-    assert base["loss"] == pytest.approx(ours["loss"], rel=1e-5)
-    assert base["in_batch"] == pytest.approx(ours["in_batch"], rel=1e-5) and base["in_batch"] > 0
-    _assert_same_grads(base_grads, grads, "official vs ours")
-    seqs, _ = train.batch_sequences(batch, tokenizer, CFG.max_length)
-    assert base["padded_tokens"] == len(seqs) * max(len(s) for s in seqs)
-    assert base["real_tokens"] == ours["real_tokens"] and ours["padded_tokens"] < base["padded_tokens"]
+    ours, grads = _grads_of(backbone, lambda: bench.ours_step(backbone, seqs, loss_fn, 200))
+    count, count_grads = _grads_of(backbone, lambda: bench.count_chunk_step(backbone, seqs, loss_fn, 3, 0))
+    base, base_grads = _grads_of(official, lambda: bench.official_step(official, seqs, loss_fn, 0))
+    assert ours["chunks"] > 1 and count["chunks"] == 12
+    for name, m, g in (("official", base, base_grads), ("count chunks", count, count_grads)):
+        assert m["loss"] == pytest.approx(ours["loss"], rel=1e-5)
+        _assert_same_grads(g, grads, f"{name} vs ours")
+    real = sum(len(s) for s in seqs)
+    assert ours["real_tokens"] == base["real_tokens"] == count["real_tokens"] == real
+    assert base["computed_tokens"] == len(seqs) * max(len(s) for s in seqs)
+    assert real <= ours["computed_tokens"] < base["computed_tokens"]
+    assert real <= count["computed_tokens"] < base["computed_tokens"]
 
 
-def test_pairs_loss_is_sentence_transformers_cached_mnrl(backbone, tokenizer, demo_dir, tmp_path):
-    """Comparison 4 compares like with like: our step with the pairs-only loss gives the loss
-    of CachedMultipleNegativesRankingLoss(scale=20) on the export of the same weights."""
+def test_weight_casts_counts_one_per_pass_for_ours_and_per_chunk_before(backbone, tokenizer, batch):
+    seqs, loss_fn = bench.tokenized(batch, tokenizer, MAX_LENGTH)
+    assert bench.weight_casts(backbone, lambda: bench.ours_step(backbone, seqs, loss_fn, 200, bf16=True)) == 2
+    count = bench.weight_casts(backbone, lambda: bench.count_chunk_step(backbone, seqs, loss_fn, 6, 0, bf16=True))
+    assert count == 2 * 6  # two passes of 36 / 6 chunks, a cast per chunk
+
+
+def test_pairs_loss_is_sentence_transformers_cached_mnrl(backbone, tokenizer, batch, tmp_path):
+    """Comparison 5 compares like with like: our step with k = 0 (in-batch loss only) gives the
+    loss of CachedMultipleNegativesRankingLoss(scale=20) on the export of the same weights."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
-    batch = _batch(demo_dir, "retrieval")
-    pairs = D.Batch(batch.source, batch.task_type, batch.queries, batch.positives, [[] for _ in batch.queries])
-    M.save_export(backbone, tokenizer, str(tmp_path / "export"), max_length=CFG.max_length)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "batch_loss", bench.in_batch_only_loss)
-        ours = bench.ours_step(backbone, pairs, tokenizer, CFG)["loss"]
+    pairs = bench.Texts(batch.queries, batch.positives, [[] for _ in batch.queries])
+    M.save_export(backbone, tokenizer, str(tmp_path / "export"), max_length=MAX_LENGTH)
+    seqs, loss_fn = bench.tokenized(pairs, tokenizer, MAX_LENGTH)
+    ours = bench.ours_step(backbone, seqs, loss_fn, 100)["loss"]
     st = SentenceTransformer(str(tmp_path / "export"), device="cpu")
-    loss_fn = CachedMultipleNegativesRankingLoss(st, scale=1 / CFG.temperature, mini_batch_size=3)
+    st_loss = CachedMultipleNegativesRankingLoss(st, scale=20.0, mini_batch_size=3)
     with torch.no_grad():
-        theirs = loss_fn([st.preprocess(pairs.queries), st.preprocess(pairs.positives)], None).item()
+        theirs = st_loss([st.preprocess(pairs.queries), st.preprocess(pairs.positives)], None).item()
     assert theirs == pytest.approx(ours, rel=1e-5)
+
+
+def test_goals_read_the_measurements():
+    """Each goal's `met` follows its value: a change in a measurement moves the verdict."""
+    spread = lambda x: dict(median=x, min=x, max=x, n=1)  # noqa: E731
+    r = dict(steps=dict(speedup=dict(ours=spread(5.0)), tokens_per_s=dict(ours=spread(2.0), count=spread(1.0)),
+                        weight_casts_per_step=dict(ours=2)),
+             sentence_transformers=dict(time_ratio=spread(0.9), loss_ours=1.0, loss_st=1.0),
+             memory_growth=dict(ours=1.1), paper_batch_efficiency=dict(rows=spread(0.99)),
+             encode=dict(speedup=spread(1.2)))
+    assert all(g["met"] for g in bench.goals(r).values())
+    r["steps"]["speedup"]["ours"] = spread(3.0)
+    r["sentence_transformers"]["loss_ours"] = 1.001
+    missed = {n for n, g in bench.goals(r).items() if not g["met"]}
+    assert missed == {"speedup_vs_official", "loss_diff_vs_st"}

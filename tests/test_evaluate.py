@@ -101,6 +101,21 @@ def test_retrieval_queries_carry_the_instruction_documents_nothing(export, task,
     assert documents == sorted(t + eos for t in texts)
 
 
+def test_bf16_embeddings_match_fp32(export):
+    """evaluate.py --dtype bf16 (the default on CUDA) embeds the local suite's texts as fp32
+    does: cosine > 0.999 for every text, through mteb's loader, and the weights really are bf16."""
+    texts = [a["headline"] for a in D.bbc_articles()[::50]] + [a["body"][:400] for a in D.bbc_articles()[1::50]]
+    emb = {}
+    for dtype in ("fp32", "bf16"):
+        wrapper = evaluate.load_f2llm(export, f"local/{dtype}", dtype, 64, 8192, dtype)
+        assert next(wrapper.model.parameters()).dtype == (torch.bfloat16 if dtype == "bf16" else torch.float32)
+        emb[dtype] = torch.as_tensor(wrapper.model.encode(texts, batch_size=16, convert_to_numpy=True)).float()
+    cos = torch.nn.functional.cosine_similarity(emb["bf16"], emb["fp32"], dim=-1)
+    assert len(texts) == 90 and cos.min() > 0.999, cos.min()
+    assert not torch.equal(emb["bf16"], emb["fp32"])
+    assert evaluate.model_kwargs("auto")["dtype"] == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+
+
 @pytest.mark.parametrize("task", ["STS12", "LeeSTS"])
 def test_symmetric_tasks_put_the_instruction_on_every_text(export, task):
     wrapper = evaluate.load_f2llm(export, "local/test", "test", 64, 8192)

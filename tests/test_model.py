@@ -56,12 +56,16 @@ def test_encode_keeps_input_order(tokenizer, backbone):
 def test_make_chunks_first_fit_within_budget_and_count():
     lengths = [5, 1, 9, 3, 7, 2, 2]
     assert M.make_chunks(lengths, 12) == [[2, 3], [4, 0], [5, 6, 1]]  # first fit, longest first
+    # sdpa rows of width 9 over the whole batch, then runs of rows: [2], [4, 5], [0, 3, 1], [6]
+    assert M.make_chunks(lengths, 18, width=9) == [[2, 4, 5], [0, 3, 1, 6]]
     for budget in (1, 6, 10, 100):
         for cap in (0, 2):
-            chunks = M.make_chunks(lengths, budget, cap)
-            assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
-            assert all(len(c) == 1 or sum(lengths[i] for i in c) <= budget for c in chunks)
-            assert not cap or all(len(c) <= cap for c in chunks)
+            for width in (None, 9):
+                chunks = M.make_chunks(lengths, budget, cap, width)
+                assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
+                computed = [M.pack([[0] * lengths[i] for i in c], width).computed_tokens for c in chunks]
+                assert all(len(c) == 1 or n <= max(budget, width or 0) for c, n in zip(chunks, computed))
+                assert not cap or all(len(c) <= cap for c in chunks)
 
 
 def _varlen_reference(backbone):
@@ -82,25 +86,29 @@ def test_packed_sequences_pool_their_own_eos_and_match_padded(tokenizer, backbon
     seqs, _ = M.tokenize(tokenizer, texts, 64)
     single = torch.cat([M.embed(backbone, torch.tensor([s]), torch.tensor([len(s)])) for s in seqs])
     varlen = _varlen_reference(backbone)
-    for net, one_row in ((backbone, False), (varlen, True)):
-        packed = M.pack(seqs, one_row)
+    longest = max(len(s) for s in seqs)
+    for net, width in ((backbone, longest), (varlen, None)):
+        one_row = width is None
+        packed = M.pack(seqs, width)
         flat = packed.input_ids.flatten()
         assert flat[packed.last].tolist() == [tokenizer.eos_token_id] * len(seqs)
         if not one_row:  # rows as wide as the longest sequence, short ones sharing a row
-            assert packed.input_ids.shape == (2, max(len(s) for s in seqs))
+            assert packed.input_ids.shape == (2, longest)
         if one_row:
             assert packed.computed_tokens == sum(len(s) for s in seqs)
             assert packed.cu_seqlens.diff().tolist() == sorted((len(s) for s in seqs), reverse=True)
         torch.testing.assert_close(M.embed_packed(net, packed), single, atol=1e-5, rtol=1e-5)
     # attention that crossed sequences would change every sequence but the first of a row
-    ids, pos = M.pack(seqs, True).input_ids, torch.arange(sum(len(s) for s in seqs))[None]
-    leaky = M.F.normalize(backbone(input_ids=ids, position_ids=pos).last_hidden_state[0, M.pack(seqs, True).last], dim=-1)
+    one_row = M.pack(seqs)
+    positions = torch.arange(one_row.computed_tokens)[None]  # no restart: attention crosses sequences
+    leaky = backbone(input_ids=one_row.input_ids, position_ids=positions).last_hidden_state[0, one_row.last]
+    leaky = M.F.normalize(leaky, dim=-1)
     assert (leaky - single).abs().max() > 1e-2
 
 
 def test_no_kv_cache_in_training_forwards(tokenizer, backbone):
     seqs, _ = M.tokenize(tokenizer, ["one text", "another text"], 32)
-    packed = M.pack(seqs, False)
+    packed = M.pack(seqs, width=32)
     seen = []
     hook = backbone.register_forward_hook(lambda mod, args, kwargs, out: seen.append(out), with_kwargs=True)
     M.embed_packed(backbone, packed)
