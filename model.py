@@ -95,13 +95,15 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         if dropout:
             raise ValueError("attention dropout needs flash-attn (torch's varlen_attn has none); "
                              "pip install flash-attn or set attention_dropout to 0")
-        params = inspect.signature(native).parameters  # torch 2.11 and 2.13 spell causality apart
+        params = inspect.signature(native).parameters  # torch 2.10 says is_causal, later window_size
         extra = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+        if "scale" in params:  # else its default, 1 / sqrt(head_dim): Qwen3's scaling too
+            extra["scale"] = scaling
         if "enable_gqa" in params:
             extra["enable_gqa"] = True
         else:
             k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
-        out = native(q, k, v, cu, cu, longest, longest, scale=scaling, **extra)
+        out = native(q, k, v, cu, cu, longest, longest, **extra)
     else:
         bounds = cu.tolist()
         out = torch.cat([F.scaled_dot_product_attention(
