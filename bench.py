@@ -46,6 +46,7 @@ import data as D
 import model as M
 import plan
 import train
+from loss import TEMPERATURE, f2llm_loss
 
 CPU = torch.device("cpu")
 INSTRUCTION = D.DEMO_INSTRUCTIONS["bbc_headline_retrieval"]
@@ -203,7 +204,7 @@ def tokenized(batch: Texts, tokenizer, max_length: int):
     """A batch -> (its id lists [queries; positives; negatives], the recipe's loss of its reps)."""
     seqs, _ = M.tokenize(tokenizer, batch.queries + batch.positives + sum(batch.negatives, []), max_length)
     b, k = len(batch.queries), len(batch.negatives[0])
-    return seqs, lambda reps: train.batch_loss(reps, b, k, "retrieval", train.TEMPERATURE)
+    return seqs, lambda reps: f2llm_loss(reps, b, k, in_batch=True)
 
 
 def memory_probe(args):
@@ -300,7 +301,7 @@ def paper_batch_efficiency(args, batches: int = 20) -> dict:
 def bench_sentence_transformers(args, backbone, tokenizer, pool, st) -> dict:
     """A pairs-only batch: our step with the in-batch loss against CachedMNRL, C = mini-batch."""
     from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
-    st_loss = CachedMultipleNegativesRankingLoss(st, scale=1 / train.TEMPERATURE, mini_batch_size=args.chunk_size)
+    st_loss = CachedMultipleNegativesRankingLoss(st, scale=1 / TEMPERATURE, mini_batch_size=args.chunk_size)
     pairs = make_batch(pool, tokenizer, args.st_queries, 0, args.max_length, args.seed + 1)
     loss = {}
 

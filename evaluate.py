@@ -29,6 +29,7 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 import time
 
 import mteb
@@ -40,6 +41,7 @@ from mteb.abstasks.retrieval import AbsTaskRetrieval
 from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
 from mteb.abstasks.sts import AbsTaskSTS
 from mteb.abstasks.task_metadata import TaskMetadata
+from transformers import AutoTokenizer
 
 import data as D
 import model as M
@@ -167,7 +169,20 @@ def select_tasks(names: list[str] | None, benchmark: str) -> list:
     return tasks
 
 
-def resolve_checkpoint(ckpt: str) -> dict:
+@dataclass
+class Checkpoint:
+    """What evaluate.py scores: a local export (path set) or a model mteb knows (meta set)."""
+    name: str  # results are filed under this model name and revision
+    revision: str
+    slug: str  # the default results folder's name
+    identity: dict  # what the results folder is tied to (checkpoint.json)
+    paper: str | None  # the paper's column for this size, if it is one
+    path: str | None = None
+    dim: int | None = None
+    meta: object = None  # mteb ModelMeta of a published model
+
+
+def resolve_checkpoint(ckpt: str) -> Checkpoint:
     """A local export folder or a model mteb knows -> what to load, its identity, paper size."""
     if os.path.isdir(ckpt):
         missing = [f for f in ("config.json", "tokenizer_config.json") if not os.path.exists(os.path.join(ckpt, f))]
@@ -175,12 +190,12 @@ def resolve_checkpoint(ckpt: str) -> dict:
             raise SystemExit(f"evaluate.py: error: checkpoint {ckpt} lacks {', '.join(missing)}; pass the "
                              f"export folder that train.py writes (OUT/final), which holds the "
                              f"model, its tokenizer and the sentence-transformers config")
-        dim = json.load(open(os.path.join(ckpt, "config.json"))).get("hidden_size")
+        dim = read_json(os.path.join(ckpt, "config.json")).get("hidden_size")
         digest = files_sha256(ckpt)
         slug = "-".join(os.path.abspath(ckpt).rstrip("/").split("/")[-2:])
-        return dict(path=ckpt, name=f"local/{slug}", revision=digest[:12], slug=slug, dim=dim,
-                    identity={"checkpoint": os.path.abspath(ckpt), "sha256": digest},
-                    paper=f"F2LLM-{SIZE_BY_DIM[dim]}" if dim in SIZE_BY_DIM else None)
+        return Checkpoint(name=f"local/{slug}", revision=digest[:12], slug=slug, path=ckpt, dim=dim,
+                          identity={"checkpoint": os.path.abspath(ckpt), "sha256": digest},
+                          paper=f"F2LLM-{SIZE_BY_DIM[dim]}" if dim in SIZE_BY_DIM else None)
     try:
         meta = mteb.get_model_meta(ckpt)
     except (KeyError, ValueError):
@@ -189,9 +204,14 @@ def resolve_checkpoint(ckpt: str) -> dict:
         raise SystemExit(f"evaluate.py: error: checkpoint {ckpt}: no such folder, and not a model "
                          f"mteb knows; pass OUT/final of a train.py run or e.g. {PROTOCOL_MODEL}")
     short = ckpt.split("/")[-1]
-    return dict(path=None, name=ckpt, revision=meta.revision, slug=ckpt.replace("/", "__"), meta=meta,
-                identity={"checkpoint": ckpt, "revision": meta.revision},
-                paper=short if short in paper_scores(None) else None)
+    return Checkpoint(name=ckpt, revision=meta.revision, slug=ckpt.replace("/", "__"), meta=meta,
+                      identity={"checkpoint": ckpt, "revision": meta.revision},
+                      paper=short if short in paper_columns() else None)
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
 
 
 def files_sha256(folder: str) -> str:
@@ -211,7 +231,7 @@ def claim_results_folder(folder: str, identity: dict, overwrite: bool) -> None:
     mix or re-use them); --overwrite removes only what this script wrote there."""
     marker = os.path.join(folder, "checkpoint.json")
     if os.path.exists(marker):
-        previous = json.load(open(marker))
+        previous = read_json(marker)
         if previous != identity and not overwrite:
             raise SystemExit(f"evaluate.py: error: --results {folder} holds results of another "
                              f"checkpoint or max length ({previous}); pass --overwrite to replace "
@@ -280,12 +300,12 @@ def run_config(ckpt: str) -> dict:
     if not os.path.exists(path):
         raise SystemExit(f"evaluate.py: error: --baseline needs the config.json of the train.py run "
                          f"beside {ckpt} ({path} not found)")
-    return json.load(open(path))
+    return read_json(path)
 
 
 def untrained_export(ckpt: str, cfg: dict, out: str, max_length: int) -> str:
     """The run's starting point, exported like OUT/final: the backbone before training."""
-    tokenizer = M.AutoTokenizer.from_pretrained(ckpt)
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
     if cfg.get("model") == "tiny":  # train.py builds it from the seed, as here
         backbone = M.tiny_backbone(tokenizer, seed=cfg["seed"])
     else:
@@ -304,12 +324,16 @@ def run_tasks(model, tasks, cache_dir: str, batch_size: int) -> dict:
 
 
 # ---------------------------------------------------------------------------- report
-def paper_scores(column: str | None) -> dict:
-    """column of mteb_eng_v2_scores.csv -> {task: score}; None -> the column names."""
-    rows = list(csv.DictReader(open(PAPER_SCORES)))
-    if column is None:
-        return {c: None for c in rows[0] if c not in ("task", "type")}
-    return {r["task"]: float(r[column]) for r in rows}
+def paper_columns() -> list[str]:
+    """The models of mteb_eng_v2_scores.csv (F2LLM-0.6B, ... and the other published ones)."""
+    with open(PAPER_SCORES, newline="") as f:
+        return [c for c in next(csv.reader(f)) if c not in ("task", "type")]
+
+
+def paper_scores(column: str) -> dict:
+    """A column of mteb_eng_v2_scores.csv -> {task: score}."""
+    with open(PAPER_SCORES, newline="") as f:
+        return {r["task"]: float(r[column]) for r in csv.DictReader(f)}
 
 
 def summarize(tasks, columns: dict[str, dict]) -> dict:
@@ -366,25 +390,25 @@ def main(argv=None) -> dict:
     # every check a user can fail comes before any model is loaded
     ckpt = resolve_checkpoint(args.checkpoint)
     tasks = select_tasks(args.tasks, args.benchmark)
-    if args.baseline and ckpt["path"] is None:
+    if args.baseline and ckpt.path is None:
         raise SystemExit("evaluate.py: error: --baseline needs a local checkpoint from a train.py run")
-    cfg = run_config(ckpt["path"]) if args.baseline else None
-    results = args.results or os.path.join("results", ckpt["slug"])
-    claim_results_folder(results, dict(ckpt["identity"], max_length=args.max_length), args.overwrite)
-    protocol = PROTOCOL_MODEL if ckpt["path"] else ckpt["name"]
+    cfg = run_config(ckpt.path) if args.baseline else None
+    results = args.results or os.path.join("results", ckpt.slug)
+    claim_results_folder(results, dict(ckpt.identity, max_length=args.max_length), args.overwrite)
+    protocol = PROTOCOL_MODEL if ckpt.path else ckpt.name
     print(f"evaluate: {args.checkpoint} on {len(tasks)} tasks with mteb {mteb.__version__}'s loader "
           f"for {protocol}, max length {args.max_length}; results in {results}")
 
     cache = os.path.join(results, "mteb")
-    if ckpt["path"]:
-        model = load_f2llm(ckpt["path"], ckpt["name"], ckpt["revision"], ckpt["dim"], args.max_length, args.dtype)
+    if ckpt.path:
+        model = load_f2llm(ckpt.path, ckpt.name, ckpt.revision, ckpt.dim, args.max_length, args.dtype)
         print(f"model: {model_kwargs(args.dtype)}")
     else:  # a published model: its mteb ModelMeta loads it exactly as for the leaderboard
-        default = args.max_length == ckpt["meta"].loader_kwargs.get("max_seq_length")
+        default = args.max_length == ckpt.meta.loader_kwargs.get("max_seq_length")
         try:
-            model = ckpt["meta"].load_model(**({} if default else {"max_seq_length": args.max_length}))
+            model = ckpt.meta.load_model(**({} if default else {"max_seq_length": args.max_length}))
         except OSError as e:
-            raise SystemExit(f"evaluate.py: error: {ckpt['name']} could not be loaded from the "
+            raise SystemExit(f"evaluate.py: error: {ckpt.name} could not be loaded from the "
                              f"Hugging Face hub or its cache ({e}); it needs network access once")
     columns = {"score": run_tasks(model, tasks, cache, args.batch_size)}
     if ENCODED["seconds"]:
@@ -392,17 +416,17 @@ def main(argv=None) -> dict:
               f"{ENCODED['texts'] / ENCODED['seconds']:,.0f} texts/s")
     if args.baseline:
         with tempfile.TemporaryDirectory() as tmp:
-            path = untrained_export(ckpt["path"], cfg, os.path.join(tmp, "untrained"), args.max_length)
-            model = load_f2llm(path, ckpt["name"] + "-untrained", "untrained", ckpt["dim"], args.max_length,
+            path = untrained_export(ckpt.path, cfg, os.path.join(tmp, "untrained"), args.max_length)
+            model = load_f2llm(path, ckpt.name + "-untrained", "untrained", ckpt.dim, args.max_length,
                                args.dtype)
             columns["untrained"] = run_tasks(model, tasks, cache, args.batch_size)
     # the paper's column for this size; all F2LLM sizes, for reference, when it is no paper size
-    for col in [ckpt["paper"]] if ckpt["paper"] else [c for c in paper_scores(None) if c.startswith("F2LLM")]:
+    for col in [ckpt.paper] if ckpt.paper else [c for c in paper_columns() if c.startswith("F2LLM")]:
         if all(t.metadata.name in paper_scores(col) for t in tasks):
             columns[f"paper {col}"] = paper_scores(col)
     summary = summarize(tasks, columns)
     print_table(summary, list(columns))
-    report = dict(checkpoint=args.checkpoint, identity=ckpt["identity"], benchmark=args.benchmark,
+    report = dict(checkpoint=args.checkpoint, identity=ckpt.identity, benchmark=args.benchmark,
                   protocol=dict(loader_of=protocol, mteb=mteb.__version__, max_length=args.max_length),
                   **summary)
     with open(os.path.join(results, "scores.json"), "w") as f:

@@ -29,6 +29,7 @@ import bench
 import model as M
 import plan
 import train
+from loss import TEMPERATURE, f2llm_loss
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}  # dense, per card
 OLD_CHUNK_SIZE = {"0.6b": 16, "1.7b": 8, "4b": 2}  # the sequences-per-chunk presets before packing
@@ -70,7 +71,7 @@ def batch_of(config, b, k, max_length, seed):
     lengths = plan.length_mix(np.random.default_rng(seed), b, k, max_length)
     rng = torch.Generator().manual_seed(seed)
     seqs = [torch.randint(0, config.vocab_size, (n,), generator=rng).tolist() for n in lengths]
-    return seqs, lambda reps: train.batch_loss(reps, b, k, "retrieval", train.TEMPERATURE)
+    return seqs, lambda reps: f2llm_loss(reps, b, k, in_batch=True)
 
 
 def host_syncs(device, fn) -> int | None:

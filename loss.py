@@ -4,6 +4,8 @@
   cross-entropy with the positive at index 0 (every task type).
 - `in_batch_loss`: each query against the positives of the WHOLE global batch, gathered
   from all ranks WITH gradient, its own positive as label (retrieval data only).
+- `f2llm_loss`: the recipe's total on one rank's reps [queries; positives; negatives]:
+  hard-negative (k >= 1) + in-batch (retrieval only).
 Embeddings come in L2-normalised, so q @ p is the cosine; logits are fp32 / temperature.
 Each loss is the mean over this rank's queries; DDP's gradient average over ranks then
 makes the gradient that of the mean over the global batch (DESIGN I1).
@@ -57,3 +59,14 @@ def in_batch_loss(query, positive, temperature: float = TEMPERATURE):
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     labels = rank * len(query) + torch.arange(len(query), device=query.device)
     return F.cross_entropy(logits, labels)
+
+
+def f2llm_loss(reps, b: int, k: int, in_batch: bool, temperature: float = TEMPERATURE):
+    """reps (S, D) = [b queries; b positives; b * k negatives, query by query] of this rank
+    -> (total, hard, in-batch). k = 0 (pairs only) has no hard term; in_batch is True for
+    retrieval data only (elsewhere other queries' positives would be false negatives)."""
+    query, positive = reps[:b], reps[b:2 * b]  # (b, D) each
+    zero = torch.zeros((), device=reps.device)
+    hard = hard_negative_loss(query, positive, reps[2 * b:].view(b, k, -1), temperature) if k else zero
+    in_batch_term = in_batch_loss(query, positive, temperature) if in_batch else zero
+    return hard + in_batch_term, hard, in_batch_term

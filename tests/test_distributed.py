@@ -40,7 +40,7 @@ def test_I1_two_ranks_give_the_one_process_gradients_with_one_allreduce_per_step
     # would send chunks x as many). DDP's first step runs on one initial bucket; it then
     # rebuilds them by bucket_cap_mb, so the second step (clustering) has several.
     for rank in (0, 1):
-        for task_type, c in json.load(open(f"{tmp_path / 'w2.pt'}.rank{rank}.json")).items():
+        for task_type, c in json.loads((tmp_path / f"w2.pt.rank{rank}.json").read_text()).items():
             assert c["chunks"] >= 3, c
             assert c["allreduces"] == c["buckets"], (rank, task_type, c)
             assert c["elements"] == c["parameters"], (rank, task_type, c)

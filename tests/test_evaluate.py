@@ -143,9 +143,9 @@ def local_run(export, tmp_path_factory):
 def test_local_suite_runs_offline_into_the_named_folder(local_run, export):
     report, results = local_run
     assert set(report["tasks"]) == set(evaluate.LOCAL_TASKS)
-    saved = json.load(open(results / "scores.json"))
+    saved = evaluate.read_json(results / "scores.json")
     assert saved["tasks"] == report["tasks"] and saved["identity"]["sha256"] == evaluate.files_sha256(export)
-    assert json.load(open(results / "checkpoint.json"))["checkpoint"] == os.path.abspath(export)
+    assert evaluate.read_json(results / "checkpoint.json")["checkpoint"] == os.path.abspath(export)
     # mteb's own result files: one per task for the trained and for the untrained model
     files = [f for _, _, fs in os.walk(results / "mteb") for f in fs if f.split(".")[0] in evaluate.LOCAL_TASKS]
     assert len(files) == 2 * len(evaluate.LOCAL_TASKS), files
@@ -175,8 +175,8 @@ def test_results_folder_is_not_reused_for_another_checkpoint(local_run, export, 
     assert (results / "scores.json").read_text() == before
     # --overwrite replaces them: nothing of the first checkpoint is left to be mistaken for its
     evaluate.main([other, "--tasks", "LeeSTS", "--results", str(results), "--overwrite"])
-    assert json.load(open(results / "checkpoint.json"))["checkpoint"] == os.path.abspath(other)
-    assert list(json.load(open(results / "scores.json"))["tasks"]) == ["LeeSTS"]
+    assert evaluate.read_json(results / "checkpoint.json")["checkpoint"] == os.path.abspath(other)
+    assert list(evaluate.read_json(results / "scores.json")["tasks"]) == ["LeeSTS"]
     left = [f for _, _, fs in os.walk(results / "mteb") for f in fs if f.split(".")[0] in evaluate.LOCAL_TASKS]
     assert left == ["LeeSTS.json"]
 
@@ -212,10 +212,10 @@ def test_bad_input_fails_before_any_model_is_loaded(argv, message, export, no_to
 def test_paper_columns_and_means(tmp_path):
     """The checkpoint's size picks the paper's column, and the means over the 41 tasks of
     mteb_eng_v2_scores.csv are the paper's headline numbers."""
-    assert evaluate.resolve_checkpoint("codefuse-ai/F2LLM-1.7B")["paper"] == "F2LLM-1.7B"
+    assert evaluate.resolve_checkpoint("codefuse-ai/F2LLM-1.7B").paper == "F2LLM-1.7B"
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 2560}))
     (tmp_path / "tokenizer_config.json").write_text("{}")
-    assert evaluate.resolve_checkpoint(str(tmp_path))["paper"] == "F2LLM-4B"
+    assert evaluate.resolve_checkpoint(str(tmp_path)).paper == "F2LLM-4B"
     tasks = evaluate.select_tasks(None, "MTEB(eng, v2)")
     assert len(tasks) == 41
     for column, headline in [("F2LLM-0.6B", 70.03), ("F2LLM-1.7B", 72.01), ("F2LLM-4B", 73.67)]:

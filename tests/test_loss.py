@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import data as D
-import train
-from loss import hard_negative_loss, in_batch_loss
+from loss import f2llm_loss, hard_negative_loss, in_batch_loss
 
 
 def _unit(*shape, dtype=torch.float32):
@@ -45,23 +44,19 @@ def test_logits_are_fp32_for_bf16_inputs():
     assert in_batch_loss(q, p).dtype == torch.float32
 
 
-def _batch(task_type, b=4, k=7):
-    return D.Batch("s", task_type, ["q"] * b, ["p"] * b, [["n"] * k] * b)
-
-
-def test_in_batch_negatives_only_for_retrieval():
+def test_total_is_hard_plus_in_batch_for_retrieval_only():
     torch.manual_seed(3)
     b, k, d = 4, 7, 8
     reps = _unit(b * (2 + k), d)
-    total, hard, in_batch = train.batch_loss(reps, _batch("retrieval", b, k), 0.05)
+    total, hard, in_batch = f2llm_loss(reps, b, k, in_batch=True)
     assert in_batch.item() > 0 and torch.allclose(total, hard + in_batch)
     assert torch.allclose(in_batch, in_batch_loss(reps[:b], reps[b:2 * b]))
+    assert torch.allclose(hard, hard_negative_loss(reps[:b], reps[b:2 * b], reps[2 * b:].view(b, k, d)))
     for task_type in ("clustering", "classification"):
         kk = D.K_BY_TYPE[task_type]
         reps = _unit(b * (2 + kk), d)
-        total, hard, in_batch = train.batch_loss(reps, _batch(task_type, b, kk), 0.05)
+        total, hard, in_batch = f2llm_loss(reps, b, kk, in_batch=task_type in D.IN_BATCH_TYPES)
         assert in_batch.item() == 0 and torch.equal(total, hard)
-
-
-def test_k_per_task_type():
-    assert D.K_BY_TYPE == {"retrieval": 7, "clustering": 7, "classification": 1}
+    # pairs only (k = 0): the in-batch term alone
+    total, hard, in_batch = f2llm_loss(reps[:2 * b], b, 0, in_batch=True)
+    assert hard.item() == 0 and torch.equal(total, in_batch)

@@ -140,4 +140,4 @@ def test_gpu_check_runs_its_code_path_on_cpu(tmp_path):
         assert all(t >= 0 for t in r["time_split_s"].values())
         assert r["packed_vs_padded_max_abs"] < 1e-5  # fp32 on a CPU
         assert ("old_step" in r) == (r["size"] != "4b")
-    assert json.load(open(tmp_path / "g.json"))["results"][0]["size"] == "0.6b"
+    assert json.loads((tmp_path / "g.json").read_text())["results"][0]["size"] == "0.6b"
