@@ -6,6 +6,9 @@
   from all ranks WITH gradient, its own positive as label (retrieval data only).
 - `f2llm_loss`: the recipe's total on one rank's reps [queries; positives; negatives]:
   hard-negative (k >= 1) + in-batch (retrieval only).
+- `matryoshka`: F2LLM v2's Matryoshka loss: a loss summed over nested prefixes of the reps.
+- gather="detached" reproduces the official code's in-batch gather, which carries no gradient:
+  on more than one process no positive gets an in-batch gradient, not even its own rank's.
 Embeddings come in L2-normalised, so q @ p is the cosine; logits are fp32 / temperature.
 Each loss is the mean over this rank's queries; DDP's gradient average over ranks then
 makes the gradient that of the mean over the global batch (DESIGN I1).
@@ -36,11 +39,23 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[dist.get_rank() * b: (dist.get_rank() + 1) * b]
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_detached(x: torch.Tensor) -> torch.Tensor:
+    """The official code's gather: (b, D) -> (world * b, D) with no gradient to any rank's rows
+    (its own included); with one process, x itself (gradient intact)."""
+    if not _distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    return torch.cat(parts)
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """(b, D) on each rank -> (world * b, D) = [rank 0 rows, rank 1 rows, ...]."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    return _GatherWithGrad.apply(x)
+    return _GatherWithGrad.apply(x) if _distributed() else x
 
 
 def hard_negative_loss(query, positive, negatives, temperature: float = TEMPERATURE):
@@ -51,22 +66,41 @@ def hard_negative_loss(query, positive, negatives, temperature: float = TEMPERAT
     return F.cross_entropy(logits, labels)
 
 
-def in_batch_loss(query, positive, temperature: float = TEMPERATURE):
+def in_batch_loss(query, positive, temperature: float = TEMPERATURE, gather: str = "autograd"):
     """query (b, D), positive (b, D) of this rank -> scalar. Candidates are the positives of
-    all ranks laid out [rank 0, rank 1, ...]; query i of rank r has label r * b + i."""
-    all_positives = gather_with_grad(positive.float())  # (world * b, D)
+    all ranks laid out [rank 0, rank 1, ...]; query i of rank r has label r * b + i.
+    gather: "autograd" (the recipe) or "detached" (the official code's, an ablation)."""
+    gathered = gather_with_grad if gather == "autograd" else gather_detached
+    all_positives = gathered(positive.float())  # (world * b, D)
     logits = query.float() @ all_positives.T / temperature  # (b, world * b)
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     labels = rank * len(query) + torch.arange(len(query), device=query.device)
     return F.cross_entropy(logits, labels)
 
 
-def f2llm_loss(reps, b: int, k: int, in_batch: bool, temperature: float = TEMPERATURE):
+def f2llm_loss(reps, b: int, k: int, in_batch: bool, temperature: float = TEMPERATURE,
+               gather: str = "autograd"):
     """reps (S, D) = [b queries; b positives; b * k negatives, query by query] of this rank
     -> (total, hard, in-batch). k = 0 (pairs only) has no hard term; in_batch is True for
     retrieval data only (elsewhere other queries' positives would be false negatives)."""
     query, positive = reps[:b], reps[b:2 * b]  # (b, D) each
     zero = torch.zeros((), device=reps.device)
     hard = hard_negative_loss(query, positive, reps[2 * b:].view(b, k, -1), temperature) if k else zero
-    in_batch_term = in_batch_loss(query, positive, temperature) if in_batch else zero
+    in_batch_term = in_batch_loss(query, positive, temperature, gather) if in_batch else zero
     return hard + in_batch_term, hard, in_batch_term
+
+
+def matryoshka_dims(dim: int) -> list[int]:
+    """F2LLM v2's nested dimensions, largest first: dim, then the powers of two below it down to 8."""
+    return [dim] + [2 ** i for i in range(dim.bit_length() - 1, 2, -1) if 2 ** i < dim]
+
+
+def matryoshka(loss_fn, reps, dims: list[int]):
+    """sum over dims (largest first, n = 1, 2, ...) of loss_fn(the first `dim` components of
+    reps, renormalised) / (n * sqrt(D / dim)), term by term: F2LLM v2's weighting. reps (S, D)."""
+    total = None
+    for n, dim in enumerate(dims, start=1):
+        weight = 1.0 / (n * (reps.shape[1] / dim) ** 0.5)
+        terms = loss_fn(F.normalize(reps[:, :dim], dim=-1))
+        total = [w * weight for w in terms] if total is None else [t + w * weight for t, w in zip(total, terms)]
+    return tuple(total)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import data as D
-from loss import f2llm_loss, hard_negative_loss, in_batch_loss
+from loss import f2llm_loss, hard_negative_loss, in_batch_loss, matryoshka, matryoshka_dims
 
 
 def _unit(*shape, dtype=torch.float32):
@@ -60,3 +60,31 @@ def test_total_is_hard_plus_in_batch_for_retrieval_only():
     # pairs only (k = 0): the in-batch term alone
     total, hard, in_batch = f2llm_loss(reps[:2 * b], b, 0, in_batch=True)
     assert hard.item() == 0 and torch.equal(total, in_batch)
+
+
+def _naive_f2llm(reps, b, k, t=0.05):
+    """The recipe's loss, one query at a time in plain Python."""
+    q, p, n = reps[:b], reps[b:2 * b], reps[2 * b:].view(b, k, -1)
+    hard = inb = 0.0
+    for i in range(b):
+        s = [float(q[i] @ p[i]) / t] + [float(q[i] @ n[i, j]) / t for j in range(k)]
+        hard += -s[0] + math.log(sum(math.exp(x) for x in s))
+        s = [float(q[i] @ p[j]) / t for j in range(b)]
+        inb += -s[i] + math.log(sum(math.exp(x) for x in s))
+    return hard / b + inb / b
+
+
+def test_matryoshka_matches_a_naive_loop():
+    """F2LLM v2's MRL: the loss on each nested prefix (renormalised), largest first, the n-th
+    weighted 1 / (n sqrt(D / dim)); dims are D and the powers of two below it down to 8."""
+    torch.manual_seed(4)
+    b, k, d = 3, 2, 48
+    reps = _unit(b * (2 + k), d)
+    dims = matryoshka_dims(d)
+    assert dims == [48, 32, 16, 8]
+    total = matryoshka(lambda r: f2llm_loss(r, b, k, in_batch=True), reps, dims)[0]
+    expected = sum(_naive_f2llm(F.normalize(reps[:, :m], dim=-1), b, k) / (n * math.sqrt(d / m))
+                   for n, m in enumerate(dims, start=1))
+    assert abs(total.item() - expected) < 1e-4
+    assert matryoshka(lambda r: f2llm_loss(r, b, k, True), reps, [d])[0].item() == \
+        f2llm_loss(reps, b, k, True)[0].item()  # one dim = the plain loss
