@@ -45,6 +45,7 @@ from transformers import AutoTokenizer
 
 import data as D
 import model as M
+from loss import matryoshka_dims
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAPER_SCORES = os.path.join(HERE, "mteb_eng_v2_scores.csv")
@@ -209,6 +210,19 @@ def resolve_checkpoint(ckpt: str) -> Checkpoint:
                       paper=short if short in paper_columns() else None)
 
 
+def check_dim(dim: int, ckpt: Checkpoint) -> None:
+    """--dim must fit the model; a dimension the run did not train with --mrl gets a warning."""
+    if not dim or ckpt.path is None:
+        return
+    if dim > ckpt.dim:
+        raise SystemExit(f"evaluate.py: error: --dim {dim} is larger than the model's dimension {ckpt.dim}")
+    config = os.path.join(os.path.dirname(os.path.abspath(ckpt.path)), "config.json")
+    trained = matryoshka_dims(ckpt.dim) if os.path.exists(config) and read_json(config).get("mrl") else [ckpt.dim]
+    if dim not in trained:
+        print(f"evaluate.py: warning: --dim {dim} is not a dimension this model was trained for "
+              f"({', '.join(map(str, trained))}; train with --mrl for nested dimensions)")
+
+
 def read_json(path: str):
     with open(path) as f:
         return json.load(f)
@@ -260,15 +274,18 @@ def model_kwargs(dtype: str) -> dict:
                 attn_implementation="flash_attention_2" if flash and bf16 else "sdpa")
 
 
-def load_f2llm(path: str, name: str, revision: str, dim: int, max_length: int, dtype: str = "auto"):
-    """mteb's own F2LLM loader on a local export, with F2LLM's loader arguments."""
+def load_f2llm(path: str, name: str, revision: str, dim: int, max_length: int, dtype: str = "auto",
+               truncate_dim: int | None = None):
+    """mteb's own F2LLM loader on a local export, with F2LLM's loader arguments; truncate_dim
+    keeps the first N components (sentence-transformers' own truncation; cosine renormalises)."""
     meta = mteb.get_model_meta(PROTOCOL_MODEL)
-    kwargs = dict(meta.loader_kwargs, max_seq_length=max_length, model_kwargs=model_kwargs(dtype))
+    kwargs = dict(meta.loader_kwargs, max_seq_length=max_length, model_kwargs=model_kwargs(dtype),
+                  embed_dim=truncate_dim)  # the wrapper hands it to SentenceTransformer(truncate_dim=)
     model = meta.loader(path, revision=None, **kwargs)
     model.model.encode = encode_each_text_once(model.model.encode)
     # results are filed under this name and revision, never under the published model's
     model.mteb_model_meta = meta.model_copy(update=dict(
-        name=name, revision=revision, embed_dim=dim, max_tokens=max_length, loader_kwargs=kwargs,
+        name=name, revision=revision, embed_dim=truncate_dim or dim, max_tokens=max_length, loader_kwargs=kwargs,
         n_parameters=None, n_embedding_parameters=None, memory_usage_mb=None, release_date=None,
         reference=None))
     return model
@@ -376,9 +393,13 @@ def parse_args(argv=None):
     p.add_argument("--results", help="results folder (default: results/<checkpoint>)")
     p.add_argument("--overwrite", action="store_true", help="replace results of another checkpoint")
     p.add_argument("--baseline", action="store_true", help="also score the run's untrained starting point")
+    p.add_argument("--dim", type=int, default=0,
+                   help="score the first N dimensions only (Matryoshka; 0 = all); named in the results")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="weights and compute of a local checkpoint (auto: bf16 + flash attention on CUDA, fp32 on CPU)")
     args = p.parse_args(argv)
+    if args.dim < 0:
+        p.error("--dim must be positive (0 = all dimensions)")
     for flag in ("batch_size", "max_length"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be positive")
@@ -393,20 +414,25 @@ def main(argv=None) -> dict:
     if args.baseline and ckpt.path is None:
         raise SystemExit("evaluate.py: error: --baseline needs a local checkpoint from a train.py run")
     cfg = run_config(ckpt.path) if args.baseline else None
-    results = args.results or os.path.join("results", ckpt.slug)
-    claim_results_folder(results, dict(ckpt.identity, max_length=args.max_length), args.overwrite)
+    check_dim(args.dim, ckpt)
+    dim_tag = f"-dim{args.dim}" if args.dim else ""
+    results = args.results or os.path.join("results", ckpt.slug + dim_tag)
+    identity = dict(ckpt.identity, max_length=args.max_length, **({"dim": args.dim} if args.dim else {}))
+    claim_results_folder(results, identity, args.overwrite)
     protocol = PROTOCOL_MODEL if ckpt.path else ckpt.name
     print(f"evaluate: {args.checkpoint} on {len(tasks)} tasks with mteb {mteb.__version__}'s loader "
           f"for {protocol}, max length {args.max_length}; results in {results}")
 
     cache = os.path.join(results, "mteb")
     if ckpt.path:
-        model = load_f2llm(ckpt.path, ckpt.name, ckpt.revision, ckpt.dim, args.max_length, args.dtype)
+        model = load_f2llm(ckpt.path, ckpt.name + dim_tag, ckpt.revision, ckpt.dim, args.max_length, args.dtype,
+                           args.dim or None)
         print(f"model: {model_kwargs(args.dtype)}")
     else:  # a published model: its mteb ModelMeta loads it exactly as for the leaderboard
         default = args.max_length == ckpt.meta.loader_kwargs.get("max_seq_length")
         try:
-            model = ckpt.meta.load_model(**({} if default else {"max_seq_length": args.max_length}))
+            model = ckpt.meta.load_model(**({} if default else {"max_seq_length": args.max_length}),
+                                         **({"embed_dim": args.dim} if args.dim else {}))
         except OSError as e:
             raise SystemExit(f"evaluate.py: error: {ckpt.name} could not be loaded from the "
                              f"Hugging Face hub or its cache ({e}); it needs network access once")
@@ -417,8 +443,8 @@ def main(argv=None) -> dict:
     if args.baseline:
         with tempfile.TemporaryDirectory() as tmp:
             path = untrained_export(ckpt.path, cfg, os.path.join(tmp, "untrained"), args.max_length)
-            model = load_f2llm(path, ckpt.name + "-untrained", "untrained", ckpt.dim, args.max_length,
-                               args.dtype)
+            model = load_f2llm(path, ckpt.name + "-untrained" + dim_tag, "untrained", ckpt.dim, args.max_length,
+                               args.dtype, args.dim or None)
             columns["untrained"] = run_tasks(model, tasks, cache, args.batch_size)
     # the paper's column for this size; all F2LLM sizes, for reference, when it is no paper size
     for col in [ckpt.paper] if ckpt.paper else [c for c in paper_columns() if c.startswith("F2LLM")]:
@@ -426,7 +452,7 @@ def main(argv=None) -> dict:
             columns[f"paper {col}"] = paper_scores(col)
     summary = summarize(tasks, columns)
     print_table(summary, list(columns))
-    report = dict(checkpoint=args.checkpoint, identity=ckpt.identity, benchmark=args.benchmark,
+    report = dict(checkpoint=args.checkpoint, identity=identity, benchmark=args.benchmark, dim=args.dim or ckpt.dim,
                   protocol=dict(loader_of=protocol, mteb=mteb.__version__, max_length=args.max_length),
                   **summary)
     with open(os.path.join(results, "scores.json"), "w") as f:

@@ -162,6 +162,25 @@ def train_tokenizer(texts, vocab_size: int = 4096) -> PreTrainedTokenizerFast:
                                    pad_token=PAD_TOKEN, add_eos_token=True)
 
 
+# LoRA (--lora-rank): peft adapters on every linear layer of the backbone; alpha = 2 x rank
+# (the usual scale), no adapter dropout (so pass 2 replays pass 1 exactly without RNG help).
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def add_lora(backbone, rank: int):
+    """backbone -> a peft model whose only trainable parameters are the rank-`rank` adapters."""
+    from peft import LoraConfig, get_peft_model
+    return get_peft_model(backbone, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                               target_modules=LORA_TARGETS))
+
+
+def unwrap(model):
+    """The plain Qwen3 backbone: adapters merged into the weights (a copy), or the model itself."""
+    if hasattr(model, "merge_and_unload"):
+        return copy.deepcopy(model).merge_and_unload()
+    return model
+
+
 # ---------------------------------------------------------------------------- tokens
 def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], int]:
     """Texts -> (id lists ending in EOS, at most max_length long; how many were cut)."""

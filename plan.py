@@ -64,12 +64,15 @@ def meta_backbone(config: Qwen3Config, dtype=torch.float32):
         return AutoModel.from_config(copy.deepcopy(config), dtype=dtype, attn_implementation="sdpa")
 
 
-def parameter_counts(config: Qwen3Config) -> dict:
-    """all, embedding, and `cast`: the weights autocast copies to bf16 (linear layers only)."""
+def parameter_counts(config: Qwen3Config, lora_rank: int = 0) -> dict:
+    """all, embedding, `cast` (the weights autocast copies to bf16: linear layers only) and
+    `lora` (the adapters of --lora-rank: r x (in + out) per targeted linear layer)."""
     net = meta_backbone(config)
-    linear = sum(m.weight.numel() for m in net.modules() if isinstance(m, torch.nn.Linear))
-    return dict(all=sum(p.numel() for p in net.parameters()),
-                embedding=net.embed_tokens.weight.numel(), cast=linear)
+    linears = [(name, m) for name, m in net.named_modules() if isinstance(m, torch.nn.Linear)]
+    lora = sum(lora_rank * (m.in_features + m.out_features) for name, m in linears
+               if name.split(".")[-1] in M.LORA_TARGETS)
+    return dict(all=sum(p.numel() for p in net.parameters()), embedding=net.embed_tokens.weight.numel(),
+                cast=sum(m.weight.numel() for _, m in linears), lora=lora)
 
 
 # ---------------------------------------------------------------------------- activations
@@ -99,13 +102,15 @@ def saved_bytes(backbone, tokens: int, bf16: bool = True) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _per_token(config_json: str, tokens: int) -> tuple[float, float]:
+def _per_token(config_json: str, tokens: int, lora_rank: int) -> tuple[float, float]:
     config = Qwen3Config.from_dict(json.loads(config_json))
     measured = []
     for layers in (1, 2):  # uninitialised real weights of one and two layers, a tiny vocabulary
         with torch.device("meta"):
             net = AutoModel.from_config(config_like(config, layers, vocab_size=64), attn_implementation="sdpa")
         net = net.to_empty(device="cpu").train()
+        if lora_rank:  # the adapters keep their own inputs for backward
+            net = M.add_lora(net, lora_rank)
         measured.append(saved_bytes(net, tokens))
         del net
     bf16, fp32 = ([m.get(dtype, 0) for m in measured] for dtype in (torch.bfloat16, torch.float32))
@@ -113,15 +118,15 @@ def _per_token(config_json: str, tokens: int) -> tuple[float, float]:
     return tuple((2 * x[0] - x[1] + (x[1] - x[0]) * config.num_hidden_layers) / tokens for x in (bf16, fp32))
 
 
-def activation_bytes_per_token(config: Qwen3Config, tokens: int = 24) -> tuple[float, float]:
+def activation_bytes_per_token(config: Qwen3Config, tokens: int = 24, lora_rank: int = 0) -> tuple[float, float]:
     """(bf16 bytes, fp32 bytes) that autograd keeps per token of a packed chunk, all layers.
     Linear in tokens once score tensors are left out, so a short row measures it."""
-    return _per_token(config.to_json_string(), tokens)
+    return _per_token(config.to_json_string(), tokens, lora_rank)
 
 
 # ---------------------------------------------------------------------------- the plan
 def memory_plan(config: Qwen3Config, world: int, chunk_tokens: int, sequences_per_rank: int,
-                shard_optimizer: bool = True) -> dict:
+                shard_optimizer: bool = True, lora_rank: int = 0) -> dict:
     """Per-GPU bytes of one cached step (bf16 autocast over fp32 master weights, DDP with
     gradients as bucket views, AdamW states sharded by ZeroRedundancyOptimizer), each once:
       weights_fp32            4 P
@@ -134,18 +139,23 @@ def memory_plan(config: Qwen3Config, world: int, chunk_tokens: int, sequences_pe
       embedding_grad          4 V D             (the dense fp32 gradient of the embedding,
                                                 built in the chunk's backward, then added)
       cached_reps             2 x 4 S D         (reps and their gradient)
+    With LoRA (lora_rank > 0) the frozen weights are kept in bf16 (2 P, never cast again) and
+    the gradients, AdamW states and fp32 copies are the adapters' A alone:
+      weights 2 P + 4 A, gradients 4 A, AdamW 8 A / world, bf16 copies 2 A; the activations
+      are measured with the adapters in place; the embedding is frozen (no embedding_grad).
     """
-    counts = parameter_counts(config)
-    p = counts["all"]
-    bf16, fp32 = activation_bytes_per_token(config)
+    counts = parameter_counts(config, lora_rank)
+    p, a = counts["all"], counts["lora"]
+    bf16, fp32 = activation_bytes_per_token(config, lora_rank=lora_rank)
+    trained = a if lora_rank else p
     plan = {
-        "weights_fp32": 4 * p,
-        "gradients_fp32": 4 * p,
-        "adamw_states": 8 * p // (world if shard_optimizer else 1),
-        "bf16_weight_copies": 2 * counts["cast"],
+        "weights_fp32": 2 * p + 4 * a if lora_rank else 4 * p,
+        "gradients_fp32": 4 * trained,
+        "adamw_states": 8 * trained // (world if shard_optimizer else 1),
+        "bf16_weight_copies": 2 * (a if lora_rank else counts["cast"]),
         "activations_bf16": int(bf16 * chunk_tokens),
         "activations_fp32": int(fp32 * chunk_tokens),
-        "embedding_grad": 4 * counts["embedding"],
+        "embedding_grad": 0 if lora_rank else 4 * counts["embedding"],
         "cached_reps": 2 * 4 * sequences_per_rank * config.hidden_size,
     }
     plan["total"] = sum(plan.values())
@@ -153,10 +163,11 @@ def memory_plan(config: Qwen3Config, world: int, chunk_tokens: int, sequences_pe
 
 
 def chunk_tokens_that_fit(config: Qwen3Config, world: int, sequences_per_rank: int,
-                          usable: int = USABLE_BYTES, step: int = 1024, most: int = 65536) -> int:
+                          usable: int = USABLE_BYTES, step: int = 1024, most: int = 65536,
+                          lora_rank: int = 0) -> int:
     """The largest multiple of `step` tokens (at most `most`) whose plan fits `usable` bytes."""
-    fixed = memory_plan(config, world, 0, sequences_per_rank)["total"]
-    bf16, fp32 = activation_bytes_per_token(config)
+    fixed = memory_plan(config, world, 0, sequences_per_rank, lora_rank=lora_rank)["total"]
+    bf16, fp32 = activation_bytes_per_token(config, lora_rank=lora_rank)
     return max(step, min(most, int((usable - fixed) / (bf16 + fp32)) // step * step))
 
 
@@ -184,7 +195,7 @@ def flops_per_token(config: Qwen3Config) -> float:
 # ---------------------------------------------------------------------------- the dry run
 def dry_run(size: str, model: str, world_per_node: int, nodes: int, batch_size: int, epochs: int,
             steps: int, val_fraction: float, chunk_tokens: int, max_length: int, k: int = 7,
-            shard_optimizer: bool = True, as_json: bool = False, mfu: float = 0.30) -> dict:
+            shard_optimizer: bool = True, as_json: bool = False, mfu: float = 0.30, lora_rank: int = 0) -> dict:
     world = world_per_node * nodes
     config = qwen3_config(size)
     counts = parameter_counts(config)
@@ -197,10 +208,11 @@ def dry_run(size: str, model: str, world_per_node: int, nodes: int, batch_size: 
     batches = [length_mix(rng, b, k, max_length) for _ in range(20)]  # 20 rank-steps of the mix
     tokens_per_rank = float(np.mean([sum(x) for x in batches]))
     chunks = max(len(M.make_chunks(x, chunk_tokens)) for x in batches)  # one varlen row per chunk (CUDA)
-    plan = memory_plan(config, world, chunk_tokens, seqs, shard_optimizer)
+    plan = memory_plan(config, world, chunk_tokens, seqs, shard_optimizer, lora_rank)
     flops_step = flops_per_token(config) * tokens_per_rank * world
     days = steps * flops_step / (world * H100_BF16_FLOPS * mfu) / 86400
-    report = dict(size=size, model=model, parameters=counts["all"], world=world, nodes=nodes,
+    report = dict(size=size, model=model, parameters=counts["all"], lora_rank=lora_rank,
+                  lora_parameters=parameter_counts(config, lora_rank)["lora"], world=world, nodes=nodes,
                   batch_size=batch_size, per_rank_queries=b, sequences_per_rank=seqs, steps=steps,
                   steps_per_epoch=per_epoch, real_tokens_per_rank_step=round(tokens_per_rank),
                   chunks_per_step=chunks, tokens_per_chunk=chunk_tokens, flops_per_step=flops_step,
@@ -211,7 +223,8 @@ def dry_run(size: str, model: str, world_per_node: int, nodes: int, batch_size: 
         return report
     gib = report["memory_gib"]
     print(f"backbone {model}: {counts['all']:,} parameters without LM head, embedding dim "
-          f"{config.hidden_size}, {config.num_hidden_layers} layers")
+          f"{config.hidden_size}, {config.num_hidden_layers} layers"
+          + (f"; LoRA rank {lora_rank}: {report['lora_parameters']:,} trained parameters" if lora_rank else ""))
     print(f"world {world} = {nodes} node(s) x {world_per_node} GPUs; batch {batch_size} queries/step = "
           f"{b} per rank; {seqs} sequences per rank per step (b x (2 + k), k = {k}), about "
           f"{tokens_per_rank:,.0f} real tokens on the length mix, in at most {chunks} packed chunks of "

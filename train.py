@@ -24,11 +24,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from transformers import AutoTokenizer
 
 import data as D
 import model as M
 import plan
-from loss import TEMPERATURE, hard_negative_loss, in_batch_loss
+from loss import TEMPERATURE, f2llm_loss, matryoshka, matryoshka_dims
 
 
 # ---------------------------------------------------------------------------- config
@@ -52,6 +53,11 @@ class Config:
     temperature: float = TEMPERATURE
     max_length: int = 0  # tokens per text including EOS; 0 = preset (1024)
     val_fraction: float = 0.01  # held out per source
+    mrl: bool = False  # F2LLM v2's Matryoshka loss over nested dims (loss.matryoshka_dims)
+    in_batch_gather: str = "autograd"  # autograd (the recipe) | detached (the official code's: no gradient)
+    lora_rank: int = 0  # LoRA adapters of this rank on every linear layer (peft); 0 = full finetuning
+    source_sampling: str = "official"  # official | remaining: how each batch's source is drawn (data.source_order)
+    token_cache: str = ""  # folder of the tokenized data (runs with one tokenizer share it); "" = OUT/token_cache
     eval_every: int = 500  # steps between validation losses; 0 = only at the end
     save_every: int = 1000  # steps between resumable checkpoints; 0 = only at the end
     keep_checkpoints: int = 2  # the newest N checkpoints are kept
@@ -75,7 +81,8 @@ TRAIN_PRESETS = {
 # Fields that change the math: resuming with a different value is an error.
 MATH_FIELDS = ["size", "model", "data", "batch_size", "lr", "min_lr", "warmup_steps",
                "weight_decay", "beta2", "grad_clip", "temperature", "max_length",
-               "val_fraction", "seed", "precision", "epochs", "steps"]
+               "val_fraction", "source_sampling", "seed", "precision", "epochs", "steps", "mrl",
+               "in_batch_gather", "lora_rank"]
 
 
 def parse_config(argv=None) -> Config:
@@ -110,6 +117,10 @@ def check_config(cfg: Config, world: int) -> None:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.max_length < 2:
         fail("--max-length must leave room for one token and the EOS")
+    if cfg.in_batch_gather not in ("autograd", "detached"):
+        fail(f"--in-batch-gather {cfg.in_batch_gather}: use autograd or detached")
+    if cfg.lora_rank < 0:
+        fail(f"--lora-rank must be >= 0 (0 = full finetuning), got {cfg.lora_rank}")
     if cfg.precision not in ("auto", "bf16", "fp32"):
         fail(f"--precision {cfg.precision}: use auto, bf16 or fp32")
     if cfg.data and not os.path.isdir(cfg.data):
@@ -198,29 +209,21 @@ def batch_sequences(batch: D.Batch, tokenizer, max_length: int):
     return M.tokenize(tokenizer, texts, max_length)
 
 
-def batch_loss(reps: torch.Tensor, b: int, k: int, task_type: str, temperature: float):
-    """reps (S, D) in [queries; positives; negatives] order -> (total, hard, in-batch).
-    k = 0 (pairs only) leaves the in-batch loss alone."""
-    query, positive, negatives = reps[:b], reps[b:2 * b], reps[2 * b:].view(b, k, -1)
-    zero = torch.zeros((), device=reps.device)
-    hard = hard_negative_loss(query, positive, negatives, temperature) if k else zero
-    in_batch = in_batch_loss(query, positive, temperature) if task_type in D.IN_BATCH_TYPES else zero
-    return hard + in_batch, hard, in_batch
-
-
 def cached_step(model, seqs: list[list[int]], loss_fn, chunk_tokens: int, bf16: bool = False,
-                ddp=None, chunk_size: int = 0) -> dict:
+                ddp=None, chunk_size: int = 0, clock=lambda phase: None) -> dict:
     """DESIGN §4: pass 1 (no grad) -> loss on cached reps -> pass 2 (grad, chunk by chunk).
 
     seqs: this rank's id lists; loss_fn(reps (S, D) fp32) -> (loss, *terms). Chunks hold at
     most chunk_tokens tokens, packed (model.pack). One autocast region per pass, so autocast
     casts each weight to bf16 once per pass, not once per chunk. Leaves in .grad the gradient
-    of the GLOBAL batch's loss (DDP averages over ranks at the last chunk: one all-reduce)."""
+    of the GLOBAL batch's loss (DDP averages over ranks at the last chunk: one all-reduce).
+    clock(phase) is called as each phase ends (gpu_check.py records CUDA events there)."""
     device = next(model.parameters()).device
-    chunks = M.make_chunks([len(s) for s in seqs], chunk_tokens, chunk_size)
-    packs = [M.pack([seqs[i] for i in rows], M.uses_varlen(model), pin=device.type == "cuda").to(device)
-             for rows in chunks]
-    rows = [torch.tensor(r).to(device, non_blocking=True) for r in chunks]
+    width = M.row_width(model, seqs)
+    chunks = M.make_chunks([len(s) for s in seqs], chunk_tokens, chunk_size, width)
+    packs = [M.pack([seqs[i] for i in c], width, pin=device.type == "cuda").to(device) for c in chunks]
+    pin = lambda t: t.pin_memory() if device.type == "cuda" else t  # noqa: E731  (async copies)
+    rows = [pin(torch.tensor(r)).to(device, non_blocking=True) for r in chunks]
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
     # 1. pass 1, no grad: cache the reps of all S sequences, and each chunk's RNG state
     reps = torch.empty(len(seqs), model.config.hidden_size, device=device)  # (S, D) fp32
@@ -229,10 +232,12 @@ def cached_step(model, seqs: list[list[int]], loss_fn, chunk_tokens: int, bf16: 
         for i, packed in enumerate(packs):
             states.append(rng_state(device))
             reps[rows[i]] = M.embed_packed(model, packed)
+    clock("pass 1")
     # 2. loss on the cached reps, in fp32: d loss / d reps, including other ranks' queries' terms
     reps.requires_grad_(True)
     loss, *terms = loss_fn(reps)
     loss.backward()
+    clock("loss")
     finite = all_mean(float(torch.isfinite(loss)), device) == 1.0  # the same on every rank
     # 3. pass 2, with grad: replay each chunk (same dropout masks) and push its reps' gradient
     #    into the weights; every chunk but the last inside no_sync, forward and backward
@@ -243,29 +248,36 @@ def cached_step(model, seqs: list[list[int]], loss_fn, chunk_tokens: int, bf16: 
                 sync = ddp is None or i == len(packs) - 1
                 with (contextlib.nullcontext() if sync else ddp.no_sync()), restored_rng(states[i], device):
                     (M.embed_packed(net, packed) * reps.grad[rows[i]]).sum().backward()
+    clock("pass 2")
     values = torch.stack([loss.detach(), *(t.detach() for t in terms)]).tolist()  # one host sync
     return dict(loss=values[0], terms=values[1:], finite=finite, chunks=len(packs), sequences=len(seqs),
                 real_tokens=sum(len(s) for s in seqs), computed_tokens=sum(p.computed_tokens for p in packs))
 
 
-def step_loss(batch: D.Batch, temperature: float):
-    """The recipe's loss of one rank's batch, as a function of its reps."""
+def step_loss(batch: D.Batch, temperature: float, mrl: bool = False, gather: str = "autograd"):
+    """The recipe's loss of one rank's batch, as a function of its reps (S, D): F2LLM's total,
+    or with mrl its Matryoshka sum over nested dims (both on the cached reps: no extra memory)."""
     b, k = len(batch.queries), len(batch.negatives[0]) if batch.negatives else 0
-    return lambda reps: batch_loss(reps, b, k, batch.task_type, temperature)
+
+    def loss_fn(reps):
+        return f2llm_loss(reps, b, k, batch.task_type in D.IN_BATCH_TYPES, temperature, gather)
+    return (lambda reps: matryoshka(loss_fn, reps, matryoshka_dims(reps.shape[1]))) if mrl else loss_fn
 
 
 @torch.no_grad()
-def validate(backbone, batches, rank, world, tokenizer, cfg, device, bf16) -> float:
+def validate(backbone, batches, rank, world, cfg, device, bf16) -> float:
     losses = []
     for global_batch in batches:
         batch = global_batch.shard(rank, world)
-        seqs, _ = batch_sequences(batch, tokenizer, cfg.max_length)
+        seqs = batch.sequences()
         reps = torch.empty(len(seqs), backbone.config.hidden_size, device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            for rows in M.make_chunks([len(s) for s in seqs], cfg.chunk_tokens, cfg.chunk_size):
-                packed = M.pack([seqs[i] for i in rows], M.uses_varlen(backbone)).to(device)
+            width = M.row_width(backbone, seqs)
+            for rows in M.make_chunks([len(s) for s in seqs], cfg.chunk_tokens, cfg.chunk_size, width):
+                packed = M.pack([seqs[i] for i in rows], width).to(device)
                 reps[rows] = M.embed_packed(backbone, packed)
-        losses.append(all_mean(step_loss(batch, cfg.temperature)(reps)[0].item(), device))
+        loss_fn = step_loss(batch, cfg.temperature, cfg.mrl, cfg.in_batch_gather)
+        losses.append(all_mean(loss_fn(reps)[0].item(), device))
     return sum(losses) / max(len(losses), 1)
 
 
@@ -318,7 +330,119 @@ def dry_run(cfg: Config, world: int) -> dict:
     check_config(cfg, (cfg.nproc or world) * cfg.nodes)
     return plan.dry_run(cfg.size, cfg.model, cfg.nproc or world, cfg.nodes, cfg.batch_size, cfg.epochs,
                         cfg.steps, cfg.val_fraction, cfg.chunk_tokens, cfg.max_length,
-                        shard_optimizer=cfg.shard_optimizer, as_json=cfg.json)
+                        shard_optimizer=cfg.shard_optimizer, as_json=cfg.json, lora_rank=cfg.lora_rank)
+
+
+def setup_data(cfg: Config, rank: int, world: int, say):
+    """Check every source file (before any model is loaded) and plan the batch stream."""
+    data_folder = cfg.data
+    if not data_folder and cfg.size == "tiny":
+        data_folder = os.path.join(cfg.out, "data")
+        if rank == 0 and not os.path.isdir(data_folder):
+            D.write_demo_sample(data_folder, seed=0)
+        barrier()
+    elif not data_folder:
+        data_folder = download_released_data(rank)
+    cache_folder = cfg.token_cache or os.path.join(cfg.out, "token_cache")
+    try:  # every rank streams the files through the checks (once: cache_folder keeps the result)
+        sources = D.load_sources(data_folder, cfg.seed, cfg.val_fraction, cache_folder)
+        stream = D.BatchStream(sources, cfg.batch_size, cfg.seed, cfg.source_sampling)
+    except D.DataError as e:
+        raise SystemExit(f"train.py: data error: {e}")
+    say(f"data: {len(sources)} sources in {data_folder}, {stream.batches_per_epoch} batches per epoch "
+        f"(the last of each source filled from its start), sources drawn by the {cfg.source_sampling} "
+        f"rule, {sum(len(s.val_rows) for s in sources)} rows held out")
+    for s, n in zip(sources, stream.source_batches):
+        say(f"  {s.name:32s} {s.task_type:14s} k={s.k} train={len(s.train_rows)} val={len(s.val_rows)} "
+            f"batches/epoch={n}")
+    return sources, stream, cache_folder
+
+
+def setup_model(cfg: Config, rank: int, device, bf16: bool, sources, say):
+    """Backbone and tokenizer (the tiny one built here), LoRA adapters if asked, on device."""
+    torch.manual_seed(cfg.seed)
+    attn = M.attention_implementation(device)
+    if cfg.model == "tiny":
+        tok_dir = os.path.join(cfg.out, "tokenizer")
+        if rank == 0 and not os.path.isdir(tok_dir):
+            M.train_tokenizer(D.iter_texts(sources)).save_pretrained(tok_dir)
+        barrier()
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        backbone = M.tiny_backbone(tokenizer, cfg.seed, attn)
+    else:
+        backbone, tokenizer = M.load_backbone(cfg.model, attn)
+    if cfg.lora_rank:
+        backbone = M.add_lora(backbone, cfg.lora_rank)
+        if bf16:  # frozen weights never change: bf16 once, so autocast never casts them again
+            for p in backbone.parameters():
+                p.data = p.data if p.requires_grad else p.data.to(torch.bfloat16)
+    backbone.to(device).train()
+    kernel = M.varlen_kernel(device)
+    trainable = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
+    say(f"model: {cfg.model}, {sum(p.numel() for p in backbone.parameters()):,} parameters "
+        f"({trainable:,} trained{f', LoRA rank {cfg.lora_rank}' if cfg.lora_rank else ''}), dim "
+        f"{backbone.config.hidden_size}, attention {attn}" + (f" (packed rows, {kernel})" if kernel else
+        " (packed rows, block-diagonal masks)"))
+    return backbone, tokenizer
+
+
+def setup_tokens(cfg: Config, sources, cache_folder: str, tokenizer, say) -> None:
+    """Tokenized once by local rank 0 into a cache keyed by data, tokenizer and max length;
+    every rank memory-maps the same files (one copy in the page cache per node)."""
+    cache = D.TokenCache(cache_folder, tokenizer, cfg.max_length)
+    builder = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    try:
+        if builder:
+            cache.build(sources)
+        cache.open(sources, wait=not builder)
+    except D.DataError as e:
+        raise SystemExit(f"train.py: data error: {e}")
+    say(f"tokens: {cache.folder}")
+
+
+def setup_optimizer(cfg: Config, backbone, world: int, total_steps: int):
+    """AdamW over the trained parameters (all, or LoRA's adapters), ZeRO-sharded over ranks."""
+    params = [p for p in backbone.parameters() if p.requires_grad]
+    opt_args = dict(lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
+    if world > 1 and cfg.shard_optimizer:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        optimizer = ZeroRedundancyOptimizer(params, torch.optim.AdamW, **opt_args)
+    else:
+        optimizer = torch.optim.AdamW(params, **opt_args)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+
+
+def restore(cfg: Config, device, backbone, optimizer, scheduler, stream, say) -> int:
+    """Continue from the latest checkpoint: the step it reached (0 for a new run)."""
+    if not cfg.resume:
+        return 0
+    path = latest_checkpoint(cfg.out)
+    state = torch.load(os.path.join(path, "state.pt"), map_location=device, weights_only=False)
+    diff = {k: (state["config"].get(k), getattr(cfg, k)) for k in MATH_FIELDS
+            if state["config"].get(k, Config.__dataclass_fields__[k].default) != getattr(cfg, k)}
+    if diff:
+        raise SystemExit(f"train.py: error: --resume with a different config than {path}: "
+                         + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+    backbone.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    stream.load_state_dict(state["data"])
+    torch.set_rng_state(state["rng"])
+    say(f"resumed from {path} at step {state['step']}")
+    return state["step"]
+
+
+def open_metrics(cfg: Config, step: int, rank: int) -> str:
+    """metrics.jsonl, cut back to the resumed step."""
+    path = os.path.join(cfg.out, "metrics.jsonl")
+    if rank == 0:
+        keep = []
+        if cfg.resume and os.path.exists(path):
+            with open(path) as f:
+                keep = [line for line in f if json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(keep)
+    return path
 
 
 def main(argv=None):
@@ -330,110 +454,45 @@ def main(argv=None):
         cfg.resume = True
     check_config(cfg, world)
     say = print if rank == 0 else (lambda *a, **k: None)
-
-    # --- data (checked before any model is loaded)
-    data_folder = cfg.data
-    if not data_folder and cfg.size == "tiny":
-        data_folder = os.path.join(cfg.out, "data")
-        if rank == 0 and not os.path.isdir(data_folder):
-            D.write_demo_sample(data_folder, seed=0)
-        barrier()
-    elif not data_folder:
-        data_folder = download_released_data(rank)
-    try:
-        sources = D.load_sources(data_folder, cfg.seed, cfg.val_fraction)
-        stream = D.BatchStream(sources, cfg.batch_size, cfg.seed)
-    except D.DataError as e:
-        raise SystemExit(f"train.py: data error: {e}")
-    val_batches = D.validation_batches(sources, cfg.batch_size, world, cfg.seed)
+    sources, stream, cache_folder = setup_data(cfg, rank, world, say)
     total_steps = cfg.steps or cfg.epochs * stream.batches_per_epoch
     b = cfg.batch_size // world
-    say(f"data: {len(sources)} sources in {data_folder}, {stream.batches_per_epoch} batches per epoch, "
-        f"{sum(len(v.queries) for v in val_batches)} held-out queries")
-    for s in sources:
-        say(f"  {s.name:32s} {s.task_type:14s} k={s.k} train={len(s.train_rows)} val={len(s.val_rows)}")
-    seqs = b * (2 + max(s.k for s in sources))
-    say(f"batch: {cfg.batch_size} queries/step = {world} ranks x {b}; per rank up to {seqs} "
-        f"sequences (b x (2 + k)) in packed chunks of <= {cfg.chunk_tokens} tokens"
-        + (f" and <= {cfg.chunk_size} sequences" if cfg.chunk_size else "")
+    say(f"batch: {cfg.batch_size} queries/step = {world} ranks x {b}; per rank up to "
+        f"{b * (2 + max(s.k for s in sources))} sequences (b x (2 + k)) in packed chunks of <= "
+        f"{cfg.chunk_tokens} tokens" + (f" and <= {cfg.chunk_size} sequences" if cfg.chunk_size else "")
         + f"; {total_steps} steps ({total_steps / stream.batches_per_epoch:.2f} epochs)")
-
-    # --- run folder
     os.makedirs(cfg.out, exist_ok=True)
     if rank == 0:
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
-
-    # --- model
-    torch.manual_seed(cfg.seed)
-    attn = M.attention_implementation(device)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    kernel = M.varlen_kernel(device)
-    say(f"model: {cfg.model}, attention {attn}" + (f" (packed rows, {kernel})" if kernel else
-        " (packed rows, block-diagonal masks)") + f", {'bf16 autocast, fp32 master weights' if bf16 else 'fp32'}")
-    if cfg.model == "tiny":
-        tok_dir = os.path.join(cfg.out, "tokenizer")
-        if rank == 0 and not os.path.isdir(tok_dir):
-            texts = [t for s in sources for c in ("query", "passage") for t in s.table[c].to_pylist()]
-            M.train_tokenizer(texts).save_pretrained(tok_dir)
-        barrier()
-        tokenizer = M.AutoTokenizer.from_pretrained(tok_dir)
-        backbone = M.tiny_backbone(tokenizer, cfg.seed, attn)
-    else:
-        backbone, tokenizer = M.load_backbone(cfg.model, attn)
-    backbone.to(device).train()
-    say(f"model: {sum(p.numel() for p in backbone.parameters()):,} parameters, dim {backbone.config.hidden_size}")
+    backbone, tokenizer = setup_model(cfg, rank, device, bf16, sources, say)
+    setup_tokens(cfg, sources, cache_folder, tokenizer, say)
+    val_batches = D.ValidationBatches(sources, cfg.batch_size, world, cfg.seed)  # built when validating
     ddp = wrap_ddp(backbone, device) if world > 1 else None
+    say(f"precision: {'bf16 autocast, fp32 master weights' if bf16 else 'fp32'}"
+        + (", Matryoshka loss" if cfg.mrl else "") + (", DETACHED in-batch gather (the official code's)"
+                                                     if cfg.in_batch_gather == "detached" else ""))
+    optimizer, scheduler = setup_optimizer(cfg, backbone, world, total_steps)
+    step = restore(cfg, device, backbone, optimizer, scheduler, stream, say)
+    metrics_path = open_metrics(cfg, step, rank)
 
-    # --- optimizer and schedule
-    opt_args = dict(lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
-    if world > 1 and cfg.shard_optimizer:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-        optimizer = ZeroRedundancyOptimizer(backbone.parameters(), torch.optim.AdamW, **opt_args)
-    else:
-        optimizer = torch.optim.AdamW(backbone.parameters(), **opt_args)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-
-    # --- resume
-    step = 0
-    if cfg.resume:
-        path = latest_checkpoint(cfg.out)
-        state = torch.load(os.path.join(path, "state.pt"), map_location=device, weights_only=False)
-        diff = {k: (state["config"][k], getattr(cfg, k)) for k in MATH_FIELDS
-                if state["config"].get(k) != getattr(cfg, k)}
-        if diff:
-            raise SystemExit(f"train.py: error: --resume with a different config than {path}: "
-                             + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
-        backbone.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        stream.load_state_dict(state["data"])
-        torch.set_rng_state(state["rng"])
-        step = state["step"]
-        say(f"resumed from {path} at step {step}")
-    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-    if rank == 0:
-        keep = []
-        if cfg.resume and os.path.exists(metrics_path):
-            keep = [l for l in open(metrics_path) if json.loads(l)["step"] <= step]
-        with open(metrics_path, "w") as f:
-            f.writelines(keep)
-
-    # --- the loop; the next batch is drawn and tokenized in a thread while a step computes
+    # --- the loop; the next batch is drawn in a thread while a step computes
     def draw():
         batch = next(stream).shard(rank, world)
-        return batch, *batch_sequences(batch, tokenizer, cfg.max_length)
+        return batch, batch.sequences(), batch.truncated
     prefetch = ThreadPoolExecutor(max_workers=1)
     pending = prefetch.submit(draw)
+    trained = [p for p in backbone.parameters() if p.requires_grad]
     bad_steps, warned_truncation, t_start, step_start = 0, False, time.time(), step
     while step < total_steps:
         t0 = time.time()
         batch, seqs, truncated = pending.result()
         data_state = stream.state_dict()  # after this batch: what a checkpoint of this step resumes from
         pending = prefetch.submit(draw)
-        m = cached_step(backbone, seqs, step_loss(batch, cfg.temperature), cfg.chunk_tokens, bf16, ddp,
-                        cfg.chunk_size)
-        grad_norm = torch.nn.utils.clip_grad_norm_(backbone.parameters(), cfg.grad_clip).item()
+        loss_fn = step_loss(batch, cfg.temperature, cfg.mrl, cfg.in_batch_gather)
+        m = cached_step(backbone, seqs, loss_fn, cfg.chunk_tokens, bf16, ddp, cfg.chunk_size)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip).item()
         if m["finite"] and math.isfinite(grad_norm):
             optimizer.step()
             scheduler.step()
@@ -458,26 +517,60 @@ def main(argv=None):
                       seq_per_s=m["sequences"] * world / dt, tokens_per_s=m["real_tokens"] * world / dt,
                       real_tokens=m["real_tokens"], computed_tokens=m["computed_tokens"], chunks=m["chunks"],
                       truncated=truncated, time=dt)
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
-            record["val_loss"] = validate(backbone, val_batches, rank, world, tokenizer, cfg, device, bf16)
+        validating = (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps
+        if validating:
+            record["val_loss"] = validate(backbone, val_batches, rank, world, cfg, device, bf16)
         eta = (time.time() - t_start) / (step - step_start) * (total_steps - step)
         say(f"step {step}/{total_steps} | loss {record['loss']:.4f} (hard {record['hard']:.4f}, "
             f"in-batch {record['in_batch']:.4f}) | lr {record['lr']:.2e} | grad {grad_norm:.3f} | "
-            f"{dt:.2f}s, {record['tokens_per_s']:,.0f} tok/s, {m['chunks']} chunks | eta {eta / 60:.0f} min"
+            f"{dt:.2f}s, {record['tokens_per_s']:,.0f} tok/s, {m['chunks']} chunks | eta {eta / 60:.1f} min"
             + (f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""))
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if validating:
+                plot_curves(metrics_path, os.path.join(cfg.out, "curves.png"))
         if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
             save_checkpoint(cfg.out, step, backbone, optimizer, scheduler, data_state, cfg, tokenizer, rank)
     prefetch.shutdown(cancel_futures=True)
 
-    # --- final export (rank 0; written to a temporary name, then moved into place)
+    # --- final export (rank 0; LoRA merged into the weights; written to a temporary name, then moved)
     if rank == 0:
-        M.save_export(backbone, tokenizer, os.path.join(cfg.out, "final"),
-                      prompts=D.export_prompts())
+        M.save_export(M.unwrap(backbone), tokenizer, os.path.join(cfg.out, "final"), prompts=D.export_prompts())
         say(f"final export: {os.path.join(cfg.out, 'final')}")
     teardown()
+
+
+def plot_curves(metrics_path: str, png: str) -> None:
+    """OUT/curves.png from metrics.jsonl: training loss per source (smoothed) with the hard and
+    in-batch terms, validation loss, learning rate. Written to a temporary name, then moved."""
+    from matplotlib.figure import Figure  # Agg, no display, no pyplot state
+    with open(metrics_path) as f:
+        records = [json.loads(line) for line in f]
+    fig = Figure(figsize=(15, 4), layout="constrained")
+    loss_ax, val_ax, lr_ax = fig.subplots(1, 3)
+
+    def smooth(xs, beta=0.9):  # exponential moving average, bias-corrected
+        out, m = [], 0.0
+        for i, x in enumerate(xs, start=1):
+            m = beta * m + (1 - beta) * x
+            out.append(m / (1 - beta ** i))
+        return out
+    for source in sorted({r["source"] for r in records}):
+        rows = [r for r in records if r["source"] == source]
+        loss_ax.plot([r["step"] for r in rows], smooth([r["loss"] for r in rows]), label=source)
+    steps = [r["step"] for r in records]
+    loss_ax.plot(steps, smooth([r["hard"] for r in records]), "k--", lw=1, label="hard term (all)")
+    loss_ax.plot(steps, smooth([r["in_batch"] for r in records]), "k:", lw=1, label="in-batch term (all)")
+    loss_ax.set(title="training loss (smoothed)", xlabel="step")
+    loss_ax.legend(fontsize=7)
+    val = [r for r in records if "val_loss" in r]
+    val_ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-")
+    val_ax.set(title="validation loss", xlabel="step")
+    lr_ax.plot(steps, [r["lr"] for r in records])
+    lr_ax.set(title="learning rate", xlabel="step")
+    fig.savefig(png + ".tmp.png")
+    os.replace(png + ".tmp.png", png)
 
 
 def download_released_data(rank: int) -> str:

@@ -18,7 +18,7 @@ rank = int(os.environ.get("RANK", "0"))
 first_attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0
 calls = {"step": 0}
 
-real_step, real_save, real_loss = train.cached_step, torch.save, train.batch_loss
+real_step, real_save, real_loss = train.cached_step, torch.save, train.f2llm_loss
 
 
 def cached_step(*args, **kwargs):
@@ -36,12 +36,12 @@ def save(obj, path, *args, **kwargs):
     return real_save(obj, path, *args, **kwargs)
 
 
-def batch_loss(reps, batch, temperature):
-    total, hard, in_batch = real_loss(reps, batch, temperature)
+def f2llm_loss(*args, **kwargs):
+    total, hard, in_batch = real_loss(*args, **kwargs)
     if fault == "nan" and calls["step"] == at_step:
         total = total * float("nan")
     return total, hard, in_batch
 
 
-train.cached_step, train.torch.save, train.batch_loss = cached_step, save, batch_loss
+train.cached_step, train.torch.save, train.f2llm_loss = cached_step, save, f2llm_loss
 train.main(argv)

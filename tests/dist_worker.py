@@ -1,7 +1,8 @@
-"""One cached step on the first retrieval and the first clustering batch of the demo sample;
-saves the parameter gradients (rank 0) and, per rank, what DDP all-reduced. Run with
-`python` (world 1) or `torchrun` (world N): tests/test_distributed.py compares the two (I1)
-and counts the all-reduces (one per bucket per step)."""
+"""One cached step on the first retrieval and the first clustering batch of the demo sample,
+for the recipe and each option (Matryoshka, LoRA, the official detached gather); saves the
+trained parameters' gradients (rank 0) and, per rank, what DDP all-reduced. Run with `python`
+(world 1) or `torchrun` (world N): tests/test_distributed.py compares the two (I1) and counts
+the all-reduces (one per bucket per step)."""
 import json
 import os
 import sys
@@ -12,36 +13,69 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data as D  # noqa: E402
 import model as M  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from loss import hard_negative_loss, in_batch_loss  # noqa: E402
 import train  # noqa: E402
 
 
-def step_gradients(tokenizer_dir, demo_dir, batch_size, chunk_tokens, max_length=48):
-    rank, world, device = train.setup_distributed()
-    tokenizer = M.AutoTokenizer.from_pretrained(tokenizer_dir)
-    backbone = M.tiny_backbone(tokenizer, seed=0)
-    # small buckets, so the tiny model's gradients travel in several all-reduces
-    ddp = train.wrap_ddp(backbone, device, bucket_cap_mb=0.1) if world > 1 else None
-    reduced = []  # (bucket index, elements) of every gradient all-reduce DDP issues
+OPTIONS = ["recipe", "mrl", "lora", "detached"]
 
-    def counting_hook(state, bucket):
-        reduced.append((bucket.index(), bucket.buffer().numel()))
-        return default_hooks.allreduce_hook(None, bucket)
-    if ddp:
-        ddp.register_comm_hook(None, counting_hook)
-    stream = D.BatchStream(D.load_sources(demo_dir, seed=0), batch_size, seed=0)
+
+def official_reference_loss(batch):
+    """What the official code's detached gather amounts to, written for ONE process: the
+    in-batch term sees every positive without gradient (its own rank's included)."""
+    b, k = len(batch.queries), len(batch.negatives[0])
+
+    def loss_fn(reps):
+        q, p = reps[:b], reps[b:2 * b]
+        hard = hard_negative_loss(q, p, reps[2 * b:].view(b, k, -1))
+        in_batch = in_batch_loss(q, p.detach()) if batch.task_type == "retrieval" else torch.zeros(())
+        return hard + in_batch, hard, in_batch
+    return loss_fn
+
+
+def step_gradients(tokenizer_dir, demo_dir, batch_size, chunk_tokens, max_length=48):
+    """For each option, a fresh tiny model (LoRA adapters for "lora", their B made non-zero so
+    the adapters matter) and one cached step on a retrieval and a clustering batch."""
+    rank, world, device = train.setup_distributed()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    sources = D.load_tokenized(demo_dir, tokenizer, max_length, demo_dir + "_tokens", seed=0)
     grads, losses, collectives = {}, {}, {}
-    for task_type in ("retrieval", "clustering"):
-        batch = next(b for b in stream if b.task_type == task_type).shard(rank, world)
-        seqs, _ = train.batch_sequences(batch, tokenizer, max_length)
-        reduced.clear()
-        m = train.cached_step(backbone, seqs, train.step_loss(batch, 0.05), chunk_tokens, ddp=ddp)
-        grads[task_type] = {n: p.grad.clone() for n, p in backbone.named_parameters()}
-        losses[task_type] = train.all_mean(m["loss"], device)
-        collectives[task_type] = dict(chunks=m["chunks"], allreduces=len(reduced),
-                                      buckets=len({i for i, _ in reduced}),
-                                      elements=sum(n for _, n in reduced),
-                                      parameters=sum(p.numel() for p in backbone.parameters()))
-        backbone.zero_grad(set_to_none=True)
+    for option in OPTIONS:
+        backbone = M.tiny_backbone(tokenizer, seed=0)
+        if option == "lora":
+            backbone = M.add_lora(backbone, 4)
+            torch.manual_seed(1)
+            for name, p in backbone.named_parameters():
+                if "lora_B" in name:
+                    p.data.normal_(0, 0.05)
+        # small buckets, so the tiny model's gradients travel in several all-reduces
+        ddp = train.wrap_ddp(backbone, device, bucket_cap_mb=0.1) if world > 1 else None
+        reduced = []  # (bucket index, elements) of every gradient all-reduce DDP issues
+
+        def counting_hook(state, bucket):
+            reduced.append((bucket.index(), bucket.buffer().numel()))
+            return default_hooks.allreduce_hook(None, bucket)
+        if ddp:
+            ddp.register_comm_hook(None, counting_hook)
+        stream = D.BatchStream(sources, batch_size, seed=0)
+        for task_type in ("retrieval", "clustering"):
+            batch = next(b for b in stream if b.task_type == task_type).shard(rank, world)
+            if option == "detached" and world == 1:
+                loss_fn = official_reference_loss(batch)
+            else:
+                loss_fn = train.step_loss(batch, 0.05, mrl=option == "mrl",
+                                          gather="detached" if option == "detached" else "autograd")
+            reduced.clear()
+            m = train.cached_step(backbone, batch.sequences(), loss_fn, chunk_tokens, ddp=ddp)
+            key = f"{option}/{task_type}"
+            grads[key] = {n: p.grad.clone() for n, p in backbone.named_parameters() if p.requires_grad}
+            losses[key] = train.all_mean(m["loss"], device)
+            collectives[key] = dict(chunks=m["chunks"], allreduces=len(reduced),
+                                    buckets=len({i for i, _ in reduced}), elements=sum(n for _, n in reduced),
+                                    parameters=sum(p.numel() for p in backbone.parameters() if p.requires_grad))
+            backbone.zero_grad(set_to_none=True)
     return rank, grads, losses, collectives
 
 

@@ -23,25 +23,33 @@ def torchrun(*args, nproc=2, timeout=300):
 
 def test_I1_two_ranks_give_the_one_process_gradients_with_one_allreduce_per_step(tmp_path, tokenizer_dir, demo_dir):
     """One step, batch 8: world=2 (b=4 each, several packed chunks) == world=1 (b=8, one chunk),
-    retrieval and clustering. DESIGN §4: one all-reduce per step (per bucket), not per chunk."""
+    retrieval and clustering, for the recipe, with Matryoshka, with LoRA (adapter gradients),
+    and with the official code's detached gather, whose 2-rank gradients equal a 1-process step
+    in which no positive gets an in-batch gradient. DESIGN §4: one all-reduce per step (per
+    bucket), not per chunk."""
     worker = os.path.join(HERE, "dist_worker.py")
     torchrun(worker, tokenizer_dir, demo_dir, str(tmp_path / "w2.pt"), "8", "120", nproc=2)
     torchrun(worker, tokenizer_dir, demo_dir, str(tmp_path / "w1.pt"), "8", "100000", nproc=0)
     two, one = torch.load(tmp_path / "w2.pt"), torch.load(tmp_path / "w1.pt")
-    for task_type in ("retrieval", "clustering"):
-        assert two["losses"][task_type] == pytest.approx(one["losses"][task_type], rel=1e-5)
-        for name, g in one["grads"][task_type].items():
-            assert g.abs().sum() > 0, name
-            torch.testing.assert_close(two["grads"][task_type][name], g, rtol=1e-4, atol=1e-6,
-                                       msg=lambda m: f"{task_type} {name}: {m}")
+    assert len(one["grads"]) == 8  # 4 options x 2 task types
+    for key in one["grads"]:
+        assert two["losses"][key] == pytest.approx(one["losses"][key], rel=1e-5), key
+        for name, g in one["grads"][key].items():
+            assert g.abs().sum() > 0, (key, name)
+            torch.testing.assert_close(two["grads"][key][name], g, rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f"{key} {name}: {m}")
+    assert set(one["grads"]["lora/retrieval"]) == {n for n in one["grads"]["lora/retrieval"] if "lora_" in n}
+    # the detached gather really loses the passages' in-batch gradient (a retrieval batch)
+    recipe, detached = one["grads"]["recipe/retrieval"], one["grads"]["detached/retrieval"]
+    assert any((recipe[n] - detached[n]).abs().max() > 1e-3 * recipe[n].abs().max() for n in recipe)
 
     # one gradient all-reduce per DDP bucket per step, however many chunks pass 2 runs: each
-    # bucket once, and together exactly the model's gradient elements (a per-chunk all-reduce
+    # bucket once, and together exactly the trained gradient elements (a per-chunk all-reduce
     # would send chunks x as many). DDP's first step runs on one initial bucket; it then
     # rebuilds them by bucket_cap_mb, so the second step (clustering) has several.
     for rank in (0, 1):
-        for task_type, c in json.loads((tmp_path / f"w2.pt.rank{rank}.json").read_text()).items():
+        for key, c in json.loads((tmp_path / f"w2.pt.rank{rank}.json").read_text()).items():
             assert c["chunks"] >= 3, c
-            assert c["allreduces"] == c["buckets"], (rank, task_type, c)
-            assert c["elements"] == c["parameters"], (rank, task_type, c)
-            assert task_type == "retrieval" or c["buckets"] >= 2, c
+            assert c["allreduces"] == c["buckets"], (rank, key, c)
+            assert c["elements"] == c["parameters"], (rank, key, c)
+            assert key != "recipe/clustering" or c["buckets"] >= 2, c

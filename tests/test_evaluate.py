@@ -222,3 +222,19 @@ def test_paper_columns_and_means(tmp_path):
         summary = evaluate.summarize(tasks, {"paper": evaluate.paper_scores(column)})
         assert len(summary["tasks"]) == 41 and len(summary["types"]) == 7
         assert summary["mean_over_tasks"]["paper"] == pytest.approx(headline, abs=0.005)
+
+
+def test_dim_scores_a_prefix_and_refuses_a_dim_too_large(export, tmp_path, capsys):
+    """--dim N: the loader's own truncation gives the first N components; larger than the
+    model is an error before anything loads; a dim the run did not train (no --mrl) warns."""
+    texts = ["Fuel prices hit airline profits", "BA made a pre-tax profit of 75m."]
+    full = evaluate.load_f2llm(export, "local/full", "test", 64, 8192)
+    cut = evaluate.load_f2llm(export, "local/dim16", "test", 64, 8192, truncate_dim=16)
+    a = torch.as_tensor(full.model.encode(texts, convert_to_numpy=True))
+    b = torch.as_tensor(cut.model.encode(texts, convert_to_numpy=True))
+    assert b.shape == (2, 16) and torch.allclose(b, a[:, :16], atol=1e-6)
+    with pytest.raises(SystemExit, match="--dim 128 is larger than the model's dimension 64"):
+        evaluate.main([export, "--tasks", "LeeSTS", "--dim", "128", "--results", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()
+    evaluate.check_dim(16, evaluate.resolve_checkpoint(export))
+    assert "--dim 16 is not a dimension this model was trained for (64" in capsys.readouterr().out
