@@ -1,9 +1,13 @@
-"""data.py: single-source batches identical on every rank, k by task type, deterministic
-per seed, proportional mixing, resumable position; bad files fail naming file, row, column."""
+"""data.py: single-source batches of token ids identical on every rank, k by task type,
+deterministic per seed, every row in every epoch, both sampling rules, resumable position;
+the token cache (EOS rule, keyed by data/tokenizer/length, crash-safe, memory-mapped); bad
+files fail naming file, row, column."""
 import collections
+import hashlib
 import json
 import os
 import shutil
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -11,63 +15,76 @@ import pyarrow.parquet as pq
 import pytest
 
 import data as D
+import model as M
+
+MAX_LENGTH = 64
 
 
-def test_batches_single_source_k_and_shards(demo_dir):
-    sources = D.load_sources(demo_dir, seed=0)
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir):
+    return M.AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("token_cache"))  # keyed: every test may share it
+
+
+def _sources(folder, tok, cache_dir, seed=0, **kw):
+    return D.load_tokenized(folder, tok, kw.pop("max_length", MAX_LENGTH), cache_dir, seed=seed, **kw)
+
+
+def test_batches_single_source_k_and_shards(small_demo_dir, tok, cache_dir):
+    sources = _sources(small_demo_dir, tok, cache_dir)
+    rows_of, texts = {}, {}
+    for s in sources:  # every row's texts, as the cache gives them
+        texts[s.name] = [s.tokens.texts(r, s.columns) for r in range(s.num_rows)]
+        rows_of[s.name] = collections.defaultdict(list)  # BBC repeats articles: a pair may be several rows
+        for r, t in enumerate(texts[s.name]):
+            rows_of[s.name][str(t[0][0]), str(t[1][0])].append(r)
     by_name = {s.name: s for s in sources}
     stream = D.BatchStream(sources, batch_size=8, seed=0)
     for _ in range(30):
         batch = next(stream)
         source = by_name[batch.source]
-        table = source.table.to_pydict()
-        pairs = collections.defaultdict(list)  # BBC has duplicate articles: a pair may be several rows
-        for r, qp in enumerate(zip(table["query"], table["passage"])):
-            pairs[qp].append(r)
-        rows = [pairs[qp] for qp in zip(batch.queries, batch.positives)]  # all from this source
-        k = D.K_BY_TYPE[source.task_type]
-        assert all(len(n) == k and len(set(n)) == k for n in batch.negatives)
-        cands = [[{table[f"negative_{j}"][r] for j in range(1, 25) if f"negative_{j}" in table}
-                  for r in rs] for rs in rows]
-        assert all(any(set(n) <= c for c in cs) for n, cs in zip(batch.negatives, cands))
+        rows = [rows_of[source.name][str(q), str(p)] for q, p in zip(batch.queries, batch.positives)]
+        assert all(rows)  # every pair is a row of this source
         assert all(set(rs) - set(source.val_rows.tolist()) for rs in rows)  # held-out rows never train
+        k = D.K_BY_TYPE[source.task_type]
+        assert all(len(n) == k for n in batch.negatives)  # distinct picks: test_every_row_trains_every_epoch
+        cands = [[{str(ids) for ids, _ in texts[source.name][r][2:2 + source.n_candidates[r]]} for r in rs]
+                 for rs in rows]
+        assert all(any({str(x) for x in n} <= c for c in cs) for n, cs in zip(batch.negatives, cands))
+        seqs = batch.sequences()  # [queries; positives; negatives row by row]
+        assert seqs == batch.queries + batch.positives + sum(batch.negatives, [])
+        assert len(seqs) == 8 * (2 + k)
+        assert all(s[-1] == tok.eos_token_id and len(s) <= MAX_LENGTH for s in seqs)
         shards = [batch.shard(r, 4) for r in range(4)]
         assert sum((s.queries for s in shards), []) == batch.queries
         assert all(len(s.queries) == 2 and s.source == batch.source for s in shards)
+        assert sum(s.truncated for s in shards) == batch.truncated
+    assert batch.truncated > 0  # BBC articles are longer than 64 tokens
 
 
-def test_every_rank_sees_the_same_stream(demo_dir):
+def test_every_rank_sees_the_same_stream(small_demo_dir, tok, cache_dir):
     """Each rank builds its own stream; the global batches agree without communication."""
-    streams = [D.BatchStream(D.load_sources(demo_dir, seed=3), 8, seed=3) for _ in range(2)]
+    streams = [D.BatchStream(_sources(small_demo_dir, tok, cache_dir, seed=3), 8, seed=3) for _ in range(2)]
     for _ in range(20):
         a, b = next(streams[0]), next(streams[1])
-        assert (a.source, a.queries, a.negatives) == (b.source, b.queries, b.negatives)
+        assert (a.source, a.queries, a.negatives, a.cut) == (b.source, b.queries, b.negatives, b.cut)
 
 
-def test_deterministic_per_seed_and_seeds_differ(demo_dir):
-    def first(seed, n=10):
-        stream = D.BatchStream(D.load_sources(demo_dir, seed=seed), 8, seed=seed)
+def test_deterministic_per_seed_and_seeds_differ(small_demo_dir, tok, cache_dir):
+    def first(seed, sampling, n=10):
+        stream = D.BatchStream(_sources(small_demo_dir, tok, cache_dir, seed=seed), 8, seed, sampling)
         return [(b.source, b.queries, b.negatives) for b in (next(stream) for _ in range(n))]
-    assert first(0) == first(0)
-    assert first(0) != first(1)
+    for sampling in D.SAMPLING_RULES:
+        assert first(0, sampling) == first(0, sampling)
+        assert first(0, sampling) != first(1, sampling)
 
 
-def test_sources_mixed_in_proportion_and_epoch_covers_all(tmp_path, demo_dir):
-    # make one source 3x smaller: it should be drawn ~3x less often, spread over the epoch
-    shutil.copytree(demo_dir, tmp_path / "d")
-    path = tmp_path / "d" / "bbc_topic_classification.parquet"
-    pq.write_table(pq.read_table(path).slice(0, 580), path)
-    sources = D.load_sources(str(tmp_path / "d"), seed=0)
-    stream = D.BatchStream(sources, 8, seed=0)
-    expected = {s.name: len(s.train_rows) // 8 for s in sources}
-    seen = [next(stream).source for _ in range(stream.batches_per_epoch)]
-    assert collections.Counter(seen) == expected
-    first_half = collections.Counter(seen[: len(seen) // 2])
-    assert 0.3 < first_half["bbc_topic_classification"] / expected["bbc_topic_classification"] < 0.7
-
-
-def test_position_save_and_restore(demo_dir):
-    sources = D.load_sources(demo_dir, seed=0)
+def test_position_save_and_restore(small_demo_dir, tok, cache_dir):
+    sources = _sources(small_demo_dir, tok, cache_dir)
     stream = D.BatchStream(sources, 8, seed=0)
     for _ in range(stream.batches_per_epoch - 2):  # cross an epoch boundary after restoring
         next(stream)
@@ -78,30 +95,241 @@ def test_position_save_and_restore(demo_dir):
     assert [next(again).queries for _ in range(5)] == expected
 
 
+def test_every_row_trains_every_epoch(tmp_path, tok, cache_dir):
+    """A 20-row source at batch 32 still gives a batch (its rows, then the first 12 again),
+    and a 70-row one gives 3: the last is filled from the start of the epoch's order. With
+    dropped partial batches the first would never train."""
+    folder = str(tmp_path / "d")
+    _write(folder, "small", [_row(query=f"q{i}", passage=f"p{i}") for i in range(20)])
+    _write(folder, "large", [_row(query=f"Q{i}", passage=f"P{i}") for i in range(70)],
+           types={"small": "retrieval", "large": "retrieval"})
+    sources = _sources(folder, tok, cache_dir, val_fraction=0)
+    stream = D.BatchStream(sources, 32, seed=0)
+    assert stream.source_batches == [3, 1] and stream.batches_per_epoch == 4  # large, small
+    for epoch in range(2):
+        for sid, source in enumerate(sources):
+            order = np.concatenate([rows for s, rows in stream.plan if s == sid])
+            n = source.num_rows
+            assert sorted(order[:n]) == list(range(n))  # every row once ...
+            assert (order[n:] == order[: len(order) - n]).all()  # ... then the start again
+        batches = [next(stream) for _ in range(4)]
+        small = next(b for b in batches if b.source == "small")
+        assert len(small.queries) == 32 and len({str(q) for q in small.queries}) == 20
+        assert all(len({str(x) for x in n}) == 7 for n in small.negatives)  # 7 of 7, no repeats
+    assert stream.epoch == 1
+
+
+@pytest.mark.parametrize("sampling", D.SAMPLING_RULES)
+def test_sources_mixed_in_proportion_and_epoch_covers_all(tmp_path, demo_dir, sampling):
+    # make one source 3x smaller: it should be drawn ~3x less often, spread over the epoch
+    shutil.copytree(demo_dir, tmp_path / "d")
+    path = tmp_path / "d" / "bbc_topic_classification.parquet"
+    pq.write_table(pq.read_table(path).slice(0, 580), path)
+    sources = D.load_sources(str(tmp_path / "d"), seed=0)
+    stream = D.BatchStream(sources, 8, seed=0, sampling=sampling)  # the plan needs no tokens
+    expected = {s.name: -(-len(s.train_rows) // 8) for s in sources}
+    seen = [sources[sid].name for sid, _ in stream.plan]
+    assert collections.Counter(seen) == expected
+    first_half = collections.Counter(seen[: len(seen) // 2])
+    assert 0.3 < first_half["bbc_topic_classification"] / expected["bbc_topic_classification"] < 0.7
+
+
+def test_sampling_rules_official_fixed_weights_remaining_batches_left():
+    """A source of 1 batch beside one of 9. Fixed weights 1:9 (official): it comes last when
+    the first 9 draws all take the big source, 0.9^9 = 0.39 of the epochs. In proportion to
+    the batches left (remaining): 1/10."""
+    last = {rule: np.mean([D.source_order([1, 9], np.random.default_rng(seed), rule)[-1] == 0
+                           for seed in range(400)]) for rule in D.SAMPLING_RULES}
+    assert 0.31 < last["official"] < 0.47 and 0.05 < last["remaining"] < 0.16, last
+    for rule in D.SAMPLING_RULES:  # both draw each batch of the epoch exactly once
+        order = D.source_order([3, 1, 5], np.random.default_rng(0), rule)
+        assert np.bincount(order).tolist() == [3, 1, 5]
+
+
 def test_validation_split_is_one_percent_and_disjoint(demo_dir):
-    for s in D.load_sources(demo_dir, seed=0):
-        assert len(s.val_rows) == int(s.table.num_rows * 0.01)
+    for i, s in enumerate(D.load_sources(demo_dir, seed=5)):
+        assert len(s.val_rows) == int(s.num_rows * 0.01)
         assert not set(s.val_rows) & set(s.train_rows)
-        assert len(s.val_rows) + len(s.train_rows) == s.table.num_rows
+        assert len(s.val_rows) + len(s.train_rows) == s.num_rows
+        # the held-out rows of a seed do not change with the code around them
+        expected = np.sort(np.random.default_rng([5, i]).permutation(s.num_rows)[: len(s.val_rows)])
+        assert (s.val_rows == expected).all()
+
+
+def test_validation_batches_are_built_when_iterated(small_demo_dir, tok, cache_dir):
+    """Held-out rows only, in batches that are a multiple of the world size, the same each
+    time they are iterated (they are built then: the ids of 1% of the released set are GBs)."""
+    sources = _sources(small_demo_dir, tok, cache_dir, val_fraction=0.05)
+    val = D.ValidationBatches(sources, batch_size=4, world=3, seed=0)
+    first, again = list(val), list(val)
+    assert [(b.source, b.queries, b.negatives) for b in first] == [(b.source, b.queries, b.negatives) for b in again]
+    assert len(first) == len(val) == 6 and all(len(b.queries) == 3 for b in first)  # 7 rows: 4 -> 3, 3
+    for s in sources:
+        held_out = {str(s.tokens.texts(int(r), ["query"])[0][0]) for r in s.val_rows}
+        assert {str(q) for b in first if b.source == s.name for q in b.queries} <= held_out
+
+
+def test_checking_keeps_no_text_in_memory(demo_dir):
+    """load_sources streams the files: no Arrow memory is left holding the ~60 MB of text."""
+    before = pa.total_allocated_bytes()
+    sources = D.load_sources(demo_dir)
+    assert pa.total_allocated_bytes() - before < 1e6
+    assert sum(s.num_rows for s in sources) == 1751 + 2 * 1777
 
 
 def test_jsonl_layout_reads_like_parquet(tmp_path, demo_dir):
     table = pq.read_table(os.path.join(demo_dir, "bbc_topic_classification.parquet")).slice(0, 50)
-    with open(tmp_path / "bbc_topic_classification.jsonl", "w") as f:
+    for layout in ("jsonl", "parquet"):
+        os.makedirs(tmp_path / layout)
+        shutil.copy(os.path.join(demo_dir, "task_types.csv"), tmp_path / layout)
+    with open(tmp_path / "jsonl" / "bbc_topic_classification.jsonl", "w") as f:
         for row in table.to_pylist():
             f.write(json.dumps(row) + "\n")
-    shutil.copy(os.path.join(demo_dir, "task_types.csv"), tmp_path)
-    (src,) = D.load_sources(str(tmp_path))
-    assert src.table.to_pydict() == table.to_pydict() and src.task_type == "classification"
+    pq.write_table(table, tmp_path / "parquet" / "bbc_topic_classification.parquet")
+    (src,) = D.load_sources(str(tmp_path / "jsonl"))
+    (ref,) = D.load_sources(str(tmp_path / "parquet"))
+    assert src.task_type == "classification" and src.columns == ref.columns
+    assert (src.n_candidates == ref.n_candidates).all() and (src.train_rows == ref.train_rows).all()
+    assert list(D.iter_texts([src])) == list(D.iter_texts([ref])) == table["query"].to_pylist() + table["passage"].to_pylist()
+
+
+# ---------------------------------------------------------------- the token cache
+def _files(folder):
+    """name -> (size, mtime, sha256) of every file under folder."""
+    out = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, folder)] = (os.path.getsize(path), os.stat(path).st_mtime_ns,
+                                                  hashlib.sha256(open(path, "rb").read()).hexdigest())
+    return out
+
+
+def test_cache_ids_end_with_eos_like_model_tokenize(small_demo_dir, tok, cache_dir):
+    """The cached ids are model.tokenize's: cut to max_length - 1, then the EOS id; the cut
+    texts are counted; ids are stored as int32 (Qwen3's 151k vocab does not fit int16)."""
+    sources = _sources(small_demo_dir, tok, cache_dir)
+    source = next(s for s in sources if s.task_type == "clustering")
+    raw = pq.read_table(source.path).slice(0, 6)
+    texts = [raw[c][r].as_py() for r in range(6) for c in source.columns]
+    ids, n_cut = M.tokenize(tok, texts, MAX_LENGTH)
+    got = [t for r in range(6) for t in source.tokens.texts(r, source.columns)]
+    assert [g for g, _ in got] == ids
+    assert sum(c for _, c in got) == n_cut > 0
+    assert all(f.type == pa.list_(pa.int32()) for f in source.tokens.reader.schema)
+
+
+def test_cache_is_keyed_by_data_tokenizer_and_length(tmp_path, tok, small_demo_dir):
+    """Another max length, another tokenizer or a rewritten data file each gets its own file;
+    a cache file of another key under this name is refused (open) and rebuilt (build), and
+    nothing in the data folder changes."""
+    folder, cache = str(tmp_path / "d"), str(tmp_path / "cache")
+    os.makedirs(folder)
+    for name in ("bbc_topic_classification.parquet", "task_types.csv"):
+        shutil.copy(os.path.join(small_demo_dir, name), folder)
+    data_files = _files(folder)
+    (source,) = _sources(folder, tok, cache)
+    first = D.TokenCache(cache, tok, MAX_LENGTH).path(source)
+    other_tok = M.train_tokenizer(["a few words", "of another text"], vocab_size=300)
+    other = {"length": D.TokenCache(cache, tok, MAX_LENGTH // 2),
+             "tokenizer": D.TokenCache(cache, other_tok, MAX_LENGTH)}
+    for what, c in other.items():
+        assert c.path(source) != first and c.problem(source) == "not built", what
+        c.build([source], log=lambda *a: None)
+    assert len([f for f in os.listdir(cache) if f.endswith(".arrow")]) == 3 and _files(folder) == data_files
+    # a file of the other tokenizer under this key's name: refused by open, replaced by build
+    shutil.copy(other["tokenizer"].path(source), first)
+    this = D.TokenCache(cache, tok, MAX_LENGTH)
+    with pytest.raises(D.DataError, match=f"token cache {first}: made for .*delete it"):
+        this.open([source])
+    this.build([source], log=lambda *a: None)
+    this.open([source])
+    assert source.tokens.texts(0, ["passage"])[0][0] == M.tokenize(tok, [pq.read_table(source.path)["passage"][0].as_py()], MAX_LENGTH)[0][0]
+    # the data file changes: a new key, the old file is not read
+    table = pq.read_table(os.path.join(folder, "bbc_topic_classification.parquet")).slice(0, 100)
+    pq.write_table(table, os.path.join(folder, "bbc_topic_classification.parquet"))
+    (changed,) = D.load_sources(folder)
+    assert this.path(changed) != first and this.problem(changed) == "not built"
+
+
+def test_half_written_cache_is_rebuilt_and_waiting_ranks_open_it(tmp_path, tok, small_demo_dir, monkeypatch):
+    folder, cache = str(tmp_path / "d"), str(tmp_path / "cache")
+    os.makedirs(folder)
+    for name in ("bbc_topic_classification.parquet", "task_types.csv"):
+        shutil.copy(os.path.join(small_demo_dir, name), folder)
+    (source,) = D.load_sources(folder)
+    real, calls = D.TokenCache._tokenize, []
+
+    def crashing(self, *args):  # the builder dies after 3 of its 10 row ranges
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(self, *args)
+    monkeypatch.setattr(D.TokenCache, "_tokenize", crashing)
+    builder = D.TokenCache(cache, tok, MAX_LENGTH, rows_per_batch=16)
+    with pytest.raises(KeyboardInterrupt):
+        builder.build([source])
+    monkeypatch.setattr(D.TokenCache, "_tokenize", real)
+    assert builder.problem(source) == "not built"  # only the temporary file was written
+    assert [f for f in os.listdir(cache) if ".tmp-" in f]
+    # a rank that waits for the builder opens the files once they are complete
+    waiter = D.load_sources(folder)[0]
+    thread = threading.Thread(target=D.TokenCache(cache, tok, MAX_LENGTH).open, args=([waiter],), kwargs=dict(wait=True))
+    thread.start()
+    D.TokenCache(cache, tok, MAX_LENGTH, rows_per_batch=16).build([source], log=lambda *a: None)
+    thread.join(timeout=30)
+    assert waiter.tokens is not None and waiter.tokens.num_rows == source.num_rows
+    assert not [f for f in os.listdir(cache) if ".tmp" in f]  # the rebuild reused the temporary name
+    # a cache file cut short (say, a disk that filled up before the rename): refused, then rebuilt
+    cache_obj = D.TokenCache(cache, tok, MAX_LENGTH)
+    path = cache_obj.path(source)
+    expected = D.TokenTable(path, MAX_LENGTH, tok.eos_token_id).texts(7, source.columns)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    assert cache_obj.problem(source).startswith("unreadable")
+    with pytest.raises(D.DataError, match=f"token cache {path}: unreadable"):
+        cache_obj.open([source])
+    cache_obj.build([source], log=lambda *a: None)
+    cache_obj.open([source])
+    assert source.tokens.texts(7, source.columns) == expected
+
+
+def test_two_builders_on_one_host_take_turns(tmp_path, tok, small_demo_dir):
+    """Two processes building one cache (two runs sharing --token-cache, or every rank of a
+    test) never write the same temporary file at once: the second waits, then finds it built."""
+    folder, cache = str(tmp_path / "d"), str(tmp_path / "cache")
+    os.makedirs(folder)
+    for name in ("bbc_topic_classification.parquet", "task_types.csv"):
+        shutil.copy(os.path.join(small_demo_dir, name), folder)
+    (source,) = D.load_sources(folder)
+    built = []
+    threads = [threading.Thread(target=D.TokenCache(cache, tok, MAX_LENGTH, rows_per_batch=16).build,
+                                args=([source],), kwargs=dict(log=built.append)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(built) == 1 and D.TokenCache(cache, tok, MAX_LENGTH).problem(source) is None
+
+
+def test_batches_read_the_memory_map(small_demo_dir, tok, cache_dir):
+    """Opening the cache and drawing batches allocates no Arrow memory: ids come from the
+    memory-mapped file (shared page cache), not from a copy per process."""
+    sources = _sources(small_demo_dir, tok, cache_dir)
+    before = pa.total_allocated_bytes()
+    stream = D.BatchStream(sources, 8, seed=0)
+    for _ in range(20):
+        next(stream)
+    assert pa.total_allocated_bytes() - before < 1e5
 
 
 # ---------------------------------------------------------------- bad input
-def _write(folder, name, rows, task_type="retrieval"):
+def _write(folder, name, rows, task_type="retrieval", types=None):
     os.makedirs(folder, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows) if rows else pa.table({"query": pa.array([], pa.string())}),
                    os.path.join(folder, f"{name}.parquet"))
     with open(os.path.join(folder, "task_types.csv"), "w") as f:
-        f.write(f"dataset,task_type\n{name},{task_type}\n")
+        f.write("dataset,task_type\n" + "".join(f"{n},{t}\n" for n, t in (types or {name: task_type}).items()))
 
 
 def _row(n_neg=7, **kw):
@@ -113,8 +341,12 @@ def _row(n_neg=7, **kw):
     ([], "retrieval", ["src.parquet", "no rows"]),
     ([_row(), _row(query=3)], "retrieval", ["src.parquet", "column 'query'", "expected strings"]),
     ([_row(), _row(), _row(passage="")], "retrieval", ["src.parquet", "row 2", "column 'passage'", "empty"]),
+    ([_row(), _row(query=None)], "retrieval", ["src.parquet", "row 1", "column 'query'", "missing"]),
     ([_row(), _row(negative_3=None)], "retrieval", ["src.parquet", "row 1", "column 'negative_3'", "k = 7"]),
     ([_row(n_neg=5)], "retrieval", ["src.parquet", "missing column 'negative_6'"]),
+    # read in ranges of 1024 rows: the row number counts from the start of the file
+    ([_row()] * 5000 + [_row(passage=None)], "retrieval", ["src.parquet", "row 5000", "column 'passage'"]),
+    ([_row()] * 4097 + [_row(negative_1="")], "retrieval", ["row 4097", "column 'negative_1'", "0 hard negatives"]),
 ])
 def test_bad_files_name_file_row_column(tmp_path, rows, task_type, expected):
     folder = str(tmp_path / "d")
@@ -131,6 +363,26 @@ def test_bad_files_name_file_row_column(tmp_path, rows, task_type, expected):
         D.load_sources(folder)
     for part in expected:
         assert part in str(e.value), str(e.value)
+
+
+def test_a_restart_reads_no_text_but_checks_the_task_type_again(tmp_path, monkeypatch):
+    """The scan of a file is kept per (path, size, mtime): a second start reads none of the
+    text, the checks that depend on the task type still run, and a changed file is scanned."""
+    folder, memo = str(tmp_path / "d"), str(tmp_path / "memo")
+    _write(folder, "src", [_row(n_neg=3)] * 5, "classification")
+    (first,) = D.load_sources(folder, memo_folder=memo)
+    with monkeypatch.context() as m:
+        m.setattr(D, "read_batches", lambda *a, **k: pytest.fail("the data was read again"))
+        (again,) = D.load_sources(folder, memo_folder=memo)
+        assert again.columns == first.columns == ["query", "passage", "negative_1", "negative_2", "negative_3"]
+        assert (again.n_candidates == first.n_candidates).all()
+        with open(os.path.join(folder, "task_types.csv"), "w") as f:
+            f.write("dataset,task_type\nsrc,retrieval\n")  # k = 7 now
+        with pytest.raises(D.DataError, match="src.parquet: missing column 'negative_4'"):
+            D.load_sources(folder, memo_folder=memo)
+    _write(folder, "src", [_row(n_neg=3)] * 4 + [_row(n_neg=3, passage="")], "classification")
+    with pytest.raises(D.DataError, match="row 4, column 'passage': empty"):
+        D.load_sources(folder, memo_folder=memo)
 
 
 def test_classification_needs_one_negative(tmp_path):

@@ -163,6 +163,17 @@ def test_cli_conversions_pass_validation_and_user_errors_name_the_problem(tmp_pa
         mine.main(["mine", "--pairs", labelled, "--model", "x", "--out", out, "--max-score", "high"])
 
 
+def test_mine_help_states_each_rule_and_its_default(capsys):
+    with pytest.raises(SystemExit):
+        mine.main(["mine", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for part in ["the best N documents that are not a positive of the query (default 100)",
+                 "skip the best N candidates, likely unlabelled positives (default 5)",
+                 "score < this (default 0.8)", "< 0.95 x the positive's score at the default 0.05",
+                 "a query left with fewer is dropped", "(default 24)"]:
+        assert part in text, part
+
+
 def test_mine_bbc_with_trained_tiny_model_then_train(trained_run, tmp_path, capsys):
     """The whole path: pairs -> `mine.py mine` with the trained tiny export -> load_sources ->
     a few steps of train.py on the result."""
@@ -178,8 +189,8 @@ def test_mine_bbc_with_trained_tiny_model_then_train(trained_run, tmp_path, caps
     assert "of 200 pairs" in report and "dropped" in report
     (source,) = D.load_sources(out)
     assert source.task_type == "retrieval" and source.k == 7 and (source.n_candidates == 24).all()
-    assert source.table.num_rows >= 50  # the default rule keeps most pairs with this model
-    for row in source.table.to_pylist():
+    assert source.num_rows >= 50  # the default rule keeps most pairs with this model
+    for row in D.read_table(source.path).to_pylist():
         negatives = [row[f"negative_{i}"] for i in range(1, 25)]
         assert row["passage"] not in negatives and len(set(negatives)) == 24
     run = tmp_path / "run"
@@ -248,9 +259,10 @@ def test_mine_demo_writes_what_the_demo_sample_reads(trained_run, tmp_path, caps
     (retrieval,) = [s for s in D.load_sources(folder, val_fraction=0) if s.task_type == "retrieval"]
     arts = {a["id"]: a for a in D.bbc_articles()}
     rows = list(csv.reader(open(path)))
-    assert retrieval.table.num_rows == len(rows) - 1 == 1777
+    table = D.read_table(retrieval.path)
+    assert retrieval.num_rows == table.num_rows == len(rows) - 1 == 1777
     for line in (1, 900, 1777):
-        row, got = rows[line], retrieval.table.slice(line - 1, 1).to_pylist()[0]
+        row, got = rows[line], table.slice(line - 1, 1).to_pylist()[0]
         assert got["passage"] == arts[row[0]]["body"] and arts[row[0]]["headline"] in got["query"]
         assert [got[f"negative_{i}"] for i in range(1, 25)] == [arts[x]["body"] for x in row[1:]]
     heldout = next(a["id"] for a in D.bbc_articles() if a["heldout"])
