@@ -203,12 +203,6 @@ def restored_rng(state, device):
         yield
 
 
-def batch_sequences(batch: D.Batch, tokenizer, max_length: int):
-    """A rank's batch -> its S = b * (2 + k) id lists [queries; positives; negatives]."""
-    texts = batch.queries + batch.positives + [t for negs in batch.negatives for t in negs]
-    return M.tokenize(tokenizer, texts, max_length)
-
-
 def cached_step(model, seqs: list[list[int]], loss_fn, chunk_tokens: int, bf16: bool = False,
                 ddp=None, chunk_size: int = 0, clock=lambda phase: None) -> dict:
     """DESIGN §4: pass 1 (no grad) -> loss on cached reps -> pass 2 (grad, chunk by chunk).
