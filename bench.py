@@ -322,16 +322,16 @@ def bench_sentence_transformers(args, backbone, tokenizer, pool, st) -> dict:
 
 
 def bench_encode(args, backbone, tokenizer, pool, st) -> dict:
-    """model.encode against SentenceTransformer.encode: same texts (1/9 queries), same batch size."""
+    """model.encode against SentenceTransformer.encode: same texts (1/9 queries), same batch size
+    (texts per forward: ST pads each length-sorted batch, ours packs it)."""
     lengths = plan.length_mix(np.random.default_rng(args.seed + 2), args.encode_texts // 9, 8, args.max_length)
     rng, n_q = np.random.default_rng(args.seed + 3), args.encode_texts // 9
     texts = (cut_texts(rng, pool, tokenizer, lengths[:n_q], D.instruct(INSTRUCTION, ""))
              + cut_texts(rng, pool, tokenizer, lengths[n_q:]))
     backbone.eval(), st.eval()
     emb = {}
-    times = rounds({"ours": lambda: emb.update(ours=M.encode(backbone, tokenizer, texts, batch_size=args.chunk_size,
-                                                             chunk_tokens=args.chunk_tokens)),
-                    "st": lambda: emb.update(st=st.encode(texts, batch_size=args.chunk_size, convert_to_tensor=True))},
+    times = rounds({"ours": lambda: emb.update(ours=M.encode(backbone, tokenizer, texts, batch_size=args.encode_batch)),
+                    "st": lambda: emb.update(st=st.encode(texts, batch_size=args.encode_batch, convert_to_tensor=True))},
                    args.repeats)
     backbone.train()
     real = sum(len(s) for s in M.tokenize(tokenizer, texts, 8192)[0])
@@ -391,6 +391,7 @@ def main(argv=None):
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--st-queries", type=int, default=8, help="query/positive pairs of the ST comparison")
     p.add_argument("--encode-texts", type=int, default=72)
+    p.add_argument("--encode-batch", type=int, default=32, help="texts per forward when encoding (both sides)")
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=16384)

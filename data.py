@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TASK_TABLE = os.path.join(HERE, "f2llm_v1_datasets.csv")
+TASK_TABLE = os.path.join(HERE, "reference", "f2llm_v1_datasets.csv")
 K_BY_TYPE = {"retrieval": 7, "clustering": 7, "classification": 1}  # hard negatives per query
 IN_BATCH_TYPES = {"retrieval"}  # other queries' positives are false negatives elsewhere
 SAMPLING_RULES = ("official", "remaining")  # how the next batch's source is drawn (BatchStream)
@@ -578,7 +578,7 @@ DEMO_INSTRUCTIONS = {
 }
 
 
-DEMO_NEGATIVES = os.path.join(HERE, "bbc_demo_negatives.csv")
+DEMO_NEGATIVES = os.path.join(HERE, "reference", "bbc_demo_negatives.csv")
 
 
 def write_demo_sample(folder: str, seed: int = 0, negatives: str = DEMO_NEGATIVES) -> None:

@@ -3,7 +3,7 @@
     python mine.py mine --pairs PAIRS --model MODEL --out FOLDER        # + 24 hard negatives
     python mine.py classification --labelled TEXTS --instruction I --out FOLDER
     python mine.py clustering --labelled TEXTS --instruction I --out FOLDER
-    python mine.py demo --model MODEL     # rebuilds bbc_demo_negatives.csv (the tiny sample's)
+    python mine.py demo --model MODEL     # rebuilds reference/bbc_demo_negatives.csv (the tiny sample's)
 
 Contract:
 - `select_negatives` is the paper's margin rule as a pure function on retrieved scores:
@@ -314,7 +314,7 @@ def main(argv=None):
     mine.add_argument("--pairs", required=True, help=".jsonl or .parquet, columns query, passage")
     mine.add_argument("--corpus", help="extra candidate documents: .jsonl or .parquet, column text")
     mine.add_argument("--instruction", help="wrap each query as 'Instruct: ...\\nQuery: ...'")
-    demo = commands.add_parser("demo", help="the tiny preset's retrieval negatives (bbc_demo_negatives.csv)")
+    demo = commands.add_parser("demo", help="the tiny preset's retrieval negatives (reference/bbc_demo_negatives.csv)")
     for p, max_length in ((mine, 1024), (demo, 256)):
         p.add_argument("--model", required=True, help="a folder this project wrote, a "
                        "SentenceTransformer folder, or an HF id (see load_encoder)")

@@ -344,7 +344,8 @@ def encode(backbone, tokenizer, texts: list[str], batch_size: int = 32, max_leng
     out = torch.empty(len(ids), backbone.config.hidden_size)
     width = row_width(backbone, ids)
     for rows in make_chunks([len(x) for x in ids], chunk_tokens, batch_size, width):
-        packed = pack([ids[i] for i in rows], width).to(device)
+        chunk = [ids[i] for i in rows]  # sdpa rows as wide as this chunk's longest text
+        packed = pack(chunk, width and max(len(x) for x in chunk)).to(device)
         out[rows] = embed_packed(backbone, packed).cpu()
     return out
 

@@ -13,7 +13,9 @@ import contextlib
 import dataclasses
 import json
 import math
+import inspect
 import os
+import re
 import shutil
 import sys
 import time
@@ -40,17 +42,17 @@ class Config:
     data: str = ""  # folder of {source}.parquet / .jsonl; "" = released set (tiny: demo sample)
     out: str = ""  # run folder; "" = out/{size}
     steps: int = 0  # optimizer steps; 0 = `epochs` passes over the data
-    epochs: int = 2
+    epochs: int = 2  # passes over the data when --steps is 0
     batch_size: int = 0  # GLOBAL queries per step (all ranks); 0 = preset
     chunk_tokens: int = 0  # real tokens per packed forward: memory only, never the math; 0 = preset
     chunk_size: int = 0  # also cap the sequences per forward; 0 = no cap
     lr: float = 0.0  # peak learning rate; 0 = preset
     min_lr: float = 1e-7  # floor of the cosine schedule
-    warmup_steps: int = 500
-    weight_decay: float = 0.01
+    warmup_steps: int = 500  # linear warmup, in optimizer steps
+    weight_decay: float = 0.01  # AdamW weight decay
     beta2: float = 0.98  # AdamW betas (0.9, beta2)
-    grad_clip: float = 1.0
-    temperature: float = TEMPERATURE
+    grad_clip: float = 1.0  # clip the global gradient norm to this
+    temperature: float = TEMPERATURE  # softmax temperature of both losses (0.05)
     max_length: int = 0  # tokens per text including EOS; 0 = preset (1024)
     val_fraction: float = 0.01  # held out per source
     mrl: bool = False  # F2LLM v2's Matryoshka loss over nested dims (loss.matryoshka_dims)
@@ -62,7 +64,7 @@ class Config:
     save_every: int = 1000  # steps between resumable checkpoints; 0 = only at the end
     keep_checkpoints: int = 2  # the newest N checkpoints are kept
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
-    seed: int = 0
+    seed: int = 0  # model init, data order, negatives sampled, validation split
     precision: str = "auto"  # bf16 (autocast, fp32 master weights) | fp32; auto = bf16 on GPU
     shard_optimizer: bool = True  # ZeroRedundancyOptimizer across ranks when world > 1
     resume: bool = False  # continue from the latest checkpoint in `out` (automatic under torchrun restarts)
@@ -74,8 +76,11 @@ class Config:
 
 # Training overrides per size, on top of model.PRESETS (backbone, lr, batch, max length).
 TRAIN_PRESETS = {
+    # one epoch of three equal sources: under the official rule the sources run dry at random
+    # times and the epoch ends on a long run of one source at the lowest lr; drawing by
+    # batches left keeps every stretch mixed (the real sizes: 62 sources, 2 epochs, official)
     "tiny": dict(epochs=1, warmup_steps=10, min_lr=1e-5, eval_every=25, save_every=50,
-                 val_fraction=0.02),
+                 val_fraction=0.02, source_sampling="remaining"),
 }
 
 # Fields that change the math: resuming with a different value is an error.
@@ -85,14 +90,23 @@ MATH_FIELDS = ["size", "model", "data", "batch_size", "lr", "min_lr", "warmup_st
                "in_batch_gather", "lora_rank"]
 
 
+def field_help(cls) -> dict[str, str]:
+    """Each field's trailing comment in the dataclass source: the flag's help text in -h."""
+    lines = inspect.getsource(cls).splitlines()
+    found = (re.match(r"\s+(\w+): [^#]*=([^#]*)#\s*(.*)", line) for line in lines)
+    return {m[1]: f"{m[3]} (default:{m[2].rstrip()})" for m in found if m}
+
+
 def parse_config(argv=None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    helps = field_help(Config)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helps.get(f.name))
         else:
-            parser.add_argument(flag, type=f.type, default=None,
+            parser.add_argument(flag, type=f.type, default=None, help=helps.get(f.name),
                                 choices=list(M.PRESETS) if f.name == "size" else None)
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     size = args.get("size", Config.size)

@@ -16,6 +16,11 @@ import data as D  # noqa: E402
 import model as M  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs, torchrun processes, mteb; "
+                                       "python -m pytest -m 'not slow' skips them for a quick loop")
+
+
 @pytest.fixture(scope="session")
 def articles():
     return D.bbc_articles()

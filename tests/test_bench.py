@@ -7,6 +7,8 @@ import torch
 import bench
 import model as M
 
+pytestmark = pytest.mark.slow  # torchrun / real processes / mteb / sentence-transformers
+
 MAX_LENGTH = 64  # short texts keep the tests fast
 
 

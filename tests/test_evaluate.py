@@ -18,6 +18,8 @@ import data as D
 import evaluate
 import model as M
 
+pytestmark = pytest.mark.slow  # torchrun / real processes / mteb / sentence-transformers
+
 # mixed lengths: empty-ish, short, instruction-formatted, and far past the max length below
 TEXTS = ["ok", "Shares in the airline fell sharply on Monday.",
          D.instruct("Retrieve semantically similar text.", "The match ended in a draw."),

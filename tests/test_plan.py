@@ -42,6 +42,7 @@ print(json.dumps(dict(kept=kept)))
 """
 
 
+@pytest.mark.slow
 def test_memory_plan_matches_what_a_real_cpu_step_keeps():
     """Static terms = bytes of real fp32 weights, gradients and AdamW states after a real step;
     the per-token activation terms plus autocast's weight copies = the memory a real bf16
@@ -127,6 +128,7 @@ def test_bf16_autocast_embeddings_close_to_fp32(tokenizer, backbone):
     assert not torch.equal(bf16, fp32)  # autocast really ran in bf16
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_its_code_path_on_cpu(tmp_path):
     """gpu_check.py can only be timed on a GPU; its code path (random-weight Qwen3 shapes of
     every size, the paper's batch shape on the length mix, the packed step, the count-chunk

@@ -26,17 +26,19 @@ def _close(grads, reference, what):
         assert (grads[name] - g).abs().max() <= 1e-4 * g.abs().max(), f"{what}: {name}"
 
 
-def _rank_batch(demo_dir, tokenizer, task_type, size=6, max_length=128):
-    stream = D.BatchStream(D.load_tokenized(demo_dir, tokenizer, max_length, demo_dir + "_tokens"), size, seed=0)
+def _rank_batch(small_demo_dir, tokenizer, task_type, size=6, max_length=128):
+    """A rank's batch of the demo sample's first rows (one token cache for every test here)."""
+    stream = D.BatchStream(D.load_tokenized(small_demo_dir, tokenizer, max_length, small_demo_dir + "_tokens"),
+                           size, seed=0)
     batch = next(b for b in stream if b.task_type == task_type)
     return batch, batch.sequences()
 
 
 @pytest.mark.parametrize("task_type", ["retrieval", "classification"])
-def test_chunk_tokens_do_not_change_gradients(backbone, tokenizer, demo_dir, task_type):
+def test_chunk_tokens_do_not_change_gradients(backbone, tokenizer, small_demo_dir, task_type):
     """I2: packed chunks of one sequence each, of a few hundred tokens and of everything give
     the same loss and gradients as one plain padded forward/backward of the whole batch."""
-    batch, seqs = _rank_batch(demo_dir, tokenizer, task_type)
+    batch, seqs = _rank_batch(small_demo_dir, tokenizer, task_type)
     loss_fn = train.step_loss(batch, 0.05)
     results = {c: _grads(backbone, seqs, loss_fn, c) for c in (1, 300, 10**6)}
     ids, lengths = M.pad(seqs, tokenizer.pad_token_id)
@@ -54,7 +56,7 @@ def test_chunk_tokens_do_not_change_gradients(backbone, tokenizer, demo_dir, tas
     assert results[1][0]["computed_tokens"] == len(rows) * ids.shape[1] < ids.numel()
 
 
-def test_I2_under_dropout_pass_2_replays_pass_1_masks(tokenizer, demo_dir):
+def test_I2_under_dropout_pass_2_replays_pass_1_masks(tokenizer, small_demo_dir):
     """I2 with attention dropout 0.1 (Qwen3's only dropout): the cached step's gradients equal
     one uncached forward and backward that draws the same masks (the same chunks in the same
     order from the same RNG state). Without the RNG replay in pass 2, they do not."""
@@ -63,7 +65,7 @@ def test_I2_under_dropout_pass_2_replays_pass_1_masks(tokenizer, demo_dir):
     config.attention_dropout = 0.1
     backbone = M.AutoModel.from_config(config, attn_implementation="sdpa").train()
     assert [k for k, v in config.to_dict().items() if "dropout" in k and v] == ["attention_dropout"]
-    batch, seqs = _rank_batch(demo_dir, tokenizer, "retrieval", max_length=48)
+    batch, seqs = _rank_batch(small_demo_dir, tokenizer, "retrieval")
     loss_fn, chunk_tokens = train.step_loss(batch, 0.05), 200
     torch.manual_seed(1)
     m, grads = _grads(backbone, seqs, loss_fn, chunk_tokens)
@@ -85,7 +87,7 @@ def test_I2_under_dropout_pass_2_replays_pass_1_masks(tokenizer, demo_dir):
     assert any((without[n] - g).abs().max() > 1e-2 * g.abs().max() for n, g in direct.items())
 
 
-def test_one_bf16_cast_per_weight_per_pass(backbone, tokenizer, demo_dir):
+def test_one_bf16_cast_per_weight_per_pass(backbone, tokenizer, small_demo_dir):
     """Under bf16 autocast, the step casts each weight to bf16 once per pass (2 per step),
     not once per chunk: autocast's cache lives as long as its outermost region."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -100,7 +102,7 @@ def test_one_bf16_cast_per_weight_per_pass(backbone, tokenizer, demo_dir):
                     and args[0].untyped_storage().data_ptr() in params:
                 casts[params[args[0].untyped_storage().data_ptr()]] += 1
             return out
-    batch, seqs = _rank_batch(demo_dir, tokenizer, "retrieval")
+    batch, seqs = _rank_batch(small_demo_dir, tokenizer, "retrieval")
     with CountCasts():
         m = train.cached_step(backbone, seqs, train.step_loss(batch, 0.05), 300, bf16=True)
     assert m["chunks"] >= 4
@@ -115,6 +117,7 @@ def test_lr_schedule_warmup_cosine_floor():
     assert f(110) * cfg.lr == pytest.approx(1e-5) and f(500) * cfg.lr == pytest.approx(1e-5)
 
 
+@pytest.mark.slow
 def test_tiny_recipe_end_to_end(trained_run):
     """`python train.py --size tiny` trains on real text: the validation loss and each
     source's training loss fall; the run folder holds the config, one metrics line per step,
@@ -171,7 +174,7 @@ def test_batch_size_must_divide_over_ranks():
         train.check_config(train.Config(batch_size=9, chunk_size=4, lr=1e-3, max_length=32), world=2)
 
 
-def test_options_keep_I2_mrl_lora_and_one_process_detached_gather(tokenizer, demo_dir):
+def test_options_keep_I2_mrl_lora_and_one_process_detached_gather(tokenizer, small_demo_dir):
     """With Matryoshka on a LoRA model, token budgets from one row per chunk to all-in-one give
     the adapter gradients of one plain padded forward with the naive Matryoshka sum; only the
     adapters train; with one process the detached gather changes nothing."""
@@ -183,7 +186,7 @@ def test_options_keep_I2_mrl_lora_and_one_process_detached_gather(tokenizer, dem
             p.data.normal_(0, 0.05)
     trained = {n for n, p in backbone.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n for n in trained)
-    batch, seqs = _rank_batch(demo_dir, tokenizer, "retrieval", max_length=64)
+    batch, seqs = _rank_batch(small_demo_dir, tokenizer, "retrieval")
     b, k, d = len(batch.queries), len(batch.negatives[0]), backbone.config.hidden_size
     ids, lengths = M.pad(seqs, tokenizer.pad_token_id)
     reps = M.embed(backbone, ids, lengths)
