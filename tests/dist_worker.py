@@ -37,7 +37,8 @@ def official_reference_loss(batch):
 
 def step_gradients(tokenizer_dir, demo_dir, batch_size, chunk_tokens, max_length=48):
     """For each option, a fresh tiny model (LoRA adapters for "lora", their B made non-zero so
-    the adapters matter) and one cached step on a retrieval and a clustering batch."""
+    the adapters matter) and one cached step on a retrieval batch (the recipe: and a clustering
+    batch)."""
     rank, world, device = train.setup_distributed()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     sources = D.load_tokenized(demo_dir, tokenizer, max_length, demo_dir + "_tokens", seed=0)
@@ -60,7 +61,7 @@ def step_gradients(tokenizer_dir, demo_dir, batch_size, chunk_tokens, max_length
         if ddp:
             ddp.register_comm_hook(None, counting_hook)
         stream = D.BatchStream(sources, batch_size, seed=0)
-        for task_type in ("retrieval", "clustering"):
+        for task_type in ("retrieval", "clustering") if option == "recipe" else ("retrieval",):
             batch = next(b for b in stream if b.task_type == task_type).shard(rank, world)
             if option == "detached" and world == 1:
                 loss_fn = official_reference_loss(batch)

@@ -134,8 +134,8 @@ def test_gpu_check_runs_its_code_path_on_cpu(tmp_path):
     every size, the paper's batch shape on the length mix, the packed step, the count-chunk
     step, the time split, the plan beside it) runs here with tiny shapes."""
     import gpu_check
-    results = gpu_check.main(["--cpu-smoke", "--out", str(tmp_path / "g.json")])
-    assert [r["size"] for r in results] == ["0.6b", "1.7b", "4b"]
+    results = gpu_check.main(["--cpu-smoke", "--sizes", "0.6b,4b", "--out", str(tmp_path / "g.json")])
+    assert [r["size"] for r in results] == ["0.6b", "4b"]  # 1.7b runs the 0.6b code path
     for r in results:
         assert r["chunks_per_step"] > 1 and r["real_tokens_per_s"] > 0 and r["plan_gib"]["total"] > 0
         assert set(r["time_split_s"]) == {"pass 1", "loss", "pass 2", "optimizer"}
