@@ -29,7 +29,7 @@ import bench
 import model as M
 import plan
 import train
-from loss import TEMPERATURE, f2llm_loss
+from loss import f2llm_loss
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}  # dense, per card
 OLD_CHUNK_SIZE = {"0.6b": 16, "1.7b": 8, "4b": 2}  # the sequences-per-chunk presets before packing
@@ -148,9 +148,6 @@ def check_size(size, config, device, attn, steps, b, k, max_length, chunk_tokens
         r["old_step"] = dict(chunk_size=OLD_CHUNK_SIZE[size], chunks=m_old["chunks"], s_per_step=old[-1],
                              real_tokens_per_s=m_old["real_tokens"] / old[-1],
                              padding_efficiency=m_old["real_tokens"] / m_old["computed_tokens"])
-    del backbone, optimizer
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return r
 
 
@@ -199,6 +196,8 @@ def main(argv=None):
             b, max_length, chunk_tokens = 4, 64, 256
         r = check_size(size, config, device, attn, 1 if args.cpu_smoke else args.steps, b, k, max_length,
                        chunk_tokens, run_old=size != "4b")
+        if device.type == "cuda":  # the size's model and optimizer are gone: hand their memory back
+            torch.cuda.empty_cache()
         r.update(size=size, attention=attn, kernel=kernel)
         results.append(report(r, peak_flops) or r)
     out = dict(device=name, memory_gib=total / 2**30, torch=torch.__version__, attention=attn, kernel=kernel,

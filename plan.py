@@ -35,7 +35,6 @@ QWEN3_CONFIGS = {
                num_attention_heads=32),
 }
 RELEASED_TUPLES = 5_933_988  # rows of the released F2LLM training set (62 sources)
-GPU_BYTES = 80 * 10**9  # an 80 GB card (H100 / A100 80GB)
 USABLE_BYTES = 76 * 2**30  # what the plan may fill: the rest is CUDA context, NCCL, fragmentation
 H100_BF16_FLOPS = 989e12  # dense peak
 
