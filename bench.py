@@ -94,14 +94,16 @@ def ours_step(backbone, seqs, loss_fn, chunk_tokens: int, bf16: bool = False) ->
     return train.cached_step(backbone, seqs, loss_fn, chunk_tokens, bf16)
 
 
-def count_chunk_step(backbone, seqs, loss_fn, chunk_size: int, pad_id: int, bf16: bool = False) -> dict:
+def count_chunk_step(backbone, seqs, loss_fn, chunk_size: int, pad_id: int,
+                     bf16: bool = False) -> dict:
     """The step before packing: length-sorted chunks of chunk_size sequences, each padded to
     its longest, an autocast region per chunk (so bf16 weights are re-cast per chunk)."""
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     chunks = [order[i:i + chunk_size] for i in range(0, len(order), chunk_size)]
     device = next(backbone.parameters()).device
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
-    padded = [tuple(t.to(device) for t in M.pad([seqs[i] for i in rows], pad_id)) for rows in chunks]
+    padded = [tuple(t.to(device) for t in M.pad([seqs[i] for i in rows],
+                                                pad_id)) for rows in chunks]
     reps, states = torch.empty(len(seqs), backbone.config.hidden_size, device=device), []
     with torch.no_grad():
         for rows, inputs in zip(chunks, padded):
@@ -186,7 +188,8 @@ def build(args):
     tokenizer = M.train_tokenizer(texts, vocab_size=args.vocab)
     config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=args.hidden,
                          intermediate_size=3 * args.hidden, num_hidden_layers=args.layers,
-                         num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 128,
+                         num_attention_heads=args.hidden // 64,
+                         num_key_value_heads=args.hidden // 128,
                          head_dim=64, max_position_embeddings=8192, tie_word_embeddings=True,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(args.seed)
@@ -217,18 +220,23 @@ def memory_probe(args):
     pool, out = text_pool(tokenizer), {}
     for step in ("ours", "count", "official"):
         for scale in (1, 8):
-            batch = make_batch(pool, tokenizer, args.memory_queries * scale, args.k, args.max_length, args.seed)
+            batch = make_batch(pool, tokenizer, args.memory_queries * scale, args.k,
+                               args.max_length, args.seed)
             seqs, loss_fn = tokenized(batch, tokenizer, args.max_length)
             net = official if step == "official" else backbone
             gc.collect()
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
             before = rss_kib("VmRSS")
-            m = (official_step(net, seqs, loss_fn, tokenizer.pad_token_id) if step == "official" else
-                 count_chunk_step(net, seqs, loss_fn, args.chunk_size, tokenizer.pad_token_id) if step == "count"
+            m = (official_step(net, seqs, loss_fn,
+                               tokenizer.pad_token_id) if step == "official" else
+                 count_chunk_step(net, seqs, loss_fn, args.chunk_size,
+                                  tokenizer.pad_token_id) if step == "count"
                  else ours_step(net, seqs, loss_fn, args.chunk_tokens))
-            out[f"{step}_x{scale}"] = dict(step_mib=(rss_kib("VmHWM") - before) / 1024, before_mib=before / 1024,
-                                           sequences=len(seqs), computed_tokens=m["computed_tokens"],
+            out[f"{step}_x{scale}"] = dict(step_mib=(rss_kib("VmHWM") - before) / 1024,
+                                           before_mib=before / 1024,
+                                           sequences=len(seqs),
+                                           computed_tokens=m["computed_tokens"],
                                            real_tokens=m["real_tokens"])
             net.zero_grad(set_to_none=True)
             del m
@@ -268,8 +276,10 @@ def bench_steps(args, backbone, tokenizer, pool) -> dict:
     real = info["ours"]["real_tokens"]
     casts = {name: weight_casts(backbone, lambda: step(True)) for name, step in (
         ("ours", lambda bf16: ours_step(backbone, seqs, loss_fn, args.chunk_tokens, bf16)),
-        ("count", lambda bf16: count_chunk_step(backbone, seqs, loss_fn, args.chunk_size, pad, bf16)))}
-    return dict(sequences=len(seqs), real_tokens=real, chunks={n: info[n].get("chunks", 1) for n in info},
+        ("count",
+         lambda bf16: count_chunk_step(backbone, seqs, loss_fn, args.chunk_size, pad, bf16)))}
+    return dict(sequences=len(seqs), real_tokens=real,
+                chunks={n: info[n].get("chunks", 1) for n in info},
                 loss={n: m["loss"] for n, m in info.items()},
                 efficiency={n: m["real_tokens"] / m["computed_tokens"] for n, m in info.items()},
                 weight_casts_per_step=casts,
@@ -283,14 +293,16 @@ def paper_batch_efficiency(args, batches: int = 20) -> dict:
     mix, exact token counts of the chunk plans, no model: packed as on a GPU (one varlen row
     per chunk), packed as on a CPU (sdpa rows as wide as the chunk's longest sequence), the
     count-chunk step (C = 16, the old 0.6b preset) and the official step (one padded batch)."""
-    rng, eff = np.random.default_rng(args.seed), {"varlen": [], "rows": [], "count": [], "official": []}
-    budget = M.PRESETS["0.6b"]["chunk_tokens"]
+    rng, eff = np.random.default_rng(args.seed), {"varlen": [], "rows": [], "count": [],
+                                                  "official": []}
+    budget = train.PRESETS["0.6b"]["chunk_tokens"]
     for _ in range(batches):
         lengths = plan.length_mix(rng, 64, 7, args.max_length)
         real = sum(lengths)
         for name, width in (("varlen", None), ("rows", max(lengths))):
             chunks = M.make_chunks(lengths, budget, width=width)
-            computed = sum(M.pack([[0] * lengths[i] for i in c], width).computed_tokens for c in chunks)
+            computed = sum(M.pack([[0] * lengths[i] for i in c],
+                                  width).computed_tokens for c in chunks)
             eff[name].append(real / computed)
         order = sorted(lengths, reverse=True)
         eff["count"].append(real / sum(len(order[i:i + 16]) * order[i] for i in range(0, len(order), 16)))
@@ -301,7 +313,8 @@ def paper_batch_efficiency(args, batches: int = 20) -> dict:
 def bench_sentence_transformers(args, backbone, tokenizer, pool, st) -> dict:
     """A pairs-only batch: our step with the in-batch loss against CachedMNRL, C = mini-batch."""
     from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
-    st_loss = CachedMultipleNegativesRankingLoss(st, scale=1 / TEMPERATURE, mini_batch_size=args.chunk_size)
+    st_loss = CachedMultipleNegativesRankingLoss(st, scale=1 / TEMPERATURE,
+                                                 mini_batch_size=args.chunk_size)
     pairs = make_batch(pool, tokenizer, args.st_queries, 0, args.max_length, args.seed + 1)
     loss = {}
 
@@ -324,7 +337,8 @@ def bench_sentence_transformers(args, backbone, tokenizer, pool, st) -> dict:
 def bench_encode(args, backbone, tokenizer, pool, st) -> dict:
     """model.encode against SentenceTransformer.encode: same texts (1/9 queries), same batch size
     (texts per forward: ST pads each length-sorted batch, ours packs it)."""
-    lengths = plan.length_mix(np.random.default_rng(args.seed + 2), args.encode_texts // 9, 8, args.max_length)
+    lengths = plan.length_mix(np.random.default_rng(args.seed + 2), args.encode_texts // 9, 8,
+                              args.max_length)
     rng, n_q = np.random.default_rng(args.seed + 3), args.encode_texts // 9
     texts = (cut_texts(rng, pool, tokenizer, lengths[:n_q], D.instruct(INSTRUCTION, ""))
              + cut_texts(rng, pool, tokenizer, lengths[n_q:]))
@@ -335,7 +349,8 @@ def bench_encode(args, backbone, tokenizer, pool, st) -> dict:
                    args.repeats)
     backbone.train()
     real = sum(len(s) for s in M.tokenize(tokenizer, texts, 8192)[0])
-    return dict(texts=len(texts), real_tokens=real, max_abs_diff=(emb["ours"] - emb["st"].cpu()).abs().max().item(),
+    return dict(texts=len(texts), real_tokens=real,
+                max_abs_diff=(emb["ours"] - emb["st"].cpu()).abs().max().item(),
                 tokens_per_s={n: spread([real / x for x in t]) for n, t in times.items()},
                 speedup=spread([s / o for o, s in zip(times["ours"], times["st"])]))
 
@@ -348,12 +363,14 @@ def goals(r) -> dict:
         "speedup_vs_official": (s["speedup"]["ours"]["median"], ">= 4", lambda v: v >= 4),
         "speedup_vs_count_chunks": (s["tokens_per_s"]["ours"]["median"] / s["tokens_per_s"]["count"]["median"],
                                     "> 1", lambda v: v > 1),
-        "padding_efficiency_paper_batch": (r["paper_batch_efficiency"]["rows"]["median"], ">= 0.98", lambda v: v >= 0.98),
+        "padding_efficiency_paper_batch": (r["paper_batch_efficiency"]["rows"]["median"], ">= 0.98",
+                                           lambda v: v >= 0.98),
         "memory_growth_batch_x8": (grow["ours"], "<= 1.25", lambda v: v <= 1.25),
         "weight_casts_per_step": (s["weight_casts_per_step"]["ours"], "<= 2", lambda v: v <= 2),
         "step_time_vs_st": (st["time_ratio"]["median"], "<= 1.0", lambda v: v <= 1.0),
         "encode_vs_st": (r["encode"]["speedup"]["median"], ">= 1.0", lambda v: v >= 1.0),
-        "loss_diff_vs_st": (st["loss_ours"] - st["loss_st"], "|diff| <= 1e-5", lambda v: abs(v) <= 1e-5),
+        "loss_diff_vs_st": (st["loss_ours"] - st["loss_st"], "|diff| <= 1e-5",
+                            lambda v: abs(v) <= 1e-5),
     }
     return {name: dict(value=v, goal=g, met=bool(ok(v))) for name, (v, g, ok) in rows.items()}
 
@@ -361,20 +378,27 @@ def goals(r) -> dict:
 def table(r) -> list[tuple]:
     """(measure, value, goal, met) rows; values are median [min-max] over the rounds."""
     fmt = lambda d: f"{d['median']:.2f} [{d['min']:.2f}-{d['max']:.2f}]"  # noqa: E731
-    s, paper, st, enc, grow, g = (r["steps"], r["paper_batch_efficiency"], r["sentence_transformers"],
+    s, paper, st, enc, grow, g = (r["steps"], r["paper_batch_efficiency"],
+                                  r["sentence_transformers"],
                                   r["encode"], r["memory_growth"], r["goals"])
     met = lambda name: g[name]["met"]  # noqa: E731
     return [
-        ("1. step throughput, ours / official", fmt(s["speedup"]["ours"]), ">= 4", met("speedup_vs_official")),
+        ("1. step throughput, ours / official", fmt(s["speedup"]["ours"]), ">= 4",
+         met("speedup_vs_official")),
         ("   count-chunk step (C) / official", fmt(s["speedup"]["count"]), "", None),
-        ("2. padding efficiency, paper batch: packed rows", fmt(paper["rows"]), ">= 0.98", met("padding_efficiency_paper_batch")),
-        ("   varlen row | count chunks | official", f"{paper['varlen']['median']:.2f} | {paper['count']['median']:.2f}"
+        ("2. padding efficiency, paper batch: packed rows", fmt(paper["rows"]), ">= 0.98",
+         met("padding_efficiency_paper_batch")),
+        ("   varlen row | count chunks | official",
+         f"{paper['varlen']['median']:.2f} | {paper['count']['median']:.2f}"
          f" | {paper['official']['median']:.2f}", "", None),
-        ("3. step peak memory, batch x8: ours", f"{grow['ours']:.2f}x", "<= 1.25x", met("memory_growth_batch_x8")),
+        ("3. step peak memory, batch x8: ours", f"{grow['ours']:.2f}x", "<= 1.25x",
+         met("memory_growth_batch_x8")),
         ("   count chunks | official", f"{grow['count']:.2f}x | {grow['official']:.2f}x", "", None),
-        ("4. bf16 casts of a weight per step: ours", str(s["weight_casts_per_step"]["ours"]), "<= 2", met("weight_casts_per_step")),
+        ("4. bf16 casts of a weight per step: ours", str(s["weight_casts_per_step"]["ours"]),
+         "<= 2", met("weight_casts_per_step")),
         ("   count chunks", str(s["weight_casts_per_step"]["count"]), "", None),
-        ("5. vs ST cached MNRL: loss ours - ST", f"{st['loss_ours'] - st['loss_st']:+.1e}", "~ 0", met("loss_diff_vs_st")),
+        ("5. vs ST cached MNRL: loss ours - ST", f"{st['loss_ours'] - st['loss_st']:+.1e}", "~ 0",
+         met("loss_diff_vs_st")),
         ("   step time ours / ST", fmt(st["time_ratio"]), "<= 1.0", met("step_time_vs_st")),
         ("6. encode throughput ours / ST", fmt(enc["speedup"]), ">= 1.0", met("encode_vs_st")),
     ]
@@ -383,22 +407,29 @@ def table(r) -> list[tuple]:
 # ---------------------------------------------------------------------------- main
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("--queries", type=int, default=4, help="queries per timed step (S = queries * (2 + k))")
-    p.add_argument("--memory-queries", type=int, default=1, help="queries of the x1 batch of the memory test")
+    p.add_argument("--queries", type=int, default=4,
+                   help="queries per timed step (S = queries * (2 + k))")
+    p.add_argument("--memory-queries", type=int, default=1,
+                   help="queries of the x1 batch of the memory test")
     p.add_argument("--k", type=int, default=7, help="hard negatives per query (retrieval: 7)")
-    p.add_argument("--chunk-tokens", type=int, default=2048, help="token budget of a packed chunk (ours)")
-    p.add_argument("--chunk-size", type=int, default=2, help="C: sequences per chunk of the count-chunk step")
+    p.add_argument("--chunk-tokens", type=int, default=2048,
+                   help="token budget of a packed chunk (ours)")
+    p.add_argument("--chunk-size", type=int, default=2,
+                   help="C: sequences per chunk of the count-chunk step")
     p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--st-queries", type=int, default=8, help="query/positive pairs of the ST comparison")
+    p.add_argument("--st-queries", type=int, default=8,
+                   help="query/positive pairs of the ST comparison")
     p.add_argument("--encode-texts", type=int, default=72)
-    p.add_argument("--encode-batch", type=int, default=32, help="texts per forward when encoding (both sides)")
+    p.add_argument("--encode-batch", type=int, default=32,
+                   help="texts per forward when encoding (both sides)")
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=16384)
     p.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench.json")
-    p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # internal: the memory child
+    p.add_argument("--probe", action="store_true",
+                   help=argparse.SUPPRESS)  # internal: the memory child
     p.add_argument("--export", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.probe:
@@ -409,8 +440,10 @@ def main(argv=None):
     pool = text_pool(tokenizer)
     n_params = sum(p.numel() for p in backbone.parameters())
     say(f"model: Qwen3 {args.layers} layers x {args.hidden}, vocab {len(tokenizer)}, {n_params / 1e6:.1f}M parameters")
-    r = dict(machine=dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
-                          cpus=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads(),
+    r = dict(machine=dict(platform=platform.platform(),
+                          processor=platform.processor() or platform.machine(),
+                          cpus=os.cpu_count(), torch=torch.__version__,
+                          threads=torch.get_num_threads(),
                           load_average_at_start=os.getloadavg()),  # other users of the CPUs
              commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip(),
@@ -443,7 +476,8 @@ def main(argv=None):
     print(f"{'measure':48s} {'value':34s} {'goal':9s} met")
     for name, value, goal, met in rows:
         print(f"{name:48s} {value:34s} {goal:9s} {'' if met is None else 'yes' if met else 'NO'}")
-    print("seconds per step: " + ", ".join(f"{n} {v['median']:.2f}" for n, v in s["seconds"].items())
+    print("seconds per step: " + ", ".join(f"{n} {v['median']:.2f}" for n,
+                                           v in s["seconds"].items())
           + " | step memory MiB x1 -> x8: " + ", ".join(
               f"{n} {mem[n + '_x1']['step_mib']:.0f} -> {mem[n + '_x8']['step_mib']:.0f}" for n in r["memory_growth"])
           + f" | wall {r['wall_s']:.0f}s")

@@ -57,6 +57,7 @@ class Source:
     train_rows: np.ndarray  # (rows - held out,) int32 row ids used for training
     val_rows: np.ndarray  # int32 row ids held out
     tokens: "TokenTable | None" = None  # set by TokenCache.open
+    teacher_tokens: "TokenTable | None" = None  # a teacher's own tokenizer's ids (--teacher)
 
     @property
     def num_rows(self) -> int:
@@ -71,6 +72,7 @@ class Batch:
     positives: list[list[int]]  # (B,)
     negatives: list[list[list[int]]]  # (B, k)
     cut: list[int] = field(default_factory=list)  # (B,) texts of each row cut to max_length
+    teacher: "Batch | None" = None  # the same texts in a teacher's tokenizer; None = same ids
 
     @property
     def truncated(self) -> int:
@@ -85,7 +87,8 @@ class Batch:
         b = len(self.queries) // world
         s = slice(rank * b, (rank + 1) * b)
         return Batch(self.source, self.task_type, self.queries[s], self.positives[s],
-                     self.negatives[s], self.cut[s])
+                     self.negatives[s], self.cut[s],
+                     self.teacher.shard(rank, world) if self.teacher else None)
 
 
 # ---------------------------------------------------------------------------- reading
@@ -207,8 +210,10 @@ def _check_file(path: str, k: int, memo_folder: str | None) -> tuple[list[str], 
     """Check one source; return its text columns and usable negatives per row. The scan's
     result is kept in memo_folder per data file (path, size, mtime): a restart reads no text."""
     stat = os.stat(path)
-    key = hashlib.sha256(f"{os.path.realpath(path)} {stat.st_size} {stat.st_mtime_ns}".encode()).hexdigest()
-    memo = memo_folder and os.path.join(memo_folder, f"{os.path.basename(path)}-{key[:16]}.checked.npz")
+    identity = f"{os.path.realpath(path)} {stat.st_size} {stat.st_mtime_ns}"
+    key = hashlib.sha256(identity.encode()).hexdigest()
+    memo = memo_folder and os.path.join(memo_folder,
+                                        f"{os.path.basename(path)}-{key[:16]}.checked.npz")
     if memo and os.path.exists(memo):
         with np.load(memo) as z:
             names, n = z["names"].tolist(), z["n_candidates"]
@@ -257,7 +262,8 @@ def load_sources(folder: str, seed: int = 0, val_fraction: float = 0.01,
                             f"{os.path.join(folder, 'task_types.csv')} (header: dataset,task_type)")
         k = K_BY_TYPE[types[name]]
         columns, n_candidates = _check_file(path, k, memo_folder)
-        rows = np.random.default_rng([seed, len(sources)]).permutation(len(n_candidates)).astype(np.int32)
+        rows = np.random.default_rng([seed,
+                                      len(sources)]).permutation(len(n_candidates)).astype(np.int32)
         n_val = int(len(rows) * val_fraction)
         sources.append(Source(name, path, types[name], k, columns, n_candidates,
                               np.sort(rows[n_val:]), np.sort(rows[:n_val])))
@@ -354,7 +360,8 @@ class TokenCache:
         if key != self.key(source):
             return f"made for {key}, not for {self.key(source)}"
         if rows != source.num_rows or reader.schema.names != source.columns:
-            return f"holds {rows} rows of {reader.schema.names}, the data file {source.num_rows} of {source.columns}"
+            return (f"holds {rows} rows of {reader.schema.names}, the data file "
+                    f"{source.num_rows} of {source.columns}")
         return None
 
     def build(self, sources: list[Source], log=print) -> None:
@@ -395,14 +402,16 @@ class TokenCache:
             if new:
                 ids = self.tokenizer(new, add_special_tokens=False, verbose=False,
                                      return_attention_mask=False)["input_ids"]
-                ids_of.update((t, np.array(x[: self.max_length], dtype=np.int32)) for t, x in zip(new, ids))
+                ids_of.update((t, np.array(x[: self.max_length], dtype=np.int32)) for t,
+                              x in zip(new, ids))
             lists = [ids_of[t] for t in texts]
             offsets = np.cumsum([0] + [len(x) for x in lists], dtype=np.int32)
             arrays.append(pa.ListArray.from_arrays(offsets, np.concatenate(lists)))
         return arrays
 
-    def open(self, sources: list[Source], wait: bool = False) -> None:
-        """Memory-map each source's cache file into `source.tokens`. wait: another process
+    def open(self, sources: list[Source], wait: bool = False, attr: str = "tokens") -> None:
+        """Memory-map each source's cache file into `source.tokens` (or `attr`: a teacher's
+        tokenizer's ids go to `teacher_tokens`). wait: another process
         (local rank 0) is building the files: poll until they are usable (a build of the
         released set would outlast the timeout of a barrier; torchrun stops every rank if the
         builder fails)."""
@@ -411,8 +420,10 @@ class TokenCache:
                 time.sleep(1)
             why = self.problem(source)
             if why is not None:
-                raise DataError(f"token cache {self.path(source)}: {why}; delete it and start again")
-            source.tokens = TokenTable(self.path(source), self.max_length, self.tokenizer.eos_token_id)
+                raise DataError(f"token cache {self.path(source)}: {why}; "
+                                f"delete it and start again")
+            setattr(source, attr, TokenTable(self.path(source), self.max_length,
+                                             self.tokenizer.eos_token_id))
 
 
 def load_tokenized(folder: str, tokenizer, max_length: int, cache_folder: str, seed: int = 0,
@@ -428,16 +439,24 @@ def load_tokenized(folder: str, tokenizer, max_length: int, cache_folder: str, s
 # ---------------------------------------------------------------------------- batches
 def make_batch(source: Source, rows: np.ndarray, rng: np.random.Generator) -> Batch:
     """Rows of one source -> a Batch of token ids with k negatives per query sampled from its
-    candidates. Needs `source.tokens` (TokenCache.open)."""
-    queries, positives, negatives, cut = [], [], [], []
-    for row in rows:
-        picks = rng.choice(int(source.n_candidates[row]), size=source.k, replace=False)
-        texts = source.tokens.texts(int(row), ["query", "passage"] + [f"negative_{j + 1}" for j in picks])
-        queries.append(texts[0][0])
-        positives.append(texts[1][0])
-        negatives.append([ids for ids, _ in texts[2:]])
-        cut.append(sum(was_cut for _, was_cut in texts))
-    return Batch(source.name, source.task_type, queries, positives, negatives, cut)
+    candidates (and the same texts in a teacher's ids, if its tokens are open). Needs
+    `source.tokens` (TokenCache.open)."""
+    picks = [rng.choice(int(source.n_candidates[row]), size=source.k, replace=False)
+             for row in rows]
+    columns = [["query", "passage"] + [f"negative_{j + 1}" for j in p] for p in picks]
+
+    def read(table: TokenTable) -> Batch:
+        queries, positives, negatives, cut = [], [], [], []
+        for row, cols in zip(rows, columns):
+            texts = table.texts(int(row), cols)
+            queries.append(texts[0][0])
+            positives.append(texts[1][0])
+            negatives.append([ids for ids, _ in texts[2:]])
+            cut.append(sum(was_cut for _, was_cut in texts))
+        return Batch(source.name, source.task_type, queries, positives, negatives, cut)
+    batch = read(source.tokens)
+    batch.teacher = read(source.teacher_tokens) if source.teacher_tokens else None
+    return batch
 
 
 def source_order(batches: list[int], rng: np.random.Generator, sampling: str) -> np.ndarray:
@@ -462,10 +481,12 @@ def source_order(batches: list[int], rng: np.random.Generator, sampling: str) ->
 class BatchStream:
     """The global batches of a run, epoch after epoch; identical on every rank."""
 
-    def __init__(self, sources: list[Source], batch_size: int, seed: int, sampling: str = "official"):
+    def __init__(self, sources: list[Source], batch_size: int, seed: int,
+                 sampling: str = "official"):
         if sampling not in SAMPLING_RULES:
             raise DataError(f"--source-sampling {sampling}: use one of {', '.join(SAMPLING_RULES)}")
-        self.sources, self.batch_size, self.seed, self.sampling = sources, batch_size, seed, sampling
+        self.sources, self.batch_size = sources, batch_size
+        self.seed, self.sampling = seed, sampling
         # every training row trains every epoch: a partial last batch is filled (below)
         self.source_batches = [-(-len(s.train_rows) // batch_size) for s in sources]
         self.epoch, self.position = 0, 0
@@ -479,7 +500,8 @@ class BatchStream:
             # the last batch wraps around to the start of this epoch's order (accelerate's
             # even batches, as the official loader): a source smaller than one batch repeats rows
             per_source.append(np.resize(rows, n * self.batch_size).reshape(n, self.batch_size))
-        order = source_order(self.source_batches, np.random.default_rng([self.seed, epoch]), self.sampling)
+        order = source_order(self.source_batches, np.random.default_rng([self.seed, epoch]),
+                             self.sampling)
         taken = [0] * len(self.sources)
         plan = []
         for sid in order:
@@ -530,7 +552,8 @@ class ValidationBatches:
 
     def __iter__(self):
         for sid, start, rows in self.plan:
-            yield make_batch(self.sources[sid], rows, np.random.default_rng([self.seed, sid, start]))
+            yield make_batch(self.sources[sid], rows,
+                             np.random.default_rng([self.seed, sid, start]))
 
 
 # ---------------------------------------------------------------------------- demo data
@@ -563,7 +586,8 @@ def instruct(instruction: str, text: str) -> str:
 
 # mteb's F2LLM loader uses this instruction where a task names none; the export stores it
 # as the SentenceTransformer "query" prompt.
-DEFAULT_QUERY_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+DEFAULT_QUERY_INSTRUCTION = ("Given a web search query, retrieve relevant passages that answer "
+                             "the query")
 
 
 def export_prompts() -> dict:
@@ -605,9 +629,11 @@ def write_demo_sample(folder: str, seed: int = 0, negatives: str = DEMO_NEGATIVE
                     f"{len(row)} fields, the header has {len(header)}") +
                     "; rebuild the file with python mine.py demo")
             a = by_id[row[0]]
-            retrieval.append({"query": instruct(DEMO_INSTRUCTIONS["bbc_headline_retrieval"], a["headline"]),
+            retrieval.append({"query": instruct(DEMO_INSTRUCTIONS["bbc_headline_retrieval"],
+                                                a["headline"]),
                               "passage": a["body"],
-                              **{f"negative_{n}": by_id[x]["body"] for n, x in enumerate(row[1:], 1)}})
+                              **{f"negative_{n}": by_id[x]["body"] for n,
+                                 x in enumerate(row[1:], 1)}})
     topics = sorted({a["topic"] for a in arts})
     by_topic = {t: [i for i, a in enumerate(arts) if a["topic"] == t] for t in topics}
     for i, a in enumerate(arts):

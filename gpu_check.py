@@ -31,7 +31,8 @@ import plan
 import train
 from loss import f2llm_loss
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}  # dense, per card
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12,
+                   "B200": 2250e12}  # dense, per card
 OLD_CHUNK_SIZE = {"0.6b": 16, "1.7b": 8, "4b": 2}  # the sequences-per-chunk presets before packing
 
 
@@ -91,7 +92,8 @@ def host_syncs(device, fn) -> int | None:
 
 def check_size(size, config, device, attn, steps, b, k, max_length, chunk_tokens, run_old):
     backbone = build(config, device, attn)
-    optimizer = torch.optim.AdamW(backbone.parameters(), lr=1e-5, betas=(0.9, 0.98), weight_decay=0.01)
+    optimizer = torch.optim.AdamW(backbone.parameters(), lr=1e-5, betas=(0.9, 0.98),
+                                  weight_decay=0.01)
     bf16 = device.type == "cuda"
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -100,7 +102,8 @@ def check_size(size, config, device, attn, steps, b, k, max_length, chunk_tokens
         seqs, loss_fn = batch_of(config, b, k, max_length, seed=step)
         clock = Clock(device)
         clock("start")
-        run = lambda: train.cached_step(backbone, seqs, loss_fn, chunk_tokens, bf16, clock=clock)  # noqa: E731
+        run = lambda: train.cached_step(backbone, seqs, loss_fn, chunk_tokens, bf16,
+                                        clock=clock)  # noqa: E731
         if step == 1:
             out = {}
             syncs = host_syncs(device, lambda: out.update(m=run()))
@@ -119,13 +122,17 @@ def check_size(size, config, device, attn, steps, b, k, max_length, chunk_tokens
             chunks = m["chunks"]
     counts = plan.parameter_counts(config)
     n = counts["all"] - counts["embedding"]
-    r = dict(size=size, layers=config.num_hidden_layers, b=b, k=k, chunk_tokens=chunk_tokens, chunks_per_step=chunks,
-             host_syncs_per_step=syncs, s_per_step=float(np.median(times)), real_tokens_per_s=tokens / sum(times),
-             non_embedding_params=n, time_split_s={p: float(np.median([s[p] for s in splits])) for p in splits[0]})
+    r = dict(size=size, layers=config.num_hidden_layers, b=b, k=k, chunk_tokens=chunk_tokens,
+             chunks_per_step=chunks,
+             host_syncs_per_step=syncs, s_per_step=float(np.median(times)),
+             real_tokens_per_s=tokens / sum(times),
+             non_embedding_params=n,
+             time_split_s={p: float(np.median([s[p] for s in splits])) for p in splits[0]})
     if device.type == "cuda":
         r.update(peak_allocated_gib=torch.cuda.max_memory_allocated(device) / 2**30,
                  peak_reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30)
-    p = plan.memory_plan(config, world=1, chunk_tokens=chunk_tokens, sequences_per_rank=b * (2 + k), shard_optimizer=False)
+    p = plan.memory_plan(config, world=1, chunk_tokens=chunk_tokens, sequences_per_rank=b * (2 + k),
+                         shard_optimizer=False)
     r["plan_gib"] = {name: v / 2**30 for name, v in p.items()}
     # the same sequences packed and padded, under the step's precision
     seqs, _ = batch_of(config, 8, 1, max_length, seed=99)
@@ -145,7 +152,8 @@ def check_size(size, config, device, attn, steps, b, k, max_length, chunk_tokens
                 torch.cuda.synchronize(device)
             old.append(time.perf_counter() - t0)
             backbone.zero_grad(set_to_none=True)
-        r["old_step"] = dict(chunk_size=OLD_CHUNK_SIZE[size], chunks=m_old["chunks"], s_per_step=old[-1],
+        r["old_step"] = dict(chunk_size=OLD_CHUNK_SIZE[size], chunks=m_old["chunks"],
+                             s_per_step=old[-1],
                              real_tokens_per_s=m_old["real_tokens"] / old[-1],
                              padding_efficiency=m_old["real_tokens"] / m_old["computed_tokens"])
     return r
@@ -171,8 +179,10 @@ def report(r, peak_flops):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU, for the tests")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per size, after one warm-up")
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="tiny shapes on CPU, for the tests")
+    parser.add_argument("--steps", type=int, default=3,
+                        help="timed steps per size, after one warm-up")
     parser.add_argument("--sizes", default="0.6b,1.7b,4b")
     parser.add_argument("--out", default="gpu_check.json")
     args = parser.parse_args(argv)
@@ -187,7 +197,7 @@ def main(argv=None):
     peak_flops = next((v for key, v in PEAK_BF16_FLOPS.items() if key in name), None)
     results = []
     for size in args.sizes.split(","):
-        b, k, max_length, chunk_tokens = 64, 7, 1024, M.PRESETS[size]["chunk_tokens"]
+        b, k, max_length, chunk_tokens = 64, 7, 1024, train.PRESETS[size]["chunk_tokens"]
         config = plan.qwen3_config(size, None if size != "4b" or total >= 120e9 else 12)
         if args.cpu_smoke:  # the same code with tiny shapes: 2 layers of width 64
             config = plan.config_like(config, 2, vocab_size=500)
@@ -200,7 +210,8 @@ def main(argv=None):
             torch.cuda.empty_cache()
         r.update(size=size, attention=attn, kernel=kernel)
         results.append(report(r, peak_flops) or r)
-    out = dict(device=name, memory_gib=total / 2**30, torch=torch.__version__, attention=attn, kernel=kernel,
+    out = dict(device=name, memory_gib=total / 2**30, torch=torch.__version__, attention=attn,
+               kernel=kernel,
                results=results)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)

@@ -7,6 +7,9 @@
 - `f2llm_loss`: the recipe's total on one rank's reps [queries; positives; negatives]:
   hard-negative (k >= 1) + in-batch (retrieval only).
 - `matryoshka`: F2LLM v2's Matryoshka loss: a loss summed over nested prefixes of the reps.
+- `distillation_loss`: a teacher's cached reps of the same sequences -> "mse" (F2LLM v2's
+  embedding distillation, on unit vectors) or "kl" (score distillation over each query's
+  candidates, as FlagEmbedding and Tevatron offer).
 - gather="detached" reproduces the official code's in-batch gather, which carries no gradient:
   on more than one process no positive gets an in-batch gradient, not even its own rank's.
 Embeddings come in L2-normalised, so q @ p is the cosine; logits are fp32 / temperature.
@@ -61,7 +64,8 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 def hard_negative_loss(query, positive, negatives, temperature: float = TEMPERATURE):
     """query (b, D), positive (b, D), negatives (b, k, D) -> scalar."""
     candidates = torch.cat([positive[:, None], negatives], dim=1)  # (b, 1 + k, D)
-    logits = torch.einsum("bd,bcd->bc", query.float(), candidates.float()) / temperature  # (b, 1 + k)
+    logits = torch.einsum("bd,bcd->bc", query.float(),
+                          candidates.float()) / temperature  # (b, 1 + k)
     labels = torch.zeros(len(query), dtype=torch.long, device=query.device)
     return F.cross_entropy(logits, labels)
 
@@ -85,13 +89,15 @@ def f2llm_loss(reps, b: int, k: int, in_batch: bool, temperature: float = TEMPER
     retrieval data only (elsewhere other queries' positives would be false negatives)."""
     query, positive = reps[:b], reps[b:2 * b]  # (b, D) each
     zero = torch.zeros((), device=reps.device)
-    hard = hard_negative_loss(query, positive, reps[2 * b:].view(b, k, -1), temperature) if k else zero
+    hard = hard_negative_loss(query, positive, reps[2 * b:].view(b, k, -1),
+                              temperature) if k else zero
     in_batch_term = in_batch_loss(query, positive, temperature, gather) if in_batch else zero
     return hard + in_batch_term, hard, in_batch_term
 
 
 def matryoshka_dims(dim: int) -> list[int]:
-    """F2LLM v2's nested dimensions, largest first: dim, then the powers of two below it down to 8."""
+    """F2LLM v2's nested dimensions, largest first: dim, then the powers of two below it,
+    down to 8."""
     return [dim] + [2 ** i for i in range(dim.bit_length() - 1, 2, -1) if 2 ** i < dim]
 
 
@@ -104,3 +110,44 @@ def matryoshka(loss_fn, reps, dims: list[int]):
         terms = loss_fn(F.normalize(reps[:, :dim], dim=-1))
         total = [w * weight for w in terms] if total is None else [t + w * weight for t, w in zip(total, terms)]
     return tuple(total)
+
+
+KD_MODES = ("mse", "kl")
+
+
+def candidate_logits(reps, b: int, k: int, in_batch: bool, temperature: float,
+                     gather: str = "autograd"):
+    """One rank's reps [queries; positives; negatives] -> (b, 1 + k [+ world * b - 1]) logits
+    of each query against its positive (column 0), its k hard negatives and, with in_batch,
+    the other positives of the global batch (its own positive is not repeated)."""
+    query, positive = reps[:b].float(), reps[b:2 * b].float()  # (b, D) each
+    negatives = reps[2 * b:].float().view(b, k, reps.shape[1])  # (b, k, D)
+    candidates = torch.cat([positive[:, None], negatives], dim=1)  # (b, 1 + k, D)
+    logits = torch.einsum("bd,bcd->bc", query, candidates) / temperature  # (b, 1 + k)
+    if not in_batch:
+        return logits
+    all_positives = (gather_with_grad if gather == "autograd" else gather_detached)(positive)
+    others = query @ all_positives.T / temperature  # (b, world * b)
+    rank = dist.get_rank() if _distributed() else 0
+    own = torch.zeros_like(others, dtype=torch.bool)
+    own[torch.arange(b), rank * b + torch.arange(b)] = True
+    return torch.cat([logits, others[~own].view(b, -1)], dim=1)  # (b, 1 + k + world * b - 1)
+
+
+def distillation_loss(student, teacher, b: int, k: int, in_batch: bool, mode: str,
+                      temperature: float = TEMPERATURE, gather: str = "autograd"):
+    """student (S, D) unit reps with grad, teacher (S, D_t) unit reps of the same sequences,
+    no grad -> scalar.
+    mse: F2LLM v2's sum of three mean squared errors (queries, positives, negatives), the
+      teacher cut to its first D components (D_t >= D) and renormalised, as `evaluate.py
+      --dim` scores a truncated model. On unit vectors, where v2 uses raw hidden states.
+    kl: KL(teacher || student) of the softmax over each query's candidates (candidate_logits),
+      both at the training temperature, averaged over queries."""
+    if mode == "mse":
+        target = F.normalize(teacher[:, :student.shape[1]].float(), dim=-1)  # (S, D)
+        groups = [slice(0, b), slice(b, 2 * b)] + ([slice(2 * b, None)] if k else [])
+        return sum(F.mse_loss(student[g].float(), target[g]) for g in groups)
+    s = candidate_logits(student, b, k, in_batch, temperature, gather)
+    t = candidate_logits(teacher.float(), b, k, in_batch, temperature, "detached")
+    return F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), log_target=True,
+                    reduction="batchmean")

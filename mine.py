@@ -119,7 +119,8 @@ def _sentence_transformer_pooling_other_than_last_token(folder) -> bool:
     return True
 
 
-def mine_ids(queries: list[str], passages: list[str], embed, corpus=(), rule: MiningRule = MiningRule(),
+def mine_ids(queries: list[str], passages: list[str], embed, corpus=(),
+             rule: MiningRule = MiningRule(),
              chunk: int = 1024, progress: bool = True) -> tuple[list[str], Iterator]:
     """The search behind `mine_negatives` and `mine_demo`. Returns docs (the positives and the
     corpus, exact copies once) and a generator of, per chunk of queries, (start, negatives
@@ -152,8 +153,10 @@ def _search(queries, passages, docs, embed, rule, chunk, progress):
         ids = np.full((len(qs), k), -1)  # (b, k); a corpus smaller than k leaves padding
         scores = np.full((len(qs), k), -np.inf, dtype=np.float32)
         for i, h in enumerate(hits):
-            ids[i, :len(h)], scores[i, :len(h)] = [x["corpus_id"] for x in h], [x["score"] for x in h]
-        excluded = np.array([np.isin(row, list(positive_ids[q])) for row, q in zip(ids, qs)]) | (ids < 0)
+            ids[i, :len(h)], scores[i,
+                                    :len(h)] = [x["corpus_id"] for x in h], [x["score"] for x in h]
+        excluded = np.array([np.isin(row, list(positive_ids[q])) for row,
+                             q in zip(ids, qs)]) | (ids < 0)
         pos_scores = (query_reps * doc_reps[[doc_id[p] for p in ps]]).sum(-1).numpy()  # (b,)
         picks, why = select_negatives(scores, excluded, pos_scores, rule)
         yield lo, np.where(picks >= 0, np.take_along_axis(ids, np.maximum(picks, 0), 1), -1), why
@@ -191,14 +194,16 @@ def mine_negatives(queries: list[str], passages: list[str], model, path: str, co
     return _report(reasons, len(docs), t0)
 
 
-def classification_rows(texts: list[str], labels: list[str], instruction: str, seed: int = 0) -> list[dict]:
+def classification_rows(texts: list[str], labels: list[str], instruction: str,
+                        seed: int = 0) -> list[dict]:
     """Text -> its label; the negative is the other label (a random other one if more than two)."""
     names = sorted(set(labels))
     if len(names) < 2:
         raise DataError(f"classification needs at least two labels, found {names}")
     rng = np.random.default_rng(seed)
     return [{"query": instruct(instruction, t), "passage": y,
-             "negative_1": str(rng.choice([n for n in names if n != y]))} for t, y in zip(texts, labels)]
+             "negative_1": str(rng.choice([n for n in names if n != y]))} for t,
+            y in zip(texts, labels)]
 
 
 def clustering_rows(texts: list[str], labels: list[str], instruction: str, seed: int = 0,
@@ -238,7 +243,8 @@ def mine_demo(model, path: str, rule: MiningRule = MiningRule(), batch_size: int
     t0 = time.time()
     arts = [a for a in bbc_articles() if not a["heldout"]]
     docs, search = mine_ids([a["headline"] for a in arts], [a["body"] for a in arts],
-                            load_encoder(model, batch_size, max_length), (), rule, progress=progress)
+                            load_encoder(model, batch_size, max_length), (), rule,
+                            progress=progress)
     article_of = {}
     for a in arts:  # a body found twice in BBC News is one document: the first article's id
         article_of.setdefault(a["body"], a["id"])
@@ -297,16 +303,19 @@ def register_source(folder: str, name: str, task_type: str) -> None:
         with open(path, newline="") as f:
             types = {r["dataset"]: r["task_type"] for r in csv.DictReader(f)}
     with open(path + ".tmp", "w") as f:
-        f.write("dataset,task_type\n" + "".join(f"{n},{t}\n" for n, t in {**types, name: task_type}.items()))
+        f.write("dataset,task_type\n" + "".join(f"{n},{t}\n" for n,
+                                                t in {**types, name: task_type}.items()))
     os.replace(path + ".tmp", path)
 
 
 def main(argv=None):
     """`python mine.py {mine,classification,clustering} ... --out FOLDER` (-h for the flags)."""
     import argparse
-    parser = argparse.ArgumentParser(prog="mine.py", description="Build a source in the released layout.")
+    parser = argparse.ArgumentParser(prog="mine.py",
+                                     description="Build a source in the released layout.")
     commands = parser.add_subparsers(dest="command", required=True)
-    mine = commands.add_parser("mine", help="(query, passage) pairs -> + hard negatives (retrieval)",
+    mine = commands.add_parser("mine",
+                               help="(query, passage) pairs -> + hard negatives (retrieval)",
                                description="Adds hard negatives to (query, passage) pairs with "
                                "the paper's rule: of the top 100 documents, skip the best 5, keep "
                                "score < 0.8 and < 0.95 x the positive's, keep the best 24; a query "
@@ -314,7 +323,8 @@ def main(argv=None):
     mine.add_argument("--pairs", required=True, help=".jsonl or .parquet, columns query, passage")
     mine.add_argument("--corpus", help="extra candidate documents: .jsonl or .parquet, column text")
     mine.add_argument("--instruction", help="wrap each query as 'Instruct: ...\\nQuery: ...'")
-    demo = commands.add_parser("demo", help="the tiny preset's retrieval negatives (reference/bbc_demo_negatives.csv)")
+    demo = commands.add_parser("demo",
+                               help="the tiny preset's retrieval negatives (reference/bbc_demo_negatives.csv)")
     for p, max_length in ((mine, 1024), (demo, 256)):
         p.add_argument("--model", required=True, help="a folder this project wrote, a "
                        "SentenceTransformer folder, or an HF id (see load_encoder)")
@@ -322,8 +332,10 @@ def main(argv=None):
             p.add_argument("--" + field.replace("_", "-"), default=f.default, help=RULE_HELP[field]
                            + ("" if f.type is int else "; 'none': off"), type=int if f.type is int
                            else lambda s: None if s.lower() == "none" else float(s))
-        p.add_argument("--batch-size", type=int, default=32, help="texts per forward when embedding")
-        p.add_argument("--max-length", type=int, default=max_length, help="tokens per text when embedding")
+        p.add_argument("--batch-size", type=int, default=32,
+                       help="texts per forward when embedding")
+        p.add_argument("--max-length", type=int, default=max_length,
+                       help="tokens per text when embedding")
     demo.add_argument("--out", default=DEMO_NEGATIVES, help="the CSV to write")
     for kind in ("classification", "clustering"):
         p = commands.add_parser(kind, help=f"labelled texts -> {kind} rows")
@@ -350,7 +362,8 @@ def main(argv=None):
         if args.command == "mine":
             pairs = read_columns(args.pairs, ["query", "passage"], "--pairs")
             corpus = read_columns(args.corpus, ["text"], "--corpus")["text"] if args.corpus else []
-            queries = [instruct(args.instruction, q) if args.instruction else q for q in pairs["query"]]
+            queries = [instruct(args.instruction,
+                                q) if args.instruction else q for q in pairs["query"]]
             os.makedirs(args.out, exist_ok=True)
             r = mine_negatives(queries, pairs["passage"], args.model, path, corpus, rule,
                                args.batch_size, args.max_length)

@@ -24,20 +24,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, AutoModel, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config
-
-# Size presets (DESIGN §2). `dim` and `params` are the published models' own figures.
-# chunk_tokens: real tokens per packed forward, the largest multiple of 1024 whose memory plan
-# fits an 80 GB GPU at the paper's 64 queries per GPU (plan.chunk_tokens_that_fit; a test checks).
-PRESETS = {
-    "tiny": dict(model="tiny", lr=1e-3, batch_size=32, dim=64, max_length=128, chunk_tokens=4096),
-    "0.6b": dict(model="Qwen/Qwen3-0.6B", lr=1e-5, batch_size=512, dim=1024, max_length=1024,
-                 chunk_tokens=31744, params=596_049_920),
-    "1.7b": dict(model="Qwen/Qwen3-1.7B", lr=9e-6, batch_size=512, dim=2048, max_length=1024,
-                 chunk_tokens=16384, params=1_720_574_976),
-    "4b": dict(model="Qwen/Qwen3-4B", lr=8e-6, batch_size=512, dim=2560, max_length=1024,
-               chunk_tokens=5120, params=4_022_468_096),
-}
+from transformers import (AttentionInterface, AutoModel, AutoTokenizer, PreTrainedTokenizerFast,
+                          Qwen3Config)
 
 # Qwen3's special tokens: pad `<|endoftext|>` is a real, EOS-like token (so masks never come
 # from `ids != pad`); the EOS that ends every sequence is `<|im_end|>`.
@@ -90,12 +78,14 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     cu, longest = cu_seq_lens_q, max_length_q
     flash, native = _flash_varlen(), _torch_varlen()
     if q.is_cuda and flash:
-        out = flash(q, k, v, cu, cu, longest, longest, dropout_p=dropout, softmax_scale=scaling, causal=True)
+        out = flash(q, k, v, cu, cu, longest, longest, dropout_p=dropout, softmax_scale=scaling,
+                    causal=True)
     elif q.is_cuda and native:
         if dropout:
             raise ValueError("attention dropout needs flash-attn (torch's varlen_attn has none); "
                              "pip install flash-attn or set attention_dropout to 0")
-        params = inspect.signature(native).parameters  # torch 2.10 says is_causal, later window_size
+        # torch 2.10 says is_causal, later versions window_size
+        params = inspect.signature(native).parameters
         extra = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
         if "scale" in params:  # else its default, 1 / sqrt(head_dim): Qwen3's scaling too
             extra["scale"] = scaling
@@ -222,7 +212,8 @@ def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch
 def embed(backbone, input_ids: torch.Tensor, lengths: torch.Tensor, side: str = "right"):
     """Padded ids (n, L) -> unit-norm fp32 embeddings (n, D)."""
     attention_mask = mask_from_lengths(lengths.to(input_ids.device), input_ids.shape[1], side)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                      use_cache=False).last_hidden_state
     return F.normalize(last_token_pool(hidden, attention_mask).float(), dim=-1)
 
 
@@ -242,7 +233,8 @@ def first_fit(lengths: list[int], capacity: int, most: int = 0) -> list[list[int
     return bins
 
 
-def make_chunks(lengths: list[int], chunk_tokens: int, chunk_size: int = 0, width: int | None = None):
+def make_chunks(lengths: list[int], chunk_tokens: int, chunk_size: int = 0,
+                width: int | None = None):
     """Sequence ids -> chunks of at most chunk_tokens computed tokens (a longer sequence gets a
     chunk of its own) and, if chunk_size > 0, at most chunk_size sequences.
     width None (varlen, one row per chunk): sequences first-fit into chunks, no padding.
@@ -252,7 +244,8 @@ def make_chunks(lengths: list[int], chunk_tokens: int, chunk_size: int = 0, widt
         return first_fit(lengths, chunk_tokens, chunk_size)
     chunks, tokens = [], 0
     for row in first_fit(lengths, width, chunk_size):
-        if chunks and tokens + width <= chunk_tokens and not (chunk_size and len(chunks[-1]) + len(row) > chunk_size):
+        fits = chunks and tokens + width <= chunk_tokens
+        if fits and not (chunk_size and len(chunks[-1]) + len(row) > chunk_size):
             chunks[-1] += row
             tokens += width
         else:
@@ -368,15 +361,18 @@ def save_export(backbone, tokenizer, out: str, prompts: dict | None = None,
     files = {  # sentence-transformers: Transformer -> last-token Pooling -> Normalize
         "modules.json": [
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+            {"idx": 1, "name": "1", "path": "1_Pooling",
+             "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize",
+             "type": "sentence_transformers.models.Normalize"},
         ],
         "sentence_bert_config.json": {"max_seq_length": max_length, "do_lower_case": False},
         "config_sentence_transformers.json": {
             "prompts": prompts or {"query": "", "document": ""},
             "default_prompt_name": None, "similarity_fn_name": "cosine"},
         "1_Pooling/config.json": {"word_embedding_dimension": dim, "pooling_mode_lasttoken": True,
-                                  "pooling_mode_mean_tokens": False, "pooling_mode_cls_token": False,
+                                  "pooling_mode_mean_tokens": False,
+                                  "pooling_mode_cls_token": False,
                                   "pooling_mode_max_tokens": False, "include_prompt": True},
         "2_Normalize/config.json": {},
     }

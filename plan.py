@@ -34,6 +34,11 @@ QWEN3_CONFIGS = {
     "4b": dict(_QWEN3_COMMON, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                num_attention_heads=32),
 }
+# the published F2LLM models' own figures: embedding dimension and parameters (a test checks
+# that the configs above build exactly these)
+PUBLISHED = {"0.6b": dict(dim=1024, params=596_049_920),
+             "1.7b": dict(dim=2048, params=1_720_574_976),
+             "4b": dict(dim=2560, params=4_022_468_096)}
 RELEASED_TUPLES = 5_933_988  # rows of the released F2LLM training set (62 sources)
 USABLE_BYTES = 76 * 2**30  # what the plan may fill: the rest is CUDA context, NCCL, fragmentation
 H100_BF16_FLOPS = 989e12  # dense peak
@@ -46,7 +51,8 @@ def qwen3_config(size: str, num_hidden_layers: int | None = None) -> Qwen3Config
     return config
 
 
-def config_like(config: Qwen3Config, num_hidden_layers: int, vocab_size: int | None = None) -> Qwen3Config:
+def config_like(config: Qwen3Config, num_hidden_layers: int,
+                vocab_size: int | None = None) -> Qwen3Config:
     """The same layer shapes with another depth (and vocabulary)."""
     small = copy.deepcopy(config)
     small.num_hidden_layers = num_hidden_layers
@@ -70,7 +76,8 @@ def parameter_counts(config: Qwen3Config, lora_rank: int = 0) -> dict:
     linears = [(name, m) for name, m in net.named_modules() if isinstance(m, torch.nn.Linear)]
     lora = sum(lora_rank * (m.in_features + m.out_features) for name, m in linears
                if name.split(".")[-1] in M.LORA_TARGETS)
-    return dict(all=sum(p.numel() for p in net.parameters()), embedding=net.embed_tokens.weight.numel(),
+    return dict(all=sum(p.numel() for p in net.parameters()),
+                embedding=net.embed_tokens.weight.numel(),
                 cast=sum(m.weight.numel() for _, m in linears), lora=lora)
 
 
@@ -106,7 +113,8 @@ def _per_token(config_json: str, tokens: int, lora_rank: int) -> tuple[float, fl
     measured = []
     for layers in (1, 2):  # uninitialised real weights of one and two layers, a tiny vocabulary
         with torch.device("meta"):
-            net = AutoModel.from_config(config_like(config, layers, vocab_size=64), attn_implementation="sdpa")
+            net = AutoModel.from_config(config_like(config, layers, vocab_size=64),
+                                        attn_implementation="sdpa")
         net = net.to_empty(device="cpu").train()
         if lora_rank:  # the adapters keep their own inputs for backward
             net = M.add_lora(net, lora_rank)
@@ -114,10 +122,12 @@ def _per_token(config_json: str, tokens: int, lora_rank: int) -> tuple[float, fl
         del net
     bf16, fp32 = ([m.get(dtype, 0) for m in measured] for dtype in (torch.bfloat16, torch.float32))
     # per token: base (embedding output, final norm) + layers x per layer
-    return tuple((2 * x[0] - x[1] + (x[1] - x[0]) * config.num_hidden_layers) / tokens for x in (bf16, fp32))
+    layers = config.num_hidden_layers
+    return tuple((2 * x[0] - x[1] + (x[1] - x[0]) * layers) / tokens for x in (bf16, fp32))
 
 
-def activation_bytes_per_token(config: Qwen3Config, tokens: int = 24, lora_rank: int = 0) -> tuple[float, float]:
+def activation_bytes_per_token(config: Qwen3Config, tokens: int = 24,
+                               lora_rank: int = 0) -> tuple[float, float]:
     """(bf16 bytes, fp32 bytes) that autograd keeps per token of a packed chunk, all layers.
     Linear in tokens once score tensors are left out, so a short row measures it."""
     return _per_token(config.to_json_string(), tokens, lora_rank)
@@ -187,31 +197,35 @@ def flops_per_token(config: Qwen3Config) -> float:
     not model FLOPs, so MFU shows its cost."""
     counts = parameter_counts(config)
     mean_length = 190  # the length mix's mean sequence length, about
-    attention = 6 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * mean_length
+    attention = (6 * config.num_hidden_layers * config.num_attention_heads * config.head_dim
+                 * mean_length)
     return 6 * (counts["all"] - counts["embedding"]) + attention
 
 
 # ---------------------------------------------------------------------------- the dry run
 def dry_run(size: str, model: str, world_per_node: int, nodes: int, batch_size: int, epochs: int,
             steps: int, val_fraction: float, chunk_tokens: int, max_length: int, k: int = 7,
-            shard_optimizer: bool = True, as_json: bool = False, mfu: float = 0.30, lora_rank: int = 0) -> dict:
+            shard_optimizer: bool = True, as_json: bool = False, mfu: float = 0.30,
+            lora_rank: int = 0) -> dict:
     world = world_per_node * nodes
     config = qwen3_config(size)
     counts = parameter_counts(config)
     b = batch_size // world
     seqs = b * (2 + k)
     train_rows = RELEASED_TUPLES - int(RELEASED_TUPLES * val_fraction)
-    per_epoch = train_rows // batch_size  # partial batches of each source are filled (one more at most)
+    per_epoch = train_rows // batch_size  # each source's partial batch is filled (1 more at most)
     steps = steps or epochs * per_epoch
     rng = np.random.default_rng(0)
     batches = [length_mix(rng, b, k, max_length) for _ in range(20)]  # 20 rank-steps of the mix
     tokens_per_rank = float(np.mean([sum(x) for x in batches]))
-    chunks = max(len(M.make_chunks(x, chunk_tokens)) for x in batches)  # one varlen row per chunk (CUDA)
+    # one varlen row per chunk (CUDA)
+    chunks = max(len(M.make_chunks(x, chunk_tokens)) for x in batches)
     plan = memory_plan(config, world, chunk_tokens, seqs, shard_optimizer, lora_rank)
     flops_step = flops_per_token(config) * tokens_per_rank * world
     days = steps * flops_step / (world * H100_BF16_FLOPS * mfu) / 86400
     report = dict(size=size, model=model, parameters=counts["all"], lora_rank=lora_rank,
-                  lora_parameters=parameter_counts(config, lora_rank)["lora"], world=world, nodes=nodes,
+                  lora_parameters=parameter_counts(config, lora_rank)["lora"], world=world,
+                  nodes=nodes,
                   batch_size=batch_size, per_rank_queries=b, sequences_per_rank=seqs, steps=steps,
                   steps_per_epoch=per_epoch, real_tokens_per_rank_step=round(tokens_per_rank),
                   chunks_per_step=chunks, tokens_per_chunk=chunk_tokens, flops_per_step=flops_step,
@@ -223,15 +237,16 @@ def dry_run(size: str, model: str, world_per_node: int, nodes: int, batch_size: 
     gib = report["memory_gib"]
     print(f"backbone {model}: {counts['all']:,} parameters without LM head, embedding dim "
           f"{config.hidden_size}, {config.num_hidden_layers} layers"
-          + (f"; LoRA rank {lora_rank}: {report['lora_parameters']:,} trained parameters" if lora_rank else ""))
-    print(f"world {world} = {nodes} node(s) x {world_per_node} GPUs; batch {batch_size} queries/step = "
-          f"{b} per rank; {seqs} sequences per rank per step (b x (2 + k), k = {k}), about "
-          f"{tokens_per_rank:,.0f} real tokens on the length mix, in at most {chunks} packed chunks of "
-          f"<= {chunk_tokens:,} tokens")
+          + (f"; LoRA rank {lora_rank}: {report['lora_parameters']:,} trained parameters"
+             if lora_rank else ""))
+    print(f"world {world} = {nodes} node(s) x {world_per_node} GPUs; batch {batch_size} "
+          f"queries/step = {b} per rank; {seqs} sequences per rank per step (b x (2 + k), "
+          f"k = {k}), about {tokens_per_rank:,.0f} real tokens on the length mix, in at most "
+          f"{chunks} packed chunks of <= {chunk_tokens:,} tokens")
     print(f"data: {RELEASED_TUPLES:,} tuples, {val_fraction:.0%} held out -> about {per_epoch:,} "
           f"steps per epoch, {steps:,} steps in total ({epochs} epochs)")
-    print(f"compute: {flops_step:.3g} model FLOPs per step; ESTIMATE at {mfu:.0%} MFU on {world} x H100 "
-          f"(989 TFLOPS bf16): {days:.1f} days")
+    print(f"compute: {flops_step:.3g} model FLOPs per step; ESTIMATE at {mfu:.0%} MFU on "
+          f"{world} x H100 (989 TFLOPS bf16): {days:.1f} days")
     print(f"memory per GPU (chunk of {chunk_tokens:,} tokens):")
     for name, value in gib.items():
         if name != "total":

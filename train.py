@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import sys
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,89 +32,110 @@ from transformers import AutoTokenizer
 import data as D
 import model as M
 import plan
-from loss import TEMPERATURE, f2llm_loss, matryoshka, matryoshka_dims
+from loss import (KD_MODES, TEMPERATURE, distillation_loss, f2llm_loss, matryoshka,
+                  matryoshka_dims)
 
 
 # ---------------------------------------------------------------------------- config
+# Every field has a default that runs as it is: the tiny preset. PRESETS below hold what each
+# real size changes; a flag given on the command line wins over both.
 @dataclass
-class Config:
-    size: str = "tiny"  # preset of DESIGN §2: tiny, 0.6b, 1.7b, 4b
-    model: str = ""  # HF id or local folder; "" = the preset's backbone
+class Recipe:
+    """The fields that change the math: resuming with a different value is refused."""
+    size: str = "tiny"  # preset of DESIGN §2: tiny, 0.6b, 1.7b, 4b (PRESETS)
+    model: str = "tiny"  # HF id or local folder; tiny = a small Qwen3 built from a config
     data: str = ""  # folder of {source}.parquet / .jsonl; "" = released set (tiny: demo sample)
-    out: str = ""  # run folder; "" = out/{size}
     steps: int = 0  # optimizer steps; 0 = `epochs` passes over the data
-    epochs: int = 2  # passes over the data when --steps is 0
-    batch_size: int = 0  # GLOBAL queries per step (all ranks); 0 = preset
-    chunk_tokens: int = 0  # real tokens per packed forward: memory only, never the math; 0 = preset
-    chunk_size: int = 0  # also cap the sequences per forward; 0 = no cap
-    lr: float = 0.0  # peak learning rate; 0 = preset
-    min_lr: float = 1e-7  # floor of the cosine schedule
-    warmup_steps: int = 500  # linear warmup, in optimizer steps
+    epochs: int = 1  # passes over the data when --steps is 0
+    batch_size: int = 32  # GLOBAL queries per step (all ranks)
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-5  # floor of the cosine schedule
+    warmup_steps: int = 10  # linear warmup, in optimizer steps
     weight_decay: float = 0.01  # AdamW weight decay
     beta2: float = 0.98  # AdamW betas (0.9, beta2)
     grad_clip: float = 1.0  # clip the global gradient norm to this
-    temperature: float = TEMPERATURE  # softmax temperature of both losses (0.05)
-    max_length: int = 0  # tokens per text including EOS; 0 = preset (1024)
-    val_fraction: float = 0.01  # held out per source
-    mrl: bool = False  # F2LLM v2's Matryoshka loss over nested dims (loss.matryoshka_dims)
-    in_batch_gather: str = "autograd"  # autograd (the recipe) | detached (the official code's: no gradient)
-    lora_rank: int = 0  # LoRA adapters of this rank on every linear layer (peft); 0 = full finetuning
-    source_sampling: str = "official"  # official | remaining: how each batch's source is drawn (data.source_order)
-    token_cache: str = ""  # folder of the tokenized data (runs with one tokenizer share it); "" = OUT/token_cache
-    eval_every: int = 500  # steps between validation losses; 0 = only at the end
-    save_every: int = 1000  # steps between resumable checkpoints; 0 = only at the end
-    keep_checkpoints: int = 2  # the newest N checkpoints are kept
-    max_bad_steps: int = 5  # stop after this many non-finite steps in a row
+    temperature: float = TEMPERATURE  # softmax temperature of both losses
+    max_length: int = 128  # tokens per text including EOS
+    val_fraction: float = 0.02  # held out per source
+    # official: the official code's draw (sources run dry at random times); remaining: by
+    # batches left, so every stretch of an epoch stays mixed (data.source_order)
+    source_sampling: str = "remaining"  # official | remaining: how each batch's source is drawn
     seed: int = 0  # model init, data order, negatives sampled, validation split
     precision: str = "auto"  # bf16 (autocast, fp32 master weights) | fp32; auto = bf16 on GPU
+    mrl: bool = False  # F2LLM v2's Matryoshka loss over nested dims (loss.matryoshka_dims)
+    in_batch_gather: str = "autograd"  # autograd (the recipe) | detached (the official code's)
+    lora_rank: int = 0  # LoRA adapters of this rank on every linear layer; 0 = full finetuning
+    teacher: str = ""  # distil from this model (a folder or hub id model.py loads); "" = none
+    kd_weight: float = 1.0  # weight of the distillation term in the loss (with --teacher)
+    kd_mode: str = "mse"  # mse (F2LLM v2's, on unit vectors) | kl (scores over the candidates)
+
+
+@dataclass
+class Config(Recipe):
+    """The recipe, and how this run executes it: memory, logging, files, planning."""
+    out: str = ""  # run folder; "" = out/{size}
+    chunk_tokens: int = 4096  # real tokens per packed forward: memory only, never the math
+    chunk_size: int = 0  # also cap the sequences per forward; 0 = no cap
+    token_cache: str = ""  # tokenized data (shared by runs of one tokenizer); "" = OUT/token_cache
+    eval_every: int = 25  # steps between validation losses; 0 = only at the end
+    save_every: int = 50  # steps between resumable checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept
+    max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     shard_optimizer: bool = True  # ZeroRedundancyOptimizer across ranks when world > 1
-    resume: bool = False  # continue from the latest checkpoint in `out` (automatic under torchrun restarts)
+    resume: bool = False  # continue from the latest checkpoint in `out` (automatic on restarts)
     dry_run: bool = False  # print the plan of the run and exit, no weights, no download
     json: bool = False  # dry run only: print the plan as one JSON object
     nproc: int = 0  # dry run only: GPUs per node to plan for (0 = this world size)
     nodes: int = 1  # dry run only: nodes to plan for
 
 
-# Training overrides per size, on top of model.PRESETS (backbone, lr, batch, max length).
-TRAIN_PRESETS = {
-    # one epoch of three equal sources: under the official rule the sources run dry at random
-    # times and the epoch ends on a long run of one source at the lowest lr; drawing by
-    # batches left keeps every stretch mixed (the real sizes: 62 sources, 2 epochs, official)
-    "tiny": dict(epochs=1, warmup_steps=10, min_lr=1e-5, eval_every=25, save_every=50,
-                 val_fraction=0.02, source_sampling="remaining"),
-}
+MATH_FIELDS = [f.name for f in dataclasses.fields(Recipe)]
 
-# Fields that change the math: resuming with a different value is an error.
-MATH_FIELDS = ["size", "model", "data", "batch_size", "lr", "min_lr", "warmup_steps",
-               "weight_decay", "beta2", "grad_clip", "temperature", "max_length",
-               "val_fraction", "source_sampling", "seed", "precision", "epochs", "steps", "mrl",
-               "in_batch_gather", "lora_rank"]
+# The paper's run (DESIGN §2), shared by the real sizes: 2 epochs of 512 queries per step.
+PAPER = dict(epochs=2, batch_size=512, max_length=1024, min_lr=1e-7, warmup_steps=500,
+             val_fraction=0.01, source_sampling="official", eval_every=500, save_every=1000)
+# chunk_tokens: the largest multiple of 1024 whose memory plan fits an 80 GB GPU at 64
+# queries per GPU (plan.chunk_tokens_that_fit; a test checks)
+PRESETS = {
+    "tiny": {},  # the defaults above
+    "0.6b": dict(PAPER, model="Qwen/Qwen3-0.6B", lr=1e-5, chunk_tokens=31744),
+    "1.7b": dict(PAPER, model="Qwen/Qwen3-1.7B", lr=9e-6, chunk_tokens=16384),
+    "4b": dict(PAPER, model="Qwen/Qwen3-4B", lr=8e-6, chunk_tokens=5120),
+}
 
 
 def field_help(cls) -> dict[str, str]:
-    """Each field's trailing comment in the dataclass source: the flag's help text in -h."""
-    lines = inspect.getsource(cls).splitlines()
-    found = (re.match(r"\s+(\w+): [^#]*=([^#]*)#\s*(.*)", line) for line in lines)
-    return {m[1]: f"{m[3]} (default:{m[2].rstrip()})" for m in found if m}
+    """Each field's trailing comment in the dataclass sources: the flag's help text in -h."""
+    lines = [line for c in cls.__mro__[::-1] if dataclasses.is_dataclass(c)
+             for line in inspect.getsource(c).splitlines()]
+    found = (re.match(r"\s+(\w+): [^#]*=[^#]*#\s*(.*)", line) for line in lines)
+    return {m[1]: m[2] for m in found if m}
+
+
+def presets_text() -> str:
+    """-h's epilog: what each --size changes."""
+    paper = textwrap.fill(", ".join(f"{k}={v}" for k, v in PAPER.items()), 88,
+                          initial_indent="  ", subsequent_indent="  ")
+    return ("presets (--size): tiny is the defaults above; 0.6b, 1.7b and 4b run the paper's "
+            "recipe,\n" + paper + "\n" + "\n".join(
+                f"  {size:5s} " + ", ".join(f"{k}={v}" for k, v in p.items() if k not in PAPER)
+                for size, p in PRESETS.items() if p))
 
 
 def parse_config(argv=None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, epilog=presets_text(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     helps = field_help(Config)
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag, help = "--" + f.name.replace("_", "-"), f"{helps[f.name]} (default: {f.default!r})"
         if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helps.get(f.name))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
         else:
-            parser.add_argument(flag, type=f.type, default=None, help=helps.get(f.name),
-                                choices=list(M.PRESETS) if f.name == "size" else None)
+            parser.add_argument(flag, type=f.type, default=None, help=help,
+                                choices=list(PRESETS) if f.name == "size" else None)
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    size = args.get("size", Config.size)
-    preset = {k: v for k, v in M.PRESETS[size].items() if k in Config.__dataclass_fields__}
-    cfg = Config(**{**preset, **TRAIN_PRESETS.get(size, {}), **args})
-    cfg.model = cfg.model or M.PRESETS[size]["model"]
-    cfg.out = cfg.out or os.path.join("out", size)
+    cfg = Config(**{**PRESETS[args.get("size", Config.size)], **args})
+    cfg.out = cfg.out or os.path.join("out", cfg.size)
     return cfg
 
 
@@ -126,13 +148,18 @@ def check_config(cfg: Config, world: int) -> None:
              f"use a multiple of {world}")
     if cfg.chunk_size < 0:
         fail(f"--chunk-size must be >= 0 (0 = no cap), got {cfg.chunk_size}")
-    for name in ["batch_size", "chunk_tokens", "lr", "max_length", "keep_checkpoints", "max_bad_steps"]:
+    for name in ["batch_size", "chunk_tokens", "lr", "max_length", "keep_checkpoints",
+                 "max_bad_steps"]:
         if getattr(cfg, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.max_length < 2:
         fail("--max-length must leave room for one token and the EOS")
     if cfg.in_batch_gather not in ("autograd", "detached"):
         fail(f"--in-batch-gather {cfg.in_batch_gather}: use autograd or detached")
+    if cfg.kd_mode not in KD_MODES:
+        fail(f"--kd-mode {cfg.kd_mode}: use {' or '.join(KD_MODES)}")
+    if cfg.teacher and not cfg.kd_weight > 0:
+        fail(f"--kd-weight must be positive with --teacher, got {cfg.kd_weight}")
     if cfg.lora_rank < 0:
         fail(f"--lora-rank must be >= 0 (0 = full finetuning), got {cfg.lora_rank}")
     if cfg.precision not in ("auto", "bf16", "fp32"):
@@ -204,7 +231,8 @@ def all_mean(x: float, device) -> float:
 
 # ---------------------------------------------------------------------------- the step
 def rng_state(device):
-    return (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    return (torch.get_rng_state(),
+            torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
 
 @contextlib.contextmanager
@@ -217,6 +245,18 @@ def restored_rng(state, device):
         yield
 
 
+def packed_chunks(model, seqs: list[list[int]], chunk_tokens: int, chunk_size: int = 0):
+    """seqs -> (packs, rows) on the model's device: chunk i packs the sequences rows[i] into
+    at most chunk_tokens tokens (model.pack), copied with pinned, non-blocking transfers."""
+    device = next(model.parameters()).device
+    width = M.row_width(model, seqs)
+    chunks = M.make_chunks([len(s) for s in seqs], chunk_tokens, chunk_size, width)
+    cuda = device.type == "cuda"
+    packs = [M.pack([seqs[i] for i in c], width, pin=cuda).to(device) for c in chunks]
+    rows = [torch.tensor(c) for c in chunks]
+    return packs, [(r.pin_memory() if cuda else r).to(device, non_blocking=True) for r in rows]
+
+
 def cached_step(model, seqs: list[list[int]], loss_fn, chunk_tokens: int, bf16: bool = False,
                 ddp=None, chunk_size: int = 0, clock=lambda phase: None) -> dict:
     """DESIGN §4: pass 1 (no grad) -> loss on cached reps -> pass 2 (grad, chunk by chunk).
@@ -227,11 +267,7 @@ def cached_step(model, seqs: list[list[int]], loss_fn, chunk_tokens: int, bf16: 
     of the GLOBAL batch's loss (DDP averages over ranks at the last chunk: one all-reduce).
     clock(phase) is called as each phase ends (gpu_check.py records CUDA events there)."""
     device = next(model.parameters()).device
-    width = M.row_width(model, seqs)
-    chunks = M.make_chunks([len(s) for s in seqs], chunk_tokens, chunk_size, width)
-    packs = [M.pack([seqs[i] for i in c], width, pin=device.type == "cuda").to(device) for c in chunks]
-    pin = lambda t: t.pin_memory() if device.type == "cuda" else t  # noqa: E731  (async copies)
-    rows = [pin(torch.tensor(r)).to(device, non_blocking=True) for r in chunks]
+    packs, rows = packed_chunks(model, seqs, chunk_tokens, chunk_size)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
     # 1. pass 1, no grad: cache the reps of all S sequences, and each chunk's RNG state
     reps = torch.empty(len(seqs), model.config.hidden_size, device=device)  # (S, D) fp32
@@ -258,32 +294,58 @@ def cached_step(model, seqs: list[list[int]], loss_fn, chunk_tokens: int, bf16: 
                     (M.embed_packed(net, packed) * reps.grad[rows[i]]).sum().backward()
     clock("pass 2")
     values = torch.stack([loss.detach(), *(t.detach() for t in terms)]).tolist()  # one host sync
-    return dict(loss=values[0], terms=values[1:], finite=finite, chunks=len(packs), sequences=len(seqs),
-                real_tokens=sum(len(s) for s in seqs), computed_tokens=sum(p.computed_tokens for p in packs))
+    return dict(loss=values[0], terms=values[1:], finite=finite, chunks=len(packs),
+                sequences=len(seqs),
+                real_tokens=sum(len(s) for s in seqs),
+                computed_tokens=sum(p.computed_tokens for p in packs))
 
 
-def step_loss(batch: D.Batch, temperature: float, mrl: bool = False, gather: str = "autograd"):
+def step_loss(batch: D.Batch, temperature: float, mrl: bool = False, gather: str = "autograd",
+              teacher_reps=None, kd_mode: str = "mse", kd_weight: float = 1.0):
     """The recipe's loss of one rank's batch, as a function of its reps (S, D): F2LLM's total,
-    or with mrl its Matryoshka sum over nested dims (both on the cached reps: no extra memory)."""
+    or with mrl its Matryoshka sum over nested dims, plus kd_weight x the distillation term
+    when the teacher's reps of the same sequences are given (all on the cached reps: no
+    extra memory). -> (total, hard, in-batch[, distillation])."""
     b, k = len(batch.queries), len(batch.negatives[0]) if batch.negatives else 0
+    in_batch = batch.task_type in D.IN_BATCH_TYPES
 
     def loss_fn(reps):
-        return f2llm_loss(reps, b, k, batch.task_type in D.IN_BATCH_TYPES, temperature, gather)
-    return (lambda reps: matryoshka(loss_fn, reps, matryoshka_dims(reps.shape[1]))) if mrl else loss_fn
+        return f2llm_loss(reps, b, k, in_batch, temperature, gather)
+
+    def contrastive(reps):
+        return matryoshka(loss_fn, reps, matryoshka_dims(reps.shape[1])) if mrl else loss_fn(reps)
+    if teacher_reps is None:
+        return contrastive
+
+    def with_teacher(reps):
+        total, hard, in_batch_term = contrastive(reps)
+        kd = distillation_loss(reps, teacher_reps, b, k, in_batch, kd_mode, temperature, gather)
+        return total + kd_weight * kd, hard, in_batch_term, kd
+    return with_teacher
+
+
+@torch.no_grad()
+def embed_chunks(model, seqs: list[list[int]], chunk_tokens: int, chunk_size: int = 0,
+                 bf16: bool = False):
+    """The no-grad pass on its own: seqs -> (S, D) fp32 unit reps, one packed chunk in memory
+    at a time (validation, and a teacher's reps of the step's sequences)."""
+    device = next(model.parameters()).device
+    packs, rows = packed_chunks(model, seqs, chunk_tokens, chunk_size)
+    reps = torch.empty(len(seqs), model.config.hidden_size, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for packed, r in zip(packs, rows):
+            reps[r] = M.embed_packed(model, packed)
+    return reps
 
 
 @torch.no_grad()
 def validate(backbone, batches, rank, world, cfg, device, bf16) -> float:
+    """The contrastive loss (F2LLM's, or its Matryoshka sum) on the held-out batches; without
+    the distillation term, so runs with and without a teacher compare."""
     losses = []
     for global_batch in batches:
         batch = global_batch.shard(rank, world)
-        seqs = batch.sequences()
-        reps = torch.empty(len(seqs), backbone.config.hidden_size, device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            width = M.row_width(backbone, seqs)
-            for rows in M.make_chunks([len(s) for s in seqs], cfg.chunk_tokens, cfg.chunk_size, width):
-                packed = M.pack([seqs[i] for i in rows], width).to(device)
-                reps[rows] = M.embed_packed(backbone, packed)
+        reps = embed_chunks(backbone, batch.sequences(), cfg.chunk_tokens, cfg.chunk_size, bf16)
         loss_fn = step_loss(batch, cfg.temperature, cfg.mrl, cfg.in_batch_gather)
         losses.append(all_mean(loss_fn(reps)[0].item(), device))
     return sum(losses) / max(len(losses), 1)
@@ -296,7 +358,8 @@ def lr_lambda(cfg: Config, total_steps: int):
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-        return (cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))) / cfg.lr
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))  # 1 -> 0
+        return (cfg.min_lr + (cfg.lr - cfg.min_lr) * cosine) / cfg.lr
     return f
 
 
@@ -305,7 +368,8 @@ def latest_checkpoint(out: str) -> str | None:
     folder = os.path.join(out, "checkpoints")
     if not os.path.isdir(folder):
         return None
-    steps = sorted(d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp"))
+    steps = sorted(d for d in os.listdir(folder)
+                   if d.startswith("step_") and not d.endswith(".tmp"))
     return os.path.join(folder, steps[-1]) if steps else None
 
 
@@ -338,7 +402,8 @@ def dry_run(cfg: Config, world: int) -> dict:
     check_config(cfg, (cfg.nproc or world) * cfg.nodes)
     return plan.dry_run(cfg.size, cfg.model, cfg.nproc or world, cfg.nodes, cfg.batch_size, cfg.epochs,
                         cfg.steps, cfg.val_fraction, cfg.chunk_tokens, cfg.max_length,
-                        shard_optimizer=cfg.shard_optimizer, as_json=cfg.json, lora_rank=cfg.lora_rank)
+                        shard_optimizer=cfg.shard_optimizer, as_json=cfg.json,
+                        lora_rank=cfg.lora_rank)
 
 
 def setup_data(cfg: Config, rank: int, world: int, say):
@@ -357,12 +422,12 @@ def setup_data(cfg: Config, rank: int, world: int, say):
         stream = D.BatchStream(sources, cfg.batch_size, cfg.seed, cfg.source_sampling)
     except D.DataError as e:
         raise SystemExit(f"train.py: data error: {e}")
-    say(f"data: {len(sources)} sources in {data_folder}, {stream.batches_per_epoch} batches per epoch "
-        f"(the last of each source filled from its start), sources drawn by the {cfg.source_sampling} "
-        f"rule, {sum(len(s.val_rows) for s in sources)} rows held out")
+    say(f"data: {len(sources)} sources in {data_folder}, {stream.batches_per_epoch} batches per "
+        f"epoch (the last of each source filled from its start), sources drawn by the "
+        f"{cfg.source_sampling} rule, {sum(len(s.val_rows) for s in sources)} rows held out")
     for s, n in zip(sources, stream.source_batches):
-        say(f"  {s.name:32s} {s.task_type:14s} k={s.k} train={len(s.train_rows)} val={len(s.val_rows)} "
-            f"batches/epoch={n}")
+        say(f"  {s.name:32s} {s.task_type:14s} k={s.k} train={len(s.train_rows)} "
+            f"val={len(s.val_rows)} batches/epoch={n}")
     return sources, stream, cache_folder
 
 
@@ -387,25 +452,51 @@ def setup_model(cfg: Config, rank: int, device, bf16: bool, sources, say):
     backbone.to(device).train()
     kernel = M.varlen_kernel(device)
     trainable = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
+    lora = f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else ""
     say(f"model: {cfg.model}, {sum(p.numel() for p in backbone.parameters()):,} parameters "
-        f"({trainable:,} trained{f', LoRA rank {cfg.lora_rank}' if cfg.lora_rank else ''}), dim "
-        f"{backbone.config.hidden_size}, attention {attn}" + (f" (packed rows, {kernel})" if kernel else
-        " (packed rows, block-diagonal masks)"))
+        f"({trainable:,} trained{lora}), dim {backbone.config.hidden_size}, attention {attn} "
+        f"(packed rows, {kernel or 'block-diagonal masks'})")
     return backbone, tokenizer
 
 
-def setup_tokens(cfg: Config, sources, cache_folder: str, tokenizer, say) -> None:
+def setup_teacher(cfg: Config, device, bf16: bool, student_dim: int, say):
+    """--teacher: the frozen model whose reps the student distils (bf16 weights on GPU), and
+    its tokenizer; (None, None) without one."""
+    if not cfg.teacher:
+        return None, None
+    teacher, tokenizer = M.load_backbone(cfg.teacher, M.attention_implementation(device),
+                                         dtype=torch.bfloat16 if bf16 else torch.float32)
+    dim = teacher.config.hidden_size
+    if cfg.kd_mode == "mse" and dim < student_dim:
+        raise SystemExit(f"train.py: error: --teacher {cfg.teacher} embeds in {dim} dimensions, "
+                         f"fewer than the student's {student_dim}: --kd-mode mse compares the "
+                         f"first {student_dim}; use --kd-mode kl, which compares scores")
+    teacher.requires_grad_(False)
+    say(f"teacher: {cfg.teacher}, {sum(p.numel() for p in teacher.parameters()):,} parameters, "
+        f"dim {dim}, --kd-mode {cfg.kd_mode} x {cfg.kd_weight}")
+    return teacher.to(device).eval(), tokenizer
+
+
+def setup_tokens(cfg: Config, sources, cache_folder: str, tokenizer, say,
+                 teacher_tokenizer=None) -> None:
     """Tokenized once by local rank 0 into a cache keyed by data, tokenizer and max length;
-    every rank memory-maps the same files (one copy in the page cache per node)."""
-    cache = D.TokenCache(cache_folder, tokenizer, cfg.max_length)
+    every rank memory-maps the same files (one copy in the page cache per node). A teacher
+    with a tokenizer of its own gets its own cache files in the same folder."""
+    caches = [(D.TokenCache(cache_folder, tokenizer, cfg.max_length), "tokens")]
+    if teacher_tokenizer is not None:
+        teacher_cache = D.TokenCache(cache_folder, teacher_tokenizer, cfg.max_length)
+        if teacher_cache.tokenizer_id != caches[0][0].tokenizer_id:  # else: the same ids
+            caches.append((teacher_cache, "teacher_tokens"))
+        say(f"teacher tokenizer: {'its own' if len(caches) == 2 else 'the same as the student'}")
     builder = int(os.environ.get("LOCAL_RANK", "0")) == 0
     try:
-        if builder:
-            cache.build(sources)
-        cache.open(sources, wait=not builder)
+        for cache, attr in caches:
+            if builder:
+                cache.build(sources)
+            cache.open(sources, wait=not builder, attr=attr)
     except D.DataError as e:
         raise SystemExit(f"train.py: data error: {e}")
-    say(f"tokens: {cache.folder}")
+    say(f"tokens: {cache_folder}")
 
 
 def setup_optimizer(cfg: Config, backbone, world: int, total_steps: int):
@@ -465,22 +556,25 @@ def main(argv=None):
     sources, stream, cache_folder = setup_data(cfg, rank, world, say)
     total_steps = cfg.steps or cfg.epochs * stream.batches_per_epoch
     b = cfg.batch_size // world
+    cap = f" and <= {cfg.chunk_size} sequences" if cfg.chunk_size else ""
     say(f"batch: {cfg.batch_size} queries/step = {world} ranks x {b}; per rank up to "
         f"{b * (2 + max(s.k for s in sources))} sequences (b x (2 + k)) in packed chunks of <= "
-        f"{cfg.chunk_tokens} tokens" + (f" and <= {cfg.chunk_size} sequences" if cfg.chunk_size else "")
-        + f"; {total_steps} steps ({total_steps / stream.batches_per_epoch:.2f} epochs)")
+        f"{cfg.chunk_tokens} tokens{cap}; {total_steps} steps "
+        f"({total_steps / stream.batches_per_epoch:.2f} epochs)")
     os.makedirs(cfg.out, exist_ok=True)
     if rank == 0:
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     backbone, tokenizer = setup_model(cfg, rank, device, bf16, sources, say)
-    setup_tokens(cfg, sources, cache_folder, tokenizer, say)
-    val_batches = D.ValidationBatches(sources, cfg.batch_size, world, cfg.seed)  # built when validating
+    teacher, teacher_tokenizer = setup_teacher(cfg, device, bf16, backbone.config.hidden_size, say)
+    setup_tokens(cfg, sources, cache_folder, tokenizer, say, teacher_tokenizer)
+    val_batches = D.ValidationBatches(sources, cfg.batch_size, world, cfg.seed)  # lazily built
     ddp = wrap_ddp(backbone, device) if world > 1 else None
     say(f"precision: {'bf16 autocast, fp32 master weights' if bf16 else 'fp32'}"
-        + (", Matryoshka loss" if cfg.mrl else "") + (", DETACHED in-batch gather (the official code's)"
-                                                     if cfg.in_batch_gather == "detached" else ""))
+        + (", Matryoshka loss" if cfg.mrl else "")
+        + (", DETACHED in-batch gather (the official code's)"
+           if cfg.in_batch_gather == "detached" else ""))
     optimizer, scheduler = setup_optimizer(cfg, backbone, world, total_steps)
     step = restore(cfg, device, backbone, optimizer, scheduler, stream, say)
     metrics_path = open_metrics(cfg, step, rank)
@@ -496,9 +590,12 @@ def main(argv=None):
     while step < total_steps:
         t0 = time.time()
         batch, seqs, truncated = pending.result()
-        data_state = stream.state_dict()  # after this batch: what a checkpoint of this step resumes from
+        data_state = stream.state_dict()  # after this batch: a checkpoint of this step resumes here
         pending = prefetch.submit(draw)
-        loss_fn = step_loss(batch, cfg.temperature, cfg.mrl, cfg.in_batch_gather)
+        teacher_reps = None if teacher is None else embed_chunks(  # the teacher's no-grad pass
+            teacher, (batch.teacher or batch).sequences(), cfg.chunk_tokens, cfg.chunk_size, bf16)
+        loss_fn = step_loss(batch, cfg.temperature, cfg.mrl, cfg.in_batch_gather, teacher_reps,
+                            cfg.kd_mode, cfg.kd_weight)
         m = cached_step(backbone, seqs, loss_fn, cfg.chunk_tokens, bf16, ddp, cfg.chunk_size)
         grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip).item()
         if m["finite"] and math.isfinite(grad_norm):
@@ -507,51 +604,63 @@ def main(argv=None):
             bad_steps = 0
         else:  # a non-finite loss or gradient never reaches the weights
             bad_steps += 1
-            say(f"step {step + 1}: non-finite loss or gradient, update skipped ({bad_steps} in a row)")
+            say(f"step {step + 1}: non-finite loss or gradient, update skipped "
+                f"({bad_steps} in a row)")
             if bad_steps >= cfg.max_bad_steps:
-                raise SystemExit(f"train.py: error: {bad_steps} non-finite steps in a row (--max-bad-steps); "
-                                 f"lower --lr, check the data, or resume from an earlier checkpoint")
+                raise SystemExit(f"train.py: error: {bad_steps} non-finite steps in a row "
+                                 f"(--max-bad-steps); lower --lr, check the data, or resume from "
+                                 f"an earlier checkpoint")
         optimizer.zero_grad(set_to_none=True)
         step += 1
         if truncated and not warned_truncation:
-            say(f"note: texts longer than --max-length {cfg.max_length} are cut to {cfg.max_length - 1} "
-                f"tokens + EOS; metrics.jsonl counts them per step ('truncated')")
+            say(f"note: texts longer than --max-length {cfg.max_length} are cut to "
+                f"{cfg.max_length - 1} tokens + EOS; metrics.jsonl counts them per step "
+                f"('truncated')")
             warned_truncation = True
         dt = time.time() - t0
-        hard, in_batch = m["terms"]
+        hard, in_batch, *kd = m["terms"]
         record = dict(step=step, loss=all_mean(m["loss"], device), hard=all_mean(hard, device),
                       in_batch=all_mean(in_batch, device), source=batch.source,
+                      **({"kd": all_mean(kd[0], device)} if kd else {}),
                       lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
-                      seq_per_s=m["sequences"] * world / dt, tokens_per_s=m["real_tokens"] * world / dt,
-                      real_tokens=m["real_tokens"], computed_tokens=m["computed_tokens"], chunks=m["chunks"],
+                      seq_per_s=m["sequences"] * world / dt,
+                      tokens_per_s=m["real_tokens"] * world / dt,
+                      real_tokens=m["real_tokens"], computed_tokens=m["computed_tokens"],
+                      chunks=m["chunks"],
                       truncated=truncated, time=dt)
         validating = (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps
         if validating:
             record["val_loss"] = validate(backbone, val_batches, rank, world, cfg, device, bf16)
         eta = (time.time() - t_start) / (step - step_start) * (total_steps - step)
+        kd_text = f", kd {record['kd']:.4f}" if kd else ""
+        val_text = f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""
         say(f"step {step}/{total_steps} | loss {record['loss']:.4f} (hard {record['hard']:.4f}, "
-            f"in-batch {record['in_batch']:.4f}) | lr {record['lr']:.2e} | grad {grad_norm:.3f} | "
-            f"{dt:.2f}s, {record['tokens_per_s']:,.0f} tok/s, {m['chunks']} chunks | eta {eta / 60:.1f} min"
-            + (f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""))
+            f"in-batch {record['in_batch']:.4f}{kd_text}) | lr {record['lr']:.2e} | "
+            f"grad {grad_norm:.3f} | {dt:.2f}s, {record['tokens_per_s']:,.0f} tok/s, "
+            f"{m['chunks']} chunks | eta {eta / 60:.1f} min{val_text}")
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if validating:
                 plot_curves(metrics_path, os.path.join(cfg.out, "curves.png"))
         if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
-            save_checkpoint(cfg.out, step, backbone, optimizer, scheduler, data_state, cfg, tokenizer, rank)
+            save_checkpoint(cfg.out, step, backbone, optimizer, scheduler, data_state, cfg,
+                            tokenizer, rank)
     prefetch.shutdown(cancel_futures=True)
 
-    # --- final export (rank 0; LoRA merged into the weights; written to a temporary name, then moved)
+    # --- final export (rank 0; LoRA merged into the weights; written to a temporary name,
+    # then moved)
     if rank == 0:
-        M.save_export(M.unwrap(backbone), tokenizer, os.path.join(cfg.out, "final"), prompts=D.export_prompts())
+        M.save_export(M.unwrap(backbone), tokenizer, os.path.join(cfg.out, "final"),
+                      prompts=D.export_prompts())
         say(f"final export: {os.path.join(cfg.out, 'final')}")
     teardown()
 
 
 def plot_curves(metrics_path: str, png: str) -> None:
-    """OUT/curves.png from metrics.jsonl: training loss per source (smoothed) with the hard and
-    in-batch terms, validation loss, learning rate. Written to a temporary name, then moved."""
+    """OUT/curves.png from metrics.jsonl: training loss per source (smoothed) with the hard,
+    in-batch (and distillation) terms, validation loss, learning rate. Written to a temporary
+    name, then moved."""
     from matplotlib.figure import Figure  # Agg, no display, no pyplot state
     with open(metrics_path) as f:
         records = [json.loads(line) for line in f]
@@ -569,7 +678,11 @@ def plot_curves(metrics_path: str, png: str) -> None:
         loss_ax.plot([r["step"] for r in rows], smooth([r["loss"] for r in rows]), label=source)
     steps = [r["step"] for r in records]
     loss_ax.plot(steps, smooth([r["hard"] for r in records]), "k--", lw=1, label="hard term (all)")
-    loss_ax.plot(steps, smooth([r["in_batch"] for r in records]), "k:", lw=1, label="in-batch term (all)")
+    loss_ax.plot(steps, smooth([r["in_batch"] for r in records]), "k:", lw=1,
+                 label="in-batch term (all)")
+    if "kd" in records[-1]:
+        loss_ax.plot(steps, smooth([r.get("kd", 0.0) for r in records]), "k-.", lw=1,
+                     label="distillation term (all)")
     loss_ax.set(title="training loss (smoothed)", xlabel="step")
     loss_ax.legend(fontsize=7)
     val = [r for r in records if "val_loss" in r]

@@ -12,6 +12,8 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from transformers import AutoTokenizer  # noqa: E402  (after HF_HUB_OFFLINE)
+
 import data as D  # noqa: E402
 import model as M  # noqa: E402
 
@@ -36,7 +38,7 @@ def tokenizer_dir(tmp_path_factory, articles):
 
 @pytest.fixture()
 def tokenizer(tokenizer_dir):
-    return M.AutoTokenizer.from_pretrained(tokenizer_dir)
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
@@ -53,12 +55,14 @@ def backbone(tokenizer):
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory):
-    """`python train.py --size tiny` exactly as the README runs it (about 1.5 minutes on 2
-    cores); shared by the tests that need a trained model."""
+def trained_run(tmp_path_factory, small_demo_dir):
+    """The recipe on a small config of its own (the tiny preset runs for minutes): `--size
+    tiny` on the first 150 rows of each demo source, 60 steps of 32 queries, 64 tokens per
+    text; shared by the tests that need a trained model."""
     import train
     out = tmp_path_factory.mktemp("tiny") / "run"
-    train.main(["--size", "tiny", "--out", str(out)])
+    train.main(["--size", "tiny", "--data", small_demo_dir, "--out", str(out), "--steps", "60",
+                "--max-length", "64", "--eval-every", "20", "--save-every", "30"])
     return out
 
 

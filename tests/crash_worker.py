@@ -1,8 +1,11 @@
 """train.py with one fault injected: `python crash_worker.py FAULT STEP RANK -- train.py args`.
 
-FAULT is `kill` (SIGKILL this process when it reaches STEP, on the first attempt only, so
-a torchrun restart runs clean), `save` (the disk fills up while writing the checkpoint of
-STEP) or `nan` (the loss of STEP is NaN, on every rank)."""
+FAULT is `kill` (SIGKILL this process in STEP, before its update, on the first attempt only,
+so a torchrun restart runs clean), `save` (the disk fills up while writing the checkpoint of
+STEP) or `nan` (the backbone's output, hence the loss, of STEP is NaN, on every rank).
+
+Only public torch entry points are hooked (torch.save, clip_grad_norm_, the global module
+forward hook), never train.py's own names: train.py may rename its internals freely."""
 import os
 import signal
 import sys
@@ -16,16 +19,16 @@ fault, at_step, at_rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 argv = sys.argv[sys.argv.index("--") + 1:]
 rank = int(os.environ.get("RANK", "0"))
 first_attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0
-calls = {"step": 0}
+steps_computed = 0  # train.py clips the gradient once per step, skipped steps included
+real_clip, real_save = torch.nn.utils.clip_grad_norm_, torch.save
 
-real_step, real_save, real_loss = train.cached_step, torch.save, train.f2llm_loss
 
-
-def cached_step(*args, **kwargs):
-    calls["step"] += 1
-    if fault == "kill" and calls["step"] == at_step and rank == at_rank and first_attempt:
+def clip_grad_norm_(*args, **kwargs):
+    global steps_computed
+    steps_computed += 1
+    if fault == "kill" and steps_computed == at_step and rank == at_rank and first_attempt:
         os.kill(os.getpid(), signal.SIGKILL)
-    return real_step(*args, **kwargs)
+    return real_clip(*args, **kwargs)
 
 
 def save(obj, path, *args, **kwargs):
@@ -36,12 +39,14 @@ def save(obj, path, *args, **kwargs):
     return real_save(obj, path, *args, **kwargs)
 
 
-def f2llm_loss(*args, **kwargs):
-    total, hard, in_batch = real_loss(*args, **kwargs)
-    if fault == "nan" and calls["step"] == at_step:
-        total = total * float("nan")
-    return total, hard, in_batch
+def nan_output(module, inputs, output):
+    """The backbone's hidden states in STEP's forwards become NaN (layers return tuples or
+    tensors; the backbone returns a ModelOutput with last_hidden_state)."""
+    if fault == "nan" and steps_computed == at_step - 1 and hasattr(output, "last_hidden_state"):
+        output.last_hidden_state = output.last_hidden_state * float("nan")
+    return output
 
 
-train.cached_step, train.torch.save, train.f2llm_loss = cached_step, save, f2llm_loss
+torch.nn.utils.clip_grad_norm_, torch.save = clip_grad_norm_, save
+torch.nn.modules.module.register_module_forward_hook(nan_output)
 train.main(argv)

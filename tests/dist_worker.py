@@ -1,5 +1,6 @@
 """One cached step on the first retrieval and the first clustering batch of the demo sample,
-for the recipe and each option (Matryoshka, LoRA, the official detached gather); saves the
+for the recipe and each option (Matryoshka, LoRA, the official detached gather, distillation
+from another tiny model in both modes); saves the
 trained parameters' gradients (rank 0) and, per rank, what DDP all-reduced. Run with `python`
 (world 1) or `torchrun` (world N): tests/test_distributed.py compares the two (I1) and counts
 the all-reduces (one per bucket per step)."""
@@ -19,7 +20,7 @@ from loss import hard_negative_loss, in_batch_loss  # noqa: E402
 import train  # noqa: E402
 
 
-OPTIONS = ["recipe", "mrl", "lora", "detached"]
+OPTIONS = ["recipe", "mrl", "lora", "detached", "kd-mse", "kd-kl"]
 
 
 def official_reference_loss(batch):
@@ -30,7 +31,8 @@ def official_reference_loss(batch):
     def loss_fn(reps):
         q, p = reps[:b], reps[b:2 * b]
         hard = hard_negative_loss(q, p, reps[2 * b:].view(b, k, -1))
-        in_batch = in_batch_loss(q, p.detach()) if batch.task_type == "retrieval" else torch.zeros(())
+        in_batch = in_batch_loss(q,
+                                 p.detach()) if batch.task_type == "retrieval" else torch.zeros(())
         return hard + in_batch, hard, in_batch
     return loss_fn
 
@@ -43,6 +45,7 @@ def step_gradients(tokenizer_dir, demo_dir, batch_size, chunk_tokens, max_length
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     sources = D.load_tokenized(demo_dir, tokenizer, max_length, demo_dir + "_tokens", seed=0)
     grads, losses, collectives = {}, {}, {}
+    teacher = M.tiny_backbone(tokenizer, seed=1)
     for option in OPTIONS:
         backbone = M.tiny_backbone(tokenizer, seed=0)
         if option == "lora":
@@ -65,16 +68,22 @@ def step_gradients(tokenizer_dir, demo_dir, batch_size, chunk_tokens, max_length
             batch = next(b for b in stream if b.task_type == task_type).shard(rank, world)
             if option == "detached" and world == 1:
                 loss_fn = official_reference_loss(batch)
+            elif option.startswith("kd-"):  # the teacher embeds this rank's sequences, no grad
+                teacher_reps = train.embed_chunks(teacher, batch.sequences(), chunk_tokens)
+                loss_fn = train.step_loss(batch, 0.05, teacher_reps=teacher_reps,
+                                          kd_mode=option[3:], kd_weight=1)
             else:
                 loss_fn = train.step_loss(batch, 0.05, mrl=option == "mrl",
                                           gather="detached" if option == "detached" else "autograd")
             reduced.clear()
             m = train.cached_step(backbone, batch.sequences(), loss_fn, chunk_tokens, ddp=ddp)
             key = f"{option}/{task_type}"
-            grads[key] = {n: p.grad.clone() for n, p in backbone.named_parameters() if p.requires_grad}
+            grads[key] = {n: p.grad.clone() for n,
+                          p in backbone.named_parameters() if p.requires_grad}
             losses[key] = train.all_mean(m["loss"], device)
             collectives[key] = dict(chunks=m["chunks"], allreduces=len(reduced),
-                                    buckets=len({i for i, _ in reduced}), elements=sum(n for _, n in reduced),
+                                    buckets=len({i for i, _ in reduced}),
+                                    elements=sum(n for _, n in reduced),
                                     parameters=sum(p.numel() for p in backbone.parameters() if p.requires_grad))
             backbone.zero_grad(set_to_none=True)
     return rank, grads, losses, collectives
@@ -82,7 +91,8 @@ def step_gradients(tokenizer_dir, demo_dir, batch_size, chunk_tokens, max_length
 
 if __name__ == "__main__":
     tokenizer_dir, demo_dir, out, batch_size, chunk_tokens = sys.argv[1:6]
-    rank, grads, losses, collectives = step_gradients(tokenizer_dir, demo_dir, int(batch_size), int(chunk_tokens))
+    rank, grads, losses, collectives = step_gradients(tokenizer_dir, demo_dir, int(batch_size),
+                                                      int(chunk_tokens))
     if rank == 0:
         torch.save({"grads": grads, "losses": losses}, out)
     with open(f"{out}.rank{rank}.json", "w") as f:

@@ -40,7 +40,8 @@ def test_baselines_compute_our_loss_and_gradients(backbone, tokenizer, batch):
     official = bench.checkpointed(backbone)
     assert all(layer.gradient_checkpointing for layer in official.layers)
     ours, grads = _grads_of(backbone, lambda: bench.ours_step(backbone, seqs, loss_fn, 200))
-    count, count_grads = _grads_of(backbone, lambda: bench.count_chunk_step(backbone, seqs, loss_fn, 3, 0))
+    count, count_grads = _grads_of(backbone,
+                                   lambda: bench.count_chunk_step(backbone, seqs, loss_fn, 3, 0))
     base, base_grads = _grads_of(official, lambda: bench.official_step(official, seqs, loss_fn, 0))
     assert ours["chunks"] > 1 and count["chunks"] == 12
     for name, m, g in (("official", base, base_grads), ("count chunks", count, count_grads)):
@@ -72,14 +73,16 @@ def test_pairs_loss_is_sentence_transformers_cached_mnrl(backbone, tokenizer, ba
     st = SentenceTransformer(str(tmp_path / "export"), device="cpu")
     st_loss = CachedMultipleNegativesRankingLoss(st, scale=20.0, mini_batch_size=3)
     with torch.no_grad():
-        theirs = st_loss([st.preprocess(pairs.queries), st.preprocess(pairs.positives)], None).item()
+        theirs = st_loss([st.preprocess(pairs.queries), st.preprocess(pairs.positives)],
+                         None).item()
     assert theirs == pytest.approx(ours, rel=1e-5)
 
 
 def test_goals_read_the_measurements():
     """Each goal's `met` follows its value: a change in a measurement moves the verdict."""
     spread = lambda x: dict(median=x, min=x, max=x, n=1)  # noqa: E731
-    r = dict(steps=dict(speedup=dict(ours=spread(5.0)), tokens_per_s=dict(ours=spread(2.0), count=spread(1.0)),
+    r = dict(steps=dict(speedup=dict(ours=spread(5.0)),
+                        tokens_per_s=dict(ours=spread(2.0), count=spread(1.0)),
                         weight_casts_per_step=dict(ours=2)),
              sentence_transformers=dict(time_ratio=spread(0.9), loss_ours=1.0, loss_st=1.0),
              memory_growth=dict(ours=1.1), paper_batch_efficiency=dict(rows=spread(0.99)),

@@ -6,6 +6,7 @@ import collections
 import hashlib
 import json
 import os
+import pathlib
 import shutil
 import threading
 
@@ -13,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from transformers import AutoTokenizer
 
 import data as D
 import model as M
@@ -22,7 +24,7 @@ MAX_LENGTH = 64
 
 @pytest.fixture(scope="module")
 def tok(tokenizer_dir):
-    return M.AutoTokenizer.from_pretrained(tokenizer_dir)
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +49,17 @@ def test_batches_single_source_k_and_shards(small_demo_dir, tok, cache_dir):
     for _ in range(30):
         batch = next(stream)
         source = by_name[batch.source]
-        rows = [rows_of[source.name][str(q), str(p)] for q, p in zip(batch.queries, batch.positives)]
+        rows = [rows_of[source.name][str(q), str(p)] for q,
+                p in zip(batch.queries, batch.positives)]
         assert all(rows)  # every pair is a row of this source
         assert all(set(rs) - set(source.val_rows.tolist()) for rs in rows)  # held-out rows never train
         k = D.K_BY_TYPE[source.task_type]
         assert all(len(n) == k for n in batch.negatives)  # distinct picks: test_every_row_trains_every_epoch
-        cands = [[{str(ids) for ids, _ in texts[source.name][r][2:2 + source.n_candidates[r]]} for r in rs]
+        cands = [[{str(ids) for ids,
+                   _ in texts[source.name][r][2:2 + source.n_candidates[r]]} for r in rs]
                  for rs in rows]
-        assert all(any({str(x) for x in n} <= c for c in cs) for n, cs in zip(batch.negatives, cands))
+        assert all(any({str(x) for x in n} <= c for c in cs) for n,
+                   cs in zip(batch.negatives, cands))
         seqs = batch.sequences()  # [queries; positives; negatives row by row]
         assert seqs == batch.queries + batch.positives + sum(batch.negatives, [])
         assert len(seqs) == 8 * (2 + k)
@@ -68,7 +73,8 @@ def test_batches_single_source_k_and_shards(small_demo_dir, tok, cache_dir):
 
 def test_every_rank_sees_the_same_stream(small_demo_dir, tok, cache_dir):
     """Each rank builds its own stream; the global batches agree without communication."""
-    streams = [D.BatchStream(_sources(small_demo_dir, tok, cache_dir, seed=3), 8, seed=3) for _ in range(2)]
+    streams = [D.BatchStream(_sources(small_demo_dir, tok, cache_dir, seed=3), 8,
+                             seed=3) for _ in range(2)]
     for _ in range(20):
         a, b = next(streams[0]), next(streams[1])
         assert (a.source, a.queries, a.negatives, a.cut) == (b.source, b.queries, b.negatives, b.cut)
@@ -201,7 +207,7 @@ def _files(folder):
         for name in names:
             path = os.path.join(root, name)
             out[os.path.relpath(path, folder)] = (os.path.getsize(path), os.stat(path).st_mtime_ns,
-                                                  hashlib.sha256(open(path, "rb").read()).hexdigest())
+                                                  hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest())
     return out
 
 
@@ -217,6 +223,30 @@ def test_cache_ids_end_with_eos_like_model_tokenize(small_demo_dir, tok, cache_d
     assert [g for g, _ in got] == ids
     assert sum(c for _, c in got) == n_cut > 0
     assert all(f.type == pa.list_(pa.int32()) for f in source.tokens.reader.schema)
+
+
+def test_a_teacher_with_its_own_tokenizer_reads_the_same_texts(small_demo_dir, tok, cache_dir):
+    """--teacher with another tokenizer: its ids come from its own cache files in the same
+    folder, and every batch (and each shard of it) holds the same texts in both."""
+    sources = _sources(small_demo_dir, tok, cache_dir, max_length=512)
+    other = M.train_tokenizer(D.iter_texts(sources), vocab_size=600)
+    teacher_cache = D.TokenCache(cache_dir, other, 512)
+    teacher_cache.build(sources, log=lambda *a: None)
+    teacher_cache.open(sources, attr="teacher_tokens")
+    assert teacher_cache.path(sources[0]) != D.TokenCache(cache_dir, tok, 512).path(sources[0])
+    stream = D.BatchStream(sources, 4, seed=0)
+    for batch in [next(stream) for _ in range(3)]:
+        for shard in (batch, batch.shard(1, 2)):
+            ours, theirs = shard.sequences(), shard.teacher.sequences()
+            assert len(ours) == len(theirs) and ours != theirs
+            for mine, its in zip(ours, theirs):  # equal, or up to the shorter one's cut
+                a, b = tok.decode(mine[:-1]), other.decode(its[:-1])
+                if max(len(mine), len(its)) < 512:
+                    assert a == b
+                else:  # a cut may split a character: compare before it
+                    common = min(a, b, key=len)[:-4]
+                    assert a.startswith(common) and b.startswith(common) and len(common) > 1000
+            assert all(s[-1] == other.eos_token_id for s in theirs)
 
 
 def test_cache_is_keyed_by_data_tokenizer_and_length(tmp_path, tok, small_demo_dir):
@@ -274,7 +304,8 @@ def test_half_written_cache_is_rebuilt_and_waiting_ranks_open_it(tmp_path, tok, 
     assert [f for f in os.listdir(cache) if ".tmp-" in f]
     # a rank that waits for the builder opens the files once they are complete
     waiter = D.load_sources(folder)[0]
-    thread = threading.Thread(target=D.TokenCache(cache, tok, MAX_LENGTH).open, args=([waiter],), kwargs=dict(wait=True))
+    thread = threading.Thread(target=D.TokenCache(cache, tok, MAX_LENGTH).open, args=([waiter],),
+                              kwargs=dict(wait=True))
     thread.start()
     D.TokenCache(cache, tok, MAX_LENGTH, rows_per_batch=16).build([source], log=lambda *a: None)
     thread.join(timeout=30)
@@ -303,7 +334,8 @@ def test_two_builders_on_one_host_take_turns(tmp_path, tok, small_demo_dir):
         shutil.copy(os.path.join(small_demo_dir, name), folder)
     (source,) = D.load_sources(folder)
     built = []
-    threads = [threading.Thread(target=D.TokenCache(cache, tok, MAX_LENGTH, rows_per_batch=16).build,
+    threads = [threading.Thread(target=D.TokenCache(cache, tok, MAX_LENGTH,
+                                                    rows_per_batch=16).build,
                                 args=([source],), kwargs=dict(log=built.append)) for _ in range(2)]
     for t in threads:
         t.start()
@@ -329,7 +361,8 @@ def _write(folder, name, rows, task_type="retrieval", types=None):
     pq.write_table(pa.Table.from_pylist(rows) if rows else pa.table({"query": pa.array([], pa.string())}),
                    os.path.join(folder, f"{name}.parquet"))
     with open(os.path.join(folder, "task_types.csv"), "w") as f:
-        f.write("dataset,task_type\n" + "".join(f"{n},{t}\n" for n, t in (types or {name: task_type}).items()))
+        f.write("dataset,task_type\n" + "".join(f"{n},{t}\n" for n,
+                                                t in (types or {name: task_type}).items()))
 
 
 def _row(n_neg=7, **kw):
@@ -337,16 +370,22 @@ def _row(n_neg=7, **kw):
 
 
 @pytest.mark.parametrize("rows, task_type, expected", [
-    ([{"query": "q", "negative_1": "n"}], "classification", ["src.parquet", "missing column 'passage'"]),
+    ([{"query": "q", "negative_1": "n"}], "classification",
+     ["src.parquet", "missing column 'passage'"]),
     ([], "retrieval", ["src.parquet", "no rows"]),
     ([_row(), _row(query=3)], "retrieval", ["src.parquet", "column 'query'", "expected strings"]),
-    ([_row(), _row(), _row(passage="")], "retrieval", ["src.parquet", "row 2", "column 'passage'", "empty"]),
-    ([_row(), _row(query=None)], "retrieval", ["src.parquet", "row 1", "column 'query'", "missing"]),
-    ([_row(), _row(negative_3=None)], "retrieval", ["src.parquet", "row 1", "column 'negative_3'", "k = 7"]),
+    ([_row(), _row(), _row(passage="")], "retrieval",
+     ["src.parquet", "row 2", "column 'passage'", "empty"]),
+    ([_row(), _row(query=None)], "retrieval",
+     ["src.parquet", "row 1", "column 'query'", "missing"]),
+    ([_row(), _row(negative_3=None)], "retrieval",
+     ["src.parquet", "row 1", "column 'negative_3'", "k = 7"]),
     ([_row(n_neg=5)], "retrieval", ["src.parquet", "missing column 'negative_6'"]),
     # read in ranges of 1024 rows: the row number counts from the start of the file
-    ([_row()] * 5000 + [_row(passage=None)], "retrieval", ["src.parquet", "row 5000", "column 'passage'"]),
-    ([_row()] * 4097 + [_row(negative_1="")], "retrieval", ["row 4097", "column 'negative_1'", "0 hard negatives"]),
+    ([_row()] * 5000 + [_row(passage=None)], "retrieval",
+     ["src.parquet", "row 5000", "column 'passage'"]),
+    ([_row()] * 4097 + [_row(negative_1="")], "retrieval",
+     ["row 4097", "column 'negative_1'", "0 hard negatives"]),
 ])
 def test_bad_files_name_file_row_column(tmp_path, rows, task_type, expected):
     folder = str(tmp_path / "d")
@@ -374,7 +413,8 @@ def test_a_restart_reads_no_text_but_checks_the_task_type_again(tmp_path, monkey
     with monkeypatch.context() as m:
         m.setattr(D, "read_batches", lambda *a, **k: pytest.fail("the data was read again"))
         (again,) = D.load_sources(folder, memo_folder=memo)
-        assert again.columns == first.columns == ["query", "passage", "negative_1", "negative_2", "negative_3"]
+        assert again.columns == first.columns == ["query", "passage", "negative_1", "negative_2",
+                                                  "negative_3"]
         assert (again.n_candidates == first.n_candidates).all()
         with open(os.path.join(folder, "task_types.csv"), "w") as f:
             f.write("dataset,task_type\nsrc,retrieval\n")  # k = 7 now
@@ -395,7 +435,8 @@ def test_source_missing_from_type_table(tmp_path):
     folder = tmp_path / "d"
     folder.mkdir()
     pq.write_table(pa.Table.from_pylist([_row()]), folder / "my_source.parquet")
-    with pytest.raises(D.DataError, match=r"my_source.parquet.*'my_source' is not in .*task_types.csv"):
+    with pytest.raises(D.DataError,
+                       match=r"my_source.parquet.*'my_source' is not in .*task_types.csv"):
         D.load_sources(str(folder))
 
 
@@ -417,7 +458,8 @@ def test_not_parquet_jsonl_errors_and_mixed_layouts(tmp_path):
         D.load_sources(str(folder))
     (folder / "msmarco.parquet").unlink()
     (folder / "msmarco.jsonl").write_text(json.dumps(_row()) + "\n" + '{"query": 5}\n')
-    with pytest.raises(D.DataError, match=r"msmarco.jsonl line 2, column 'query': expected a string"):
+    with pytest.raises(D.DataError,
+                       match=r"msmarco.jsonl line 2, column 'query': expected a string"):
         D.load_sources(str(folder))
     (folder / "msmarco.jsonl").unlink()
     with pytest.raises(D.DataError, match="no .parquet or .jsonl files"):

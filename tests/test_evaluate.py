@@ -49,7 +49,8 @@ def test_three_loaders_agree_with_encode(export):
     tokenizer, backbone = AutoTokenizer.from_pretrained(export), AutoModel.from_pretrained(export)
     ref = M.encode(backbone, tokenizer, TEXTS, max_length=MAX_LENGTH)
     # plain transformers: the saved tokenizer appends EOS by itself, and truncation keeps it
-    batch = tokenizer(TEXTS, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+    batch = tokenizer(TEXTS, padding=True, truncation=True, max_length=MAX_LENGTH,
+                      return_tensors="pt")
     last_ids = M.last_token_pool(batch["input_ids"][..., None], batch["attention_mask"])[:, 0]
     assert last_ids.tolist() == [tokenizer.eos_token_id] * len(TEXTS)
     assert batch["input_ids"].shape[1] == MAX_LENGTH and tokenizer.model_max_length == 8192
@@ -59,12 +60,15 @@ def test_three_loaders_agree_with_encode(export):
     # sentence-transformers from the export's own config: last-token pooling, normalised
     st = SentenceTransformer(export, device="cpu")
     assert st.max_seq_length == 8192
-    assert st.prompts["query"] == D.instruct(D.DEFAULT_QUERY_INSTRUCTION, "") and st.prompts["document"] == ""
+    assert st.prompts["query"] == D.instruct(D.DEFAULT_QUERY_INSTRUCTION,
+                                             "") and st.prompts["document"] == ""
     st.max_seq_length = MAX_LENGTH
     # mteb's loader class for F2LLM, with F2LLM's loader arguments
     meta = mteb.get_model_meta("codefuse-ai/F2LLM-4B")
-    wrapper = meta.loader(export, revision=None, **dict(meta.loader_kwargs, max_seq_length=MAX_LENGTH))
-    for name, emb in [("AutoModel", plain), ("SentenceTransformer", st.encode(TEXTS, convert_to_tensor=True)),
+    wrapper = meta.loader(export, revision=None,
+                          **dict(meta.loader_kwargs, max_seq_length=MAX_LENGTH))
+    for name, emb in [("AutoModel", plain),
+                      ("SentenceTransformer", st.encode(TEXTS, convert_to_tensor=True)),
                       ("mteb F2LLM loader", wrapper.model.encode(TEXTS, convert_to_tensor=True))]:
         cos = F.cosine_similarity(emb.float().cpu(), ref)
         assert (cos > 0.9999).all(), (name, cos)
@@ -138,7 +142,8 @@ def local_run(export, tmp_path_factory):
         raise OSError("network access during the offline suite")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(socket.socket, "connect", no_network)
-        report = evaluate.main([export, "--tasks", "local", "--baseline", "--results", str(results)])
+        report = evaluate.main([export, "--tasks", "local", "--baseline", "--results",
+                                str(results)])
     return report, results
 
 
@@ -149,7 +154,8 @@ def test_local_suite_runs_offline_into_the_named_folder(local_run, export):
     assert saved["tasks"] == report["tasks"] and saved["identity"]["sha256"] == evaluate.files_sha256(export)
     assert evaluate.read_json(results / "checkpoint.json")["checkpoint"] == os.path.abspath(export)
     # mteb's own result files: one per task for the trained and for the untrained model
-    files = [f for _, _, fs in os.walk(results / "mteb") for f in fs if f.split(".")[0] in evaluate.LOCAL_TASKS]
+    files = [f for _, _,
+             fs in os.walk(results / "mteb") for f in fs if f.split(".")[0] in evaluate.LOCAL_TASKS]
     assert len(files) == 2 * len(evaluate.LOCAL_TASKS), files
     for scores in report["tasks"].values():  # mteb's 0-100 scale (a Spearman may be negative)
         floor = -100 if scores["type"] == "STS" else 0
@@ -179,7 +185,8 @@ def test_results_folder_is_not_reused_for_another_checkpoint(local_run, export, 
     evaluate.main([other, "--tasks", "LeeSTS", "--results", str(results), "--overwrite"])
     assert evaluate.read_json(results / "checkpoint.json")["checkpoint"] == os.path.abspath(other)
     assert list(evaluate.read_json(results / "scores.json")["tasks"]) == ["LeeSTS"]
-    left = [f for _, _, fs in os.walk(results / "mteb") for f in fs if f.split(".")[0] in evaluate.LOCAL_TASKS]
+    left = [f for _, _,
+            fs in os.walk(results / "mteb") for f in fs if f.split(".")[0] in evaluate.LOCAL_TASKS]
     assert left == ["LeeSTS.json"]
 
 
@@ -236,7 +243,8 @@ def test_dim_scores_a_prefix_and_refuses_a_dim_too_large(export, tmp_path, capsy
     b = torch.as_tensor(cut.model.encode(texts, convert_to_numpy=True))
     assert b.shape == (2, 16) and torch.allclose(b, a[:, :16], atol=1e-6)
     with pytest.raises(SystemExit, match="--dim 128 is larger than the model's dimension 64"):
-        evaluate.main([export, "--tasks", "LeeSTS", "--dim", "128", "--results", str(tmp_path / "r")])
+        evaluate.main([export, "--tasks", "LeeSTS", "--dim", "128", "--results",
+                       str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()
     evaluate.check_dim(16, evaluate.resolve_checkpoint(export))
     assert "--dim 16 is not a dimension this model was trained for (64" in capsys.readouterr().out

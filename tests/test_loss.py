@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import data as D
-from loss import f2llm_loss, hard_negative_loss, in_batch_loss, matryoshka, matryoshka_dims
+from loss import (distillation_loss, f2llm_loss, hard_negative_loss, in_batch_loss, matryoshka,
+                  matryoshka_dims)
 
 
 def _unit(*shape, dtype=torch.float32):
@@ -51,7 +52,8 @@ def test_total_is_hard_plus_in_batch_for_retrieval_only():
     total, hard, in_batch = f2llm_loss(reps, b, k, in_batch=True)
     assert in_batch.item() > 0 and torch.allclose(total, hard + in_batch)
     assert torch.allclose(in_batch, in_batch_loss(reps[:b], reps[b:2 * b]))
-    assert torch.allclose(hard, hard_negative_loss(reps[:b], reps[b:2 * b], reps[2 * b:].view(b, k, d)))
+    assert torch.allclose(hard,
+                          hard_negative_loss(reps[:b], reps[b:2 * b], reps[2 * b:].view(b, k, d)))
     for task_type in ("clustering", "classification"):
         kk = D.K_BY_TYPE[task_type]
         reps = _unit(b * (2 + kk), d)
@@ -88,3 +90,38 @@ def test_matryoshka_matches_a_naive_loop():
     assert abs(total.item() - expected) < 1e-4
     assert matryoshka(lambda r: f2llm_loss(r, b, k, True), reps, [d])[0].item() == \
         f2llm_loss(reps, b, k, True)[0].item()  # one dim = the plain loss
+
+
+def test_mse_distillation_is_v2s_three_means_on_the_cut_teacher():
+    """F2LLM v2: mse(queries) + mse(positives) + mse(negatives), each a mean over elements,
+    the teacher cut to the student's dimension; here on unit vectors (cut, renormalised)."""
+    torch.manual_seed(4)
+    b, k, d, dt = 3, 2, 8, 12
+    student, teacher = _unit(b * (2 + k), d), _unit(b * (2 + k), dt)
+    cut = F.normalize(teacher[:, :d], dim=-1)
+    expected = sum(((student[rows] - cut[rows]) ** 2).mean()
+                   for rows in (slice(0, b), slice(b, 2 * b), slice(2 * b, None)))
+    assert torch.allclose(distillation_loss(student, teacher, b, k, True, "mse"), expected)
+    pairs = distillation_loss(student[:2 * b], teacher[:2 * b], b, 0, False, "mse")  # k = 0
+    assert torch.allclose(pairs, ((student[:b] - cut[:b]) ** 2).mean()
+                          + ((student[b:2 * b] - cut[b:2 * b]) ** 2).mean())
+    assert distillation_loss(cut, teacher, b, k, True, "mse").item() < 1e-12
+
+
+def test_kl_distillation_matches_a_loop_over_each_querys_candidates():
+    """KL(teacher || student) over [positive, hard negatives] and, for retrieval, the other
+    queries' positives, both at the temperature; the teacher may have another dimension."""
+    torch.manual_seed(5)
+    b, k, d, dt, t = 4, 2, 8, 12, 0.05
+    student, teacher = _unit(b * (2 + k), d), _unit(b * (2 + k), dt)
+    for in_batch in (False, True):
+        expected = 0.0
+        for i in range(b):
+            candidates = [b + i] + [2 * b + i * k + j for j in range(k)]
+            candidates += [b + j for j in range(b) if j != i] if in_batch else []
+            s = torch.stack([student[i] @ student[c] / t for c in candidates]).log_softmax(0)
+            p = torch.stack([teacher[i] @ teacher[c] / t for c in candidates]).log_softmax(0)
+            expected += float((p.exp() * (p - s)).sum())
+        got = distillation_loss(student, teacher, b, k, in_batch, "kl", t)
+        assert abs(got.item() - expected / b) < 1e-5, in_batch
+    assert distillation_loss(student, student, b, k, True, "kl").abs().item() < 1e-6

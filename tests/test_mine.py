@@ -31,7 +31,9 @@ def test_skip_counts_ranks_among_non_positives_and_window_ends_at_range_max():
     picks, _ = select(scores, rule, excluded=[0, 1, 0, 0, 0, 0, 0, 0])
     assert picks.tolist() == [[3, 4, 5]]
     # window ranks 2..5 hold 4 candidates: asking for 5 drops the query
-    picks, reasons = select(scores, mine.MiningRule(**{**OFF, "range_min": 2, "range_max": 6}, num_negatives=5))
+    picks, reasons = select(scores,
+                            mine.MiningRule(**{**OFF, "range_min": 2, "range_max": 6},
+                                            num_negatives=5))
     assert picks.tolist() == [[-1] * 5] and reasons.tolist() == [1]
 
 
@@ -46,7 +48,7 @@ def test_relative_margin_alone_and_its_sign():
     # positive 0.6: keep score < 0.57 (= 0.95 x 0.6)
     picks, _ = select([0.65, 0.58, 0.575, 0.56, 0.3], rule, positive=0.6)
     assert picks.tolist() == [[3, 4]]
-    # positive -0.2: keep score < -0.21; 0.95 x (-0.2) = -0.19 would let -0.2 (= the positive) through
+    # positive -0.2: keep score < -0.21; 0.95 x (-0.2) = -0.19 would let -0.2 (the positive) in
     picks, _ = select([-0.1, -0.2, -0.205, -0.25, -0.3], rule, positive=-0.2)
     assert picks.tolist() == [[3, 4]]
 
@@ -55,15 +57,20 @@ def test_rules_together_skip_ranks_before_filtering():
     """The paper skips the top 5 RANKS, then filters. sentence-transformers' mine_hard_negatives
     filters first and then skips range_min of the survivors, which here would give [4, 5]."""
     scores = [0.95, 0.9, 0.7, 0.6, 0.5, 0.4, 0.3]
-    picks, _ = select(scores, mine.MiningRule(range_min=2, max_score=0.8, relative_margin=None, num_negatives=2))
+    picks, _ = select(scores,
+                      mine.MiningRule(range_min=2, max_score=0.8, relative_margin=None,
+                                      num_negatives=2))
     assert picks.tolist() == [[2, 3]]
-    picks, _ = select(scores, mine.MiningRule(range_min=2, max_score=0.8, relative_margin=0.05, num_negatives=2),
+    picks, _ = select(scores,
+                      mine.MiningRule(range_min=2, max_score=0.8, relative_margin=0.05,
+                                      num_negatives=2),
                       positive=0.7)  # 0.7 >= 0.665 goes too
     assert picks.tolist() == [[3, 4]]
 
 
 def test_drop_rule_names_the_first_rule_that_left_too_few():
-    rule = mine.MiningRule(range_min=1, range_max=100, max_score=0.8, relative_margin=0.05, num_negatives=2)
+    rule = mine.MiningRule(range_min=1, range_max=100, max_score=0.8, relative_margin=0.05,
+                           num_negatives=2)
     scores = [[0.9, 0.7, 0.6, 0.5, -np.inf],    # kept: 0.7, 0.6
               [0.9, 0.7, -np.inf, -np.inf, -np.inf],  # 1 candidate after the skip
               [0.9, 0.85, 0.82, 0.7, -np.inf],  # max_score leaves 1
@@ -79,12 +86,14 @@ def test_mine_excludes_every_positive_of_a_query_and_exact_copies(tokenizer, bac
     """Exclusion is by document identity, not score: with every rule off, q1 (two positives A, B;
     the corpus holds a copy of A) must get exactly the other four documents."""
     docs = {c: f"document {c}: " + " ".join([c.lower() * 3] * 5) for c in "ABCDEF"}
-    queries = ["Instruct: find\nQuery: q1", "Instruct: find\nQuery: q1", "Instruct: find\nQuery: q2"]
+    queries = ["Instruct: find\nQuery: q1", "Instruct: find\nQuery: q1",
+               "Instruct: find\nQuery: q2"]
     passages = [docs["A"], docs["B"], docs["C"]]
     corpus = [docs["A"], docs["D"], docs["E"], docs["F"], docs["D"]]
     path = str(tmp_path / "m.parquet")
     report = mine.mine_negatives(queries, passages, (backbone, tokenizer), path, corpus,
-                              mine.MiningRule(**OFF, num_negatives=4), max_length=32, progress=False)
+                              mine.MiningRule(**OFF, num_negatives=4), max_length=32,
+                                 progress=False)
     assert report["documents"] == 6 and report["kept"] == 3
     rows = pq.read_table(path).to_pylist()
     for row in rows:
@@ -95,13 +104,15 @@ def test_mine_excludes_every_positive_of_a_query_and_exact_copies(tokenizer, bac
     assert {rows[0][f"negative_{i}"] for i in range(1, 5)} == {docs[c] for c in "CDEF"}
     # q1 has only 4 non-positive documents: asking for 5 drops both its rows, keeps q2's
     report = mine.mine_negatives(queries, passages, (backbone, tokenizer), path, corpus,
-                              mine.MiningRule(**OFF, num_negatives=5), max_length=32, progress=False)
+                              mine.MiningRule(**OFF, num_negatives=5), max_length=32,
+                                 progress=False)
     assert report["kept"] == 1 and report["dropped"][mine.DROP_REASONS[1]] == 2
     assert pq.read_table(path).column("query").to_pylist() == [queries[2]]
     assert not os.path.exists(path + ".tmp")
     # nobody keeps 6: nothing is written, and the error says which rule dropped them
     os.remove(path)
-    with pytest.raises(D.DataError, match=r"no query kept 6 negatives \(dropped: 3 too few candidates"):
+    with pytest.raises(D.DataError,
+                       match=r"no query kept 6 negatives \(dropped: 3 too few candidates"):
         mine.mine_negatives(queries, passages, (backbone, tokenizer), path, corpus,
                             mine.MiningRule(**OFF, num_negatives=6), max_length=32, progress=False)
     assert not os.path.exists(path) and not os.path.exists(path + ".tmp")
@@ -197,7 +208,7 @@ def test_mine_bbc_with_trained_tiny_model_then_train(trained_run, tmp_path, caps
     run = tmp_path / "run"
     train.main(["--size", "tiny", "--data", out, "--out", str(run), "--steps", "3",
                 "--batch-size", "8", "--max-length", "64", "--eval-every", "0"])
-    losses = [json.loads(line)["loss"] for line in open(run / "metrics.jsonl")]
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
 
 

@@ -34,7 +34,8 @@ def test_last_token_pool_left_and_right_padding(tokenizer, backbone):
 
 def test_pad_id_equal_to_real_token(tokenizer, backbone):
     """Masks come from lengths: padding with the EOS id itself (or any real id) changes nothing."""
-    seqs, _ = M.tokenize(tokenizer, ["the match ended in a draw", "shares fell sharply today on news"], 64)
+    seqs, _ = M.tokenize(tokenizer,
+                         ["the match ended in a draw", "shares fell sharply today on news"], 64)
     for pad_id in (tokenizer.pad_token_id, tokenizer.eos_token_id, seqs[0][0]):
         ids, lengths = M.pad(seqs, pad_id)
         out = M.embed(backbone, ids, lengths)
@@ -63,8 +64,10 @@ def test_make_chunks_first_fit_within_budget_and_count():
             for width in (None, 9):
                 chunks = M.make_chunks(lengths, budget, cap, width)
                 assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
-                computed = [M.pack([[0] * lengths[i] for i in c], width).computed_tokens for c in chunks]
-                assert all(len(c) == 1 or n <= max(budget, width or 0) for c, n in zip(chunks, computed))
+                computed = [M.pack([[0] * lengths[i] for i in c],
+                                   width).computed_tokens for c in chunks]
+                assert all(len(c) == 1 or n <= max(budget, width or 0) for c,
+                           n in zip(chunks, computed))
                 assert not cap or all(len(c) <= cap for c in chunks)
 
 
@@ -110,7 +113,8 @@ def test_no_kv_cache_in_training_forwards(tokenizer, backbone):
     seqs, _ = M.tokenize(tokenizer, ["one text", "another text"], 32)
     packed = M.pack(seqs, width=32)
     seen = []
-    hook = backbone.register_forward_hook(lambda mod, args, kwargs, out: seen.append(out), with_kwargs=True)
+    hook = backbone.register_forward_hook(lambda mod, args, kwargs, out: seen.append(out),
+                                          with_kwargs=True)
     M.embed_packed(backbone, packed)
     M.embed(backbone, *M.pad(seqs, 0))
     hook.remove()

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from transformers import AutoModel
 
 import model as M
 import plan
@@ -14,8 +15,8 @@ import train
 @pytest.mark.parametrize("size", ["0.6b", "1.7b", "4b"])
 def test_parameter_counts_and_dims_match_the_published_models(size):
     config = plan.qwen3_config(size)
-    assert plan.parameter_counts(config)["all"] == M.PRESETS[size]["params"]
-    assert config.hidden_size == M.PRESETS[size]["dim"]
+    assert plan.parameter_counts(config)["all"] == plan.PUBLISHED[size]["params"]
+    assert config.hidden_size == plan.PUBLISHED[size]["dim"]
 
 
 SMALL = dict(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=2,
@@ -56,20 +57,24 @@ def test_memory_plan_matches_what_a_real_cpu_step_keeps():
     for k, v in SMALL.items():
         setattr(config, k, v)
     tokens = 2048
-    p = plan.memory_plan(config, world=1, chunk_tokens=tokens, sequences_per_rank=10, shard_optimizer=False)
+    p = plan.memory_plan(config, world=1, chunk_tokens=tokens, sequences_per_rank=10,
+                         shard_optimizer=False)
     torch.manual_seed(0)
-    real = M.AutoModel.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    real = AutoModel.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     opt = torch.optim.AdamW(real.parameters(), lr=1e-3)
     real(input_ids=torch.randint(0, 1000, (2, 8))).last_hidden_state.sum().backward()
     opt.step()
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
     assert p["weights_fp32"] == nbytes(real.parameters())
     assert p["gradients_fp32"] == nbytes(p_.grad for p_ in real.parameters())
-    assert p["adamw_states"] == nbytes(v for s in opt.state.values() for k, v in s.items() if k != "step")
+    assert p["adamw_states"] == nbytes(v for s in opt.state.values() for k,
+                                       v in s.items() if k != "step")
     assert p["embedding_grad"] == nbytes([real.embed_tokens.weight])
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    probe = subprocess.run([sys.executable, "-c", PROBE.format(root=root, small=SMALL, tokens=tokens)],
-                           env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"},
+    probe = subprocess.run([sys.executable, "-c",
+                            PROBE.format(root=root, small=SMALL, tokens=tokens)],
+                           env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536",
+                                "OMP_NUM_THREADS": "1"},
                            capture_output=True, text=True, check=True)
     kept = json.loads(probe.stdout.strip().splitlines()[-1])["kept"]
     planned = p["activations_bf16"] + p["activations_fp32"] + p["bf16_weight_copies"]
@@ -82,15 +87,16 @@ def test_dry_run_json_fits_80gb_in_few_chunks(capsys, size, most_chunks):
     12 / 16 / 24 packed chunks at the preset's token budget, within 76 GiB of an 80 GB GPU."""
     train.main(["--size", size, "--dry-run", "--nproc", "8", "--json"])
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert {"size", "parameters", "world", "steps", "chunks_per_step", "tokens_per_chunk", "memory_gib"} <= set(r)
-    assert r["parameters"] == M.PRESETS[size]["params"] and r["world"] == 8 and r["steps"] == 22_946
-    assert r["tokens_per_chunk"] == M.PRESETS[size]["chunk_tokens"]
+    assert {"size", "parameters", "world", "steps", "chunks_per_step", "tokens_per_chunk",
+            "memory_gib"} <= set(r)
+    assert r["parameters"] == plan.PUBLISHED[size]["params"] and r["world"] == 8 and r["steps"] == 22_946
+    assert r["tokens_per_chunk"] == train.PRESETS[size]["chunk_tokens"]
     assert r["chunks_per_step"] <= most_chunks
     assert r["memory_gib"]["total"] == pytest.approx(sum(v for k, v in r["memory_gib"].items() if k != "total"))
     assert r["memory_gib"]["total"] <= 76
     # the preset is the largest budget the plan allows
     config = plan.qwen3_config(size)
-    assert M.PRESETS[size]["chunk_tokens"] == plan.chunk_tokens_that_fit(config, 8, 576)
+    assert train.PRESETS[size]["chunk_tokens"] == plan.chunk_tokens_that_fit(config, 8, 576)
 
 
 def test_dry_run_text_names_the_estimate(capsys):
@@ -116,7 +122,8 @@ def test_fp32_master_weights_keep_tiny_updates(backbone):
 
 
 def test_bf16_autocast_embeddings_close_to_fp32(tokenizer, backbone):
-    texts = ["Shares in the company rose after profits beat forecasts.", "The match ended in a draw."]
+    texts = ["Shares in the company rose after profits beat forecasts.",
+             "The match ended in a draw."]
     seqs, _ = M.tokenize(tokenizer, texts, 64)
     ids, lengths = M.pad(seqs, tokenizer.pad_token_id)
     with torch.no_grad():
@@ -134,7 +141,8 @@ def test_gpu_check_runs_its_code_path_on_cpu(tmp_path):
     every size, the paper's batch shape on the length mix, the packed step, the count-chunk
     step, the time split, the plan beside it) runs here with tiny shapes."""
     import gpu_check
-    results = gpu_check.main(["--cpu-smoke", "--sizes", "0.6b,4b", "--out", str(tmp_path / "g.json")])
+    results = gpu_check.main(["--cpu-smoke", "--sizes", "0.6b,4b", "--out",
+                              str(tmp_path / "g.json")])
     assert [r["size"] for r in results] == ["0.6b", "4b"]  # 1.7b runs the 0.6b code path
     for r in results:
         assert r["chunks_per_step"] > 1 and r["real_tokens_per_s"] > 0 and r["plan_gib"]["total"] > 0

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow  # torchrun / real processes / mteb / sentence-tra
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+       "TOKENIZERS_PARALLELISM": "false"}
 
 
 def free_port() -> int:
@@ -23,11 +24,14 @@ def free_port() -> int:
 
 
 def run(args, nproc=0, restarts=0, fault=None, check=True):
-    script = [os.path.join(HERE, "crash_worker.py"), *fault, "--", *args] if fault else [os.path.join(ROOT, "train.py"), *args]
+    script = [os.path.join(HERE, "crash_worker.py"), *fault, "--",
+              *args] if fault else [os.path.join(ROOT, "train.py"), *args]
     # the static rendezvous of a multi-node launch (--master-port), on a free port
     launcher = [sys.executable, "-m", "torch.distributed.run", "--master-port", str(free_port()),
-                "--nproc-per-node", str(nproc), "--max-restarts", str(restarts)] if nproc else [sys.executable]
-    proc = subprocess.run(launcher + script, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+                "--nproc-per-node", str(nproc), "--max-restarts",
+                str(restarts)] if nproc else [sys.executable]
+    proc = subprocess.run(launcher + script, cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=240)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -36,7 +40,8 @@ def run(args, nproc=0, restarts=0, fault=None, check=True):
 def args(small_demo_dir, out):
     # one token cache for every run here (keyed by data, tokenizer and length, so sharing is
     # safe): the first run tokenizes, the others memory-map its files
-    return ["--size", "tiny", "--data", small_demo_dir, "--out", str(out), "--steps", "7", "--batch-size", "8",
+    return ["--size", "tiny", "--data", small_demo_dir, "--out", str(out), "--steps", "7",
+            "--batch-size", "8",
             "--max-length", "48", "--save-every", "2", "--eval-every", "0", "--seed", "1",
             "--token-cache", small_demo_dir + "_tokens"]
 
@@ -77,7 +82,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, small_demo_dir, uninterr
     proc = run(args(small_demo_dir, out) + ["--resume"])
     assert "resumed from" in proc.stdout and "step_00000004" in proc.stdout
     assert_identical(weights(out), weights(uninterrupted / "one"))
-    steps = [line for line in open(out / "metrics.jsonl")]
+    steps = [line for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(steps) == 7  # the steps after the checkpoint are logged once, not twice
 
 
@@ -107,9 +112,10 @@ def test_nan_loss_never_reaches_the_weights(tmp_path, small_demo_dir):
     assert "step 3: non-finite loss or gradient, update skipped" in proc.stdout
     for name, w in weights(out).items():
         assert torch.isfinite(w).all(), name
-    lrs = [json.loads(line)["lr"] for line in open(out / "metrics.jsonl")]
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert lrs[2] == lrs[1]  # the skipped step did not advance the schedule either
-    proc = run(args(small_demo_dir, tmp_path / "r2") + ["--max-bad-steps", "1"], fault=["nan", "3", "0"], check=False)
+    proc = run(args(small_demo_dir, tmp_path / "r2") + ["--max-bad-steps", "1"],
+               fault=["nan", "3", "0"], check=False)
     assert proc.returncode != 0 and "1 non-finite steps in a row (--max-bad-steps)" in proc.stderr
     assert not os.path.exists(tmp_path / "r2" / "final")
 
@@ -135,4 +141,5 @@ def test_lora_with_mrl_sigkill_then_resume_is_bit_identical(tmp_path, small_demo
     run(args(small_demo_dir, out) + options + ["--resume"])
     assert_identical(weights(out), weights(tmp_path / "clean"))
     assert not any("lora" in name for name in weights(out))
-    assert any(not torch.equal(w, weights(uninterrupted / "one")[n]) for n, w in weights(out).items())
+    assert any(not torch.equal(w, weights(uninterrupted / "one")[n]) for n,
+               w in weights(out).items())

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from transformers import AutoModel
 
 import data as D
 import model as M
@@ -28,7 +29,8 @@ def _close(grads, reference, what):
 
 def _rank_batch(small_demo_dir, tokenizer, task_type, size=6, max_length=128):
     """A rank's batch of the demo sample's first rows (one token cache for every test here)."""
-    stream = D.BatchStream(D.load_tokenized(small_demo_dir, tokenizer, max_length, small_demo_dir + "_tokens"),
+    stream = D.BatchStream(D.load_tokenized(small_demo_dir, tokenizer, max_length,
+                                            small_demo_dir + "_tokens"),
                            size, seed=0)
     batch = next(b for b in stream if b.task_type == task_type)
     return batch, batch.sequences()
@@ -63,7 +65,7 @@ def test_I2_under_dropout_pass_2_replays_pass_1_masks(tokenizer, small_demo_dir)
     torch.manual_seed(0)
     config = M.tiny_config(len(tokenizer))
     config.attention_dropout = 0.1
-    backbone = M.AutoModel.from_config(config, attn_implementation="sdpa").train()
+    backbone = AutoModel.from_config(config, attn_implementation="sdpa").train()
     assert [k for k, v in config.to_dict().items() if "dropout" in k and v] == ["attention_dropout"]
     batch, seqs = _rank_batch(small_demo_dir, tokenizer, "retrieval")
     loss_fn, chunk_tokens = train.step_loss(batch, 0.05), 200
@@ -75,7 +77,8 @@ def test_I2_under_dropout_pass_2_replays_pass_1_masks(tokenizer, small_demo_dir)
     reps = torch.empty(len(seqs), config.hidden_size)
     width = max(len(s) for s in seqs)  # the step's sdpa rows
     for rows in M.make_chunks([len(s) for s in seqs], chunk_tokens, width=width):
-        reps = reps.index_put((torch.tensor(rows),), M.embed_packed(backbone, M.pack([seqs[i] for i in rows], width)))
+        reps = reps.index_put((torch.tensor(rows),),
+                              M.embed_packed(backbone, M.pack([seqs[i] for i in rows], width)))
     loss = loss_fn(reps)[0]
     loss.backward()
     direct = {n: p.grad.clone() for n, p in backbone.named_parameters()}
@@ -123,7 +126,7 @@ def test_tiny_recipe_end_to_end(trained_run):
     source's training loss fall; the run folder holds the config, one metrics line per step,
     a resumable checkpoint and an export that AutoModel and AutoTokenizer load."""
     out = trained_run
-    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, len(records) + 1))
     for key in ("loss", "hard", "in_batch", "lr", "grad_norm", "seq_per_s"):
         assert all(math.isfinite(r[key]) for r in records)
@@ -135,7 +138,7 @@ def test_tiny_recipe_end_to_end(trained_run):
         loss = [r["loss"] for r in records if r["source"] == source]
         q = len(loss) // 4
         assert sum(loss[-q:]) / q < 0.95 * sum(loss[:q]) / q, source
-    assert json.load(open(out / "config.json"))["size"] == "tiny"
+    assert json.loads((out / "config.json").read_text())["size"] == "tiny"
     assert os.listdir(out / "checkpoints") == [f"step_{len(records):08d}"] or \
         sorted(os.listdir(out / "checkpoints"))[-1] == f"step_{len(records):08d}"
     from transformers import AutoModel, AutoTokenizer
@@ -190,7 +193,8 @@ def test_options_keep_I2_mrl_lora_and_one_process_detached_gather(tokenizer, sma
     b, k, d = len(batch.queries), len(batch.negatives[0]), backbone.config.hidden_size
     ids, lengths = M.pad(seqs, tokenizer.pad_token_id)
     reps = M.embed(backbone, ids, lengths)
-    naive = sum(f2llm_loss(M.F.normalize(reps[:, :m], dim=-1), b, k, True)[0] / (n * math.sqrt(d / m))
+    naive = sum(f2llm_loss(M.F.normalize(reps[:, :m], dim=-1), b, k,
+                           True)[0] / (n * math.sqrt(d / m))
                 for n, m in enumerate([64, 32, 16, 8], start=1))
     naive.backward()
     direct = {n: p.grad.clone() for n, p in backbone.named_parameters() if p.requires_grad}
@@ -204,6 +208,57 @@ def test_options_keep_I2_mrl_lora_and_one_process_detached_gather(tokenizer, sma
     detached = _grads(backbone, seqs, train.step_loss(batch, 0.05, gather="detached"), 200)
     assert recipe[0]["loss"] == detached[0]["loss"]
     assert all(torch.equal(recipe[1][n], detached[1][n]) for n in trained)
+
+
+@pytest.mark.parametrize("mode", ["mse", "kl"])
+def test_distillation_keeps_I2_with_the_naive_gradient(backbone, tokenizer, small_demo_dir, mode):
+    """With a teacher's reps of the same sequences (another tiny model, no grad), token
+    budgets from one row per chunk to all-in-one give the gradients of one plain padded
+    forward of F2LLM's loss + kd_weight x the distillation term, which does change them."""
+    from loss import distillation_loss, f2llm_loss
+    batch, seqs = _rank_batch(small_demo_dir, tokenizer, "retrieval")
+    b, k = len(batch.queries), len(batch.negatives[0])
+    teacher = M.tiny_backbone(tokenizer, seed=1)
+    teacher_reps = train.embed_chunks(teacher, seqs, 200)  # the teacher's own packed pass
+    ids, lengths = M.pad(seqs, tokenizer.pad_token_id)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher_reps, M.embed(teacher, ids, lengths))
+    reps = M.embed(backbone, ids, lengths)
+    kd = distillation_loss(reps, teacher_reps, b, k, True, mode)
+    naive = f2llm_loss(reps, b, k, True)[0] + 10 * kd
+    naive.backward()
+    direct = {n: p.grad.clone() for n, p in backbone.named_parameters()}
+    backbone.zero_grad(set_to_none=True)
+    loss_fn = train.step_loss(batch, 0.05, teacher_reps=teacher_reps, kd_mode=mode, kd_weight=10)
+    for chunk_tokens in (1, 10**6):
+        m, grads = _grads(backbone, seqs, loss_fn, chunk_tokens)
+        assert m["loss"] == pytest.approx(naive.item(), rel=1e-5) and m["terms"][2] > 0
+        _close(grads, direct, f"{mode} {chunk_tokens}")
+    assert all(p.grad is None for p in teacher.parameters())
+    recipe = _grads(backbone, seqs, train.step_loss(batch, 0.05), 10**6)[1]
+    assert any((recipe[n] - g).abs().max() > 1e-3 * g.abs().max() for n, g in direct.items())
+
+
+@pytest.mark.slow
+def test_a_run_distils_from_a_teacher_with_its_own_tokenizer(tmp_path, small_demo_dir, capsys):
+    """train.py --teacher FOLDER --kd-mode kl: the teacher (an export with another tokenizer)
+    gets its own token cache, the distillation term is logged per step, and resuming with
+    another --kd-weight is refused."""
+    texts = D.iter_texts(D.load_sources(small_demo_dir))
+    other = M.train_tokenizer(texts, vocab_size=600)
+    M.save_export(M.tiny_backbone(other, seed=3), other, str(tmp_path / "teacher"))
+    argv = ["--data", small_demo_dir, "--out", str(tmp_path / "run"), "--steps", "2",
+            "--max-length", "48", "--eval-every", "0", "--teacher", str(tmp_path / "teacher"),
+            "--kd-mode", "kl"]
+    train.main(argv)
+    printed = capsys.readouterr().out
+    assert "teacher tokenizer: its own" in printed and ", kd " in printed
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all(json.loads(line)["kd"] > 0 for line in lines)
+    cached = [f for f in os.listdir(tmp_path / "run" / "token_cache") if f.endswith(".arrow")]
+    assert len(cached) == 2 * 3  # the student's and the teacher's ids of the 3 sources
+    with pytest.raises(SystemExit, match="kd_weight was 1.0, now 2.0"):
+        train.main(argv + ["--resume", "--kd-weight", "2"])
 
 
 def test_lora_export_is_a_plain_qwen3_with_the_adapter_embeddings(tokenizer, tmp_path):
