@@ -25,6 +25,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import socket
 import tempfile
 import time
@@ -573,24 +574,38 @@ def export_prompts() -> dict:
 
 DEMO_INSTRUCTIONS = {
     "bbc_headline_retrieval": "Given a news headline, retrieve the article it heads.",
+    "bbc_sentence_retrieval": "Given a sentence from a news article, retrieve the article.",
     "bbc_topic_clustering": "Identify the topic of the given news article.",
     "bbc_topic_classification": "Classify the topic of the given news article.",
 }
 
 
 DEMO_NEGATIVES = os.path.join(HERE, "reference", "bbc_demo_negatives.csv")
+# Inverse-cloze queries per training article: the headline source alone gives the tiny model
+# ~55 retrieval steps, too few to learn matching words (issue 16); sentences from the opening
+# are headline-like and the eval documents are openings.
+SENTENCE_QUERIES = 3
 
 
-def write_demo_sample(folder: str, seed: int = 0, negatives: str = DEMO_NEGATIVES) -> None:
+def opening_sentences(body: str, n: int = 3) -> list[str]:
+    """The first `n` sentences of at least 6 words (a split at . ! ? and whitespace)."""
+    found = [p.strip() for p in re.split(r"(?<=[.!?])\s+", body)]
+    return [p for p in found if len(p.split()) >= 6][:n]
+
+
+def write_demo_sample(folder: str, seed: int = 0, negatives: str = DEMO_NEGATIVES,
+                      sentence_queries: int = SENTENCE_QUERIES) -> None:
     """The tiny preset's training data in the released layout, from the training part of
     BBC News: headline -> article retrieval with the hard negatives mined for it (`negatives`,
     written by `python mine.py demo`: the paper's rule; a headline without a row is left out),
     topic clustering (positive: an article of the same topic; negatives: 24 of other topics),
-    topic classification (positive: the topic name; negative: another topic name)."""
+    topic classification (positive: the topic name; negative: another topic name), and
+    inverse-cloze retrieval (Lee et al. 2019): `sentence_queries` sentences drawn from each
+    article's first three, each -> the article without it, with that article's mined negatives."""
     rng = np.random.default_rng(seed)
     arts = [a for a in bbc_articles() if not a["heldout"]]
     by_id = {a["id"]: a for a in arts}
-    retrieval, clustering, classification = [], [], []
+    retrieval, clustering, classification, sentences = [], [], [], []
     if not os.path.isfile(negatives):
         raise DataError(f"{negatives}: no such file; it ships with the repository, or rebuild "
                         f"it with python mine.py demo --model MODEL")
@@ -605,9 +620,10 @@ def write_demo_sample(folder: str, seed: int = 0, negatives: str = DEMO_NEGATIVE
                     f"{len(row)} fields, the header has {len(header)}") +
                     "; rebuild the file with python mine.py demo")
             a = by_id[row[0]]
+            negs = {f"negative_{n}": by_id[x]["body"] for n, x in enumerate(row[1:], 1)}
             retrieval.append({"query": instruct(DEMO_INSTRUCTIONS["bbc_headline_retrieval"], a["headline"]),
-                              "passage": a["body"],
-                              **{f"negative_{n}": by_id[x]["body"] for n, x in enumerate(row[1:], 1)}})
+                              "passage": a["body"], **negs})
+            sentences.append((a["body"], negs))
     topics = sorted({a["topic"] for a in arts})
     by_topic = {t: [i for i, a in enumerate(arts) if a["topic"] == t] for t in topics}
     for i, a in enumerate(arts):
@@ -620,10 +636,17 @@ def write_demo_sample(folder: str, seed: int = 0, negatives: str = DEMO_NEGATIVE
         wrong = rng.choice([t for t in topics if t != a["topic"]])
         classification.append({"query": instruct(DEMO_INSTRUCTIONS["bbc_topic_classification"], a["body"]),
                                "passage": a["topic"], "negative_1": str(wrong)})
+    inverse_cloze = []
+    for body, negs in sentences:  # after the other sources' draws, so those stay as they were
+        opening = opening_sentences(body)
+        for i in rng.choice(len(opening), min(sentence_queries, len(opening)), replace=False):
+            inverse_cloze.append({"query": instruct(DEMO_INSTRUCTIONS["bbc_sentence_retrieval"], opening[i]),
+                                  "passage": body.replace(opening[i], "", 1).strip(), **negs})
     os.makedirs(folder, exist_ok=True)
     for name, rows in [("bbc_headline_retrieval", retrieval), ("bbc_topic_clustering", clustering),
-                       ("bbc_topic_classification", classification)]:
+                       ("bbc_topic_classification", classification), ("bbc_sentence_retrieval", inverse_cloze)]:
         pq.write_table(pa.Table.from_pylist(rows), os.path.join(folder, f"{name}.parquet"))
     with open(os.path.join(folder, "task_types.csv"), "w") as f:
         f.write("dataset,task_type\nbbc_headline_retrieval,retrieval\n"
-                "bbc_topic_clustering,clustering\nbbc_topic_classification,classification\n")
+                "bbc_topic_clustering,clustering\nbbc_topic_classification,classification\n"
+                "bbc_sentence_retrieval,retrieval\n")
