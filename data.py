@@ -623,7 +623,7 @@ def write_demo_sample(folder: str, seed: int = 0, negatives: str = DEMO_NEGATIVE
             negs = {f"negative_{n}": by_id[x]["body"] for n, x in enumerate(row[1:], 1)}
             retrieval.append({"query": instruct(DEMO_INSTRUCTIONS["bbc_headline_retrieval"], a["headline"]),
                               "passage": a["body"], **negs})
-            sentences.append((a["body"], negs))
+            sentences.append((a["body"], [by_id[x]["body"] for x in row[1:]]))
     topics = sorted({a["topic"] for a in arts})
     by_topic = {t: [i for i, a in enumerate(arts) if a["topic"] == t] for t in topics}
     for i, a in enumerate(arts):
@@ -636,12 +636,18 @@ def write_demo_sample(folder: str, seed: int = 0, negatives: str = DEMO_NEGATIVE
         wrong = rng.choice([t for t in topics if t != a["topic"]])
         classification.append({"query": instruct(DEMO_INSTRUCTIONS["bbc_topic_classification"], a["body"]),
                                "passage": a["topic"], "negative_1": str(wrong)})
+    def without(body, i):  # the article without its i-th opening sentence (if it has one)
+        opening = opening_sentences(body)
+        return body.replace(opening[i], "", 1).strip() if i < len(opening) else body
     inverse_cloze = []
-    for body, negs in sentences:  # after the other sources' draws, so those stay as they were
+    for body, negatives in sentences:  # after the other sources' draws, so those stay as they were
         opening = opening_sentences(body)
         for i in rng.choice(len(opening), min(sentence_queries, len(opening)), replace=False):
+            # the negatives lose their i-th sentence too: else "a sentence is missing" alone
+            # tells the positive from its hard negatives
             inverse_cloze.append({"query": instruct(DEMO_INSTRUCTIONS["bbc_sentence_retrieval"], opening[i]),
-                                  "passage": body.replace(opening[i], "", 1).strip(), **negs})
+                                  "passage": without(body, i),
+                                  **{f"negative_{n}": without(x, i) for n, x in enumerate(negatives, 1)}})
     os.makedirs(folder, exist_ok=True)
     for name, rows in [("bbc_headline_retrieval", retrieval), ("bbc_topic_clustering", clustering),
                        ("bbc_topic_classification", classification), ("bbc_sentence_retrieval", inverse_cloze)]:
