@@ -45,6 +45,7 @@ class Recipe:
     size: str = "tiny"  # preset of DESIGN §2: tiny, 0.6b, 1.7b, 4b (PRESETS)
     model: str = "tiny"  # HF id or local folder; tiny = a small Qwen3 built from a config
     data: str = ""  # folder of {source}.parquet / .jsonl; "" = released set (tiny: demo sample)
+    demo_negatives: str = "mined"  # tiny's demo sample: mined (the paper's rule) | random
     steps: int = 0  # optimizer steps; 0 = `epochs` passes over the data
     epochs: int = 1  # passes over the data when --steps is 0
     batch_size: int = 32  # GLOBAL queries per step (all ranks)
@@ -63,6 +64,7 @@ class Recipe:
     seed: int = 0  # model init, data order, negatives sampled, validation split
     precision: str = "auto"  # bf16 (autocast, fp32 master weights) | fp32; auto = bf16 on GPU
     mrl: bool = False  # F2LLM v2's Matryoshka loss over nested dims (loss.matryoshka_dims)
+    in_batch: bool = True  # the in-batch term on retrieval data; --no-in-batch: hard negatives only
     in_batch_gather: str = "autograd"  # autograd (the recipe) | detached (the official code's)
     lora_rank: int = 0  # LoRA adapters of this rank on every linear layer; 0 = full finetuning
     teacher: str = ""  # distil from this model (a folder or hub id model.py loads); "" = none
@@ -154,6 +156,8 @@ def check_config(cfg: Config, world: int) -> None:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.max_length < 2:
         fail("--max-length must leave room for one token and the EOS")
+    if cfg.demo_negatives not in ("mined", "random"):
+        fail(f"--demo-negatives {cfg.demo_negatives}: use mined or random")
     if cfg.in_batch_gather not in ("autograd", "detached"):
         fail(f"--in-batch-gather {cfg.in_batch_gather}: use autograd or detached")
     if cfg.kd_mode not in KD_MODES:
@@ -301,13 +305,15 @@ def cached_step(model, seqs: list[list[int]], loss_fn, chunk_tokens: int, bf16: 
 
 
 def step_loss(batch: D.Batch, temperature: float, mrl: bool = False, gather: str = "autograd",
-              teacher_reps=None, kd_mode: str = "mse", kd_weight: float = 1.0):
+              teacher_reps=None, kd_mode: str = "mse", kd_weight: float = 1.0,
+              in_batch: bool = True):
     """The recipe's loss of one rank's batch, as a function of its reps (S, D): F2LLM's total,
     or with mrl its Matryoshka sum over nested dims, plus kd_weight x the distillation term
     when the teacher's reps of the same sequences are given (all on the cached reps: no
-    extra memory). -> (total, hard, in-batch[, distillation])."""
+    extra memory). in_batch=False drops the in-batch term (an ablation).
+    -> (total, hard, in-batch[, distillation])."""
     b, k = len(batch.queries), len(batch.negatives[0]) if batch.negatives else 0
-    in_batch = batch.task_type in D.IN_BATCH_TYPES
+    in_batch = in_batch and batch.task_type in D.IN_BATCH_TYPES
 
     def loss_fn(reps):
         return f2llm_loss(reps, b, k, in_batch, temperature, gather)
@@ -346,7 +352,8 @@ def validate(backbone, batches, rank, world, cfg, device, bf16) -> float:
     for global_batch in batches:
         batch = global_batch.shard(rank, world)
         reps = embed_chunks(backbone, batch.sequences(), cfg.chunk_tokens, cfg.chunk_size, bf16)
-        loss_fn = step_loss(batch, cfg.temperature, cfg.mrl, cfg.in_batch_gather)
+        loss_fn = step_loss(batch, cfg.temperature, cfg.mrl, cfg.in_batch_gather,
+                            in_batch=cfg.in_batch)
         losses.append(all_mean(loss_fn(reps)[0].item(), device))
     return sum(losses) / max(len(losses), 1)
 
@@ -412,7 +419,7 @@ def setup_data(cfg: Config, rank: int, world: int, say):
     if not data_folder and cfg.size == "tiny":
         data_folder = os.path.join(cfg.out, "data")
         if rank == 0 and not os.path.isdir(data_folder):
-            D.write_demo_sample(data_folder, seed=0)
+            D.write_demo_sample(data_folder, seed=0, negatives=cfg.demo_negatives)
         barrier()
     elif not data_folder:
         data_folder = download_released_data(rank)
@@ -595,7 +602,7 @@ def main(argv=None):
         teacher_reps = None if teacher is None else embed_chunks(  # the teacher's no-grad pass
             teacher, (batch.teacher or batch).sequences(), cfg.chunk_tokens, cfg.chunk_size, bf16)
         loss_fn = step_loss(batch, cfg.temperature, cfg.mrl, cfg.in_batch_gather, teacher_reps,
-                            cfg.kd_mode, cfg.kd_weight)
+                            cfg.kd_mode, cfg.kd_weight, cfg.in_batch)
         m = cached_step(backbone, seqs, loss_fn, cfg.chunk_tokens, bf16, ddp, cfg.chunk_size)
         grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip).item()
         if m["finite"] and math.isfinite(grad_norm):

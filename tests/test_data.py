@@ -169,7 +169,8 @@ def test_validation_batches_are_built_when_iterated(small_demo_dir, tok, cache_d
     val = D.ValidationBatches(sources, batch_size=4, world=3, seed=0)
     first, again = list(val), list(val)
     assert [(b.source, b.queries, b.negatives) for b in first] == [(b.source, b.queries, b.negatives) for b in again]
-    assert len(first) == len(val) == 6 and all(len(b.queries) == 3 for b in first)  # 7 rows: 4 -> 3, 3
+    assert len(first) == len(val) == 2 * len(sources)  # 7 rows per source: 4 -> 3, 3
+    assert all(len(b.queries) == 3 for b in first)
     for s in sources:
         held_out = {str(s.tokens.texts(int(r), ["query"])[0][0]) for r in s.val_rows}
         assert {str(q) for b in first if b.source == s.name for q in b.queries} <= held_out
@@ -180,7 +181,7 @@ def test_checking_keeps_no_text_in_memory(demo_dir):
     before = pa.total_allocated_bytes()
     sources = D.load_sources(demo_dir)
     assert pa.total_allocated_bytes() - before < 1e6
-    assert sum(s.num_rows for s in sources) == 1751 + 2 * 1777
+    assert sum(s.num_rows for s in sources) == 1751 + 2 * 1777 + 5253  # + 3 sentences/headline
 
 
 def test_jsonl_layout_reads_like_parquet(tmp_path, demo_dir):
@@ -245,7 +246,7 @@ def test_a_teacher_with_its_own_tokenizer_reads_the_same_texts(small_demo_dir, t
                     assert a == b
                 else:  # a cut may split a character: compare before it
                     common = min(a, b, key=len)[:-4]
-                    assert a.startswith(common) and b.startswith(common) and len(common) > 1000
+                    assert a.startswith(common) and b.startswith(common) and len(common) > 200
             assert all(s[-1] == other.eos_token_id for s in theirs)
 
 
@@ -464,3 +465,23 @@ def test_not_parquet_jsonl_errors_and_mixed_layouts(tmp_path):
     (folder / "msmarco.jsonl").unlink()
     with pytest.raises(D.DataError, match="no .parquet or .jsonl files"):
         D.load_sources(str(folder))
+
+
+def test_random_demo_negatives_keep_the_headlines_and_every_other_draw(tmp_path, demo_dir):
+    """--demo-negatives random (the ablation): the same headlines, each with 24 other articles
+    of its topic instead of its mined negatives; clustering and classification unchanged."""
+    D.write_demo_sample(str(tmp_path), seed=0, negatives="random")
+    topic_of = {a["body"]: a["topic"] for a in D.bbc_articles() if not a["heldout"]}
+    for name in os.listdir(demo_dir):
+        if not name.endswith(".parquet"):
+            continue
+        mined, random = (pq.read_table(os.path.join(d, name)).to_pylist() for d in (demo_dir, tmp_path))
+        assert [r["query"] for r in mined] == [r["query"] for r in random], name
+        if name in ("bbc_topic_clustering.parquet", "bbc_topic_classification.parquet"):
+            assert mined == random, name
+        elif name == "bbc_headline_retrieval.parquet":
+            for m, r in zip(mined, random):
+                negatives = [r[f"negative_{n}"] for n in range(1, 25)]
+                assert len(negatives) == 24 and r["passage"] not in negatives
+                assert {topic_of[x] for x in negatives} == {topic_of[r["passage"]]}
+            assert sum(m != r for m, r in zip(mined, random)) > 0.9 * len(mined)

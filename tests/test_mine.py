@@ -271,7 +271,7 @@ def test_mine_demo_writes_what_the_demo_sample_reads(trained_run, tmp_path, caps
     assert "kept 1,777 of 1,777 headlines" in capsys.readouterr().out
     folder = str(tmp_path / "sample")
     D.write_demo_sample(folder, negatives=path)
-    (retrieval,) = [s for s in D.load_sources(folder, val_fraction=0) if s.task_type == "retrieval"]
+    (retrieval,) = [s for s in D.load_sources(folder, val_fraction=0) if s.name == "bbc_headline_retrieval"]
     arts = {a["id"]: a for a in D.bbc_articles()}
     rows = list(csv.reader(open(path)))
     table = D.read_table(retrieval.path)

@@ -32,7 +32,8 @@ def _rank_batch(small_demo_dir, tokenizer, task_type, size=6, max_length=128):
     stream = D.BatchStream(D.load_tokenized(small_demo_dir, tokenizer, max_length,
                                             small_demo_dir + "_tokens"),
                            size, seed=0)
-    batch = next(b for b in stream if b.task_type == task_type)
+    source = {"retrieval": "bbc_headline_retrieval"}.get(task_type, f"bbc_topic_{task_type}")
+    batch = next(b for b in stream if b.source == source)
     return batch, batch.sequences()
 
 
@@ -122,9 +123,10 @@ def test_lr_schedule_warmup_cosine_floor():
 
 @pytest.mark.slow
 def test_tiny_recipe_end_to_end(trained_run):
-    """`python train.py --size tiny` trains on real text: the validation loss and each
-    source's training loss fall; the run folder holds the config, one metrics line per step,
-    a resumable checkpoint and an export that AutoModel and AutoTokenizer load."""
+    """`python train.py --size tiny` on a small config of its own (conftest.trained_run)
+    trains on real text: the validation loss and each source's training loss fall; the run
+    folder holds the config, one metrics line per step, a resumable checkpoint and an export
+    that AutoModel and AutoTokenizer load."""
     out = trained_run
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, len(records) + 1))
@@ -210,6 +212,16 @@ def test_options_keep_I2_mrl_lora_and_one_process_detached_gather(tokenizer, sma
     assert all(torch.equal(recipe[1][n], detached[1][n]) for n in trained)
 
 
+def test_no_in_batch_drops_only_the_in_batch_term(backbone, tokenizer, small_demo_dir):
+    """--no-in-batch (the ablation): on retrieval data the loss is the hard-negative term
+    alone, the same term as the recipe's."""
+    batch, seqs = _rank_batch(small_demo_dir, tokenizer, "retrieval")
+    recipe = _grads(backbone, seqs, train.step_loss(batch, 0.05), 10**6)[0]
+    alone = _grads(backbone, seqs, train.step_loss(batch, 0.05, in_batch=False), 10**6)[0]
+    assert recipe["terms"][1] > 0 and alone["terms"][1] == 0
+    assert alone["terms"][0] == recipe["terms"][0] == pytest.approx(alone["loss"])
+
+
 @pytest.mark.parametrize("mode", ["mse", "kl"])
 def test_distillation_keeps_I2_with_the_naive_gradient(backbone, tokenizer, small_demo_dir, mode):
     """With a teacher's reps of the same sequences (another tiny model, no grad), token
@@ -256,7 +268,8 @@ def test_a_run_distils_from_a_teacher_with_its_own_tokenizer(tmp_path, small_dem
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and all(json.loads(line)["kd"] > 0 for line in lines)
     cached = [f for f in os.listdir(tmp_path / "run" / "token_cache") if f.endswith(".arrow")]
-    assert len(cached) == 2 * 3  # the student's and the teacher's ids of the 3 sources
+    sources = [f for f in os.listdir(small_demo_dir) if f.endswith(".parquet")]
+    assert len(cached) == 2 * len(sources)  # the student's and the teacher's ids of each
     with pytest.raises(SystemExit, match="kd_weight was 1.0, now 2.0"):
         train.main(argv + ["--resume", "--kd-weight", "2"])
 
