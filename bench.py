@@ -205,7 +205,8 @@ def rss_kib(field: str) -> int:
 
 def tokenized(batch: Texts, tokenizer, max_length: int):
     """A batch -> (its id lists [queries; positives; negatives], the recipe's loss of its reps)."""
-    seqs, _ = M.tokenize(tokenizer, batch.queries + batch.positives + sum(batch.negatives, []), max_length)
+    texts = batch.queries + batch.positives + sum(batch.negatives, [])
+    seqs, _ = M.tokenize(tokenizer, texts, max_length)
     b, k = len(batch.queries), len(batch.negatives[0])
     return seqs, lambda reps: f2llm_loss(reps, b, k, in_batch=True)
 
@@ -269,9 +270,11 @@ def bench_steps(args, backbone, tokenizer, pool) -> dict:
             info[name] = step()
             net.zero_grad(set_to_none=True)
         return go
-    times = rounds({"ours": run("ours", backbone, lambda: ours_step(backbone, seqs, loss_fn, args.chunk_tokens)),
-                    "count": run("count", backbone, lambda: count_chunk_step(backbone, seqs, loss_fn, args.chunk_size, pad)),
-                    "official": run("official", official, lambda: official_step(official, seqs, loss_fn, pad))},
+    steps = {"ours": (backbone, lambda: ours_step(backbone, seqs, loss_fn, args.chunk_tokens)),
+             "count": (backbone,
+                       lambda: count_chunk_step(backbone, seqs, loss_fn, args.chunk_size, pad)),
+             "official": (official, lambda: official_step(official, seqs, loss_fn, pad))}
+    times = rounds({name: run(name, net, step) for name, (net, step) in steps.items()},
                    args.repeats)
     real = info["ours"]["real_tokens"]
     casts = {name: weight_casts(backbone, lambda: step(True)) for name, step in (
@@ -285,7 +288,8 @@ def bench_steps(args, backbone, tokenizer, pool) -> dict:
                 weight_casts_per_step=casts,
                 seconds={n: spread(t) for n, t in times.items()},
                 tokens_per_s={n: spread([real / t for t in ts]) for n, ts in times.items()},
-                speedup={n: spread([o / t for o, t in zip(times["official"], times[n])]) for n in ("ours", "count")})
+                speedup={n: spread([o / t for o, t in zip(times["official"], times[n])])
+                         for n in ("ours", "count")})
 
 
 def paper_batch_efficiency(args, batches: int = 20) -> dict:
@@ -305,7 +309,8 @@ def paper_batch_efficiency(args, batches: int = 20) -> dict:
                                   width).computed_tokens for c in chunks)
             eff[name].append(real / computed)
         order = sorted(lengths, reverse=True)
-        eff["count"].append(real / sum(len(order[i:i + 16]) * order[i] for i in range(0, len(order), 16)))
+        counted = sum(len(order[i:i + 16]) * order[i] for i in range(0, len(order), 16))
+        eff["count"].append(real / counted)
         eff["official"].append(real / (len(lengths) * max(lengths)))
     return dict(chunk_tokens=budget, **{n: spread(v) for n, v in eff.items()})
 
@@ -344,8 +349,11 @@ def bench_encode(args, backbone, tokenizer, pool, st) -> dict:
              + cut_texts(rng, pool, tokenizer, lengths[n_q:]))
     backbone.eval(), st.eval()
     emb = {}
-    times = rounds({"ours": lambda: emb.update(ours=M.encode(backbone, tokenizer, texts, batch_size=args.encode_batch)),
-                    "st": lambda: emb.update(st=st.encode(texts, batch_size=args.encode_batch, convert_to_tensor=True))},
+    size = args.encode_batch
+    times = rounds({"ours": lambda: emb.update(ours=M.encode(backbone, tokenizer, texts,
+                                                             batch_size=size)),
+                    "st": lambda: emb.update(st=st.encode(texts, batch_size=size,
+                                                          convert_to_tensor=True))},
                    args.repeats)
     backbone.train()
     real = sum(len(s) for s in M.tokenize(tokenizer, texts, 8192)[0])
@@ -361,7 +369,8 @@ def goals(r) -> dict:
     s, st, grow = r["steps"], r["sentence_transformers"], r["memory_growth"]
     rows = {
         "speedup_vs_official": (s["speedup"]["ours"]["median"], ">= 4", lambda v: v >= 4),
-        "speedup_vs_count_chunks": (s["tokens_per_s"]["ours"]["median"] / s["tokens_per_s"]["count"]["median"],
+        "speedup_vs_count_chunks": (s["tokens_per_s"]["ours"]["median"]
+                                    / s["tokens_per_s"]["count"]["median"],
                                     "> 1", lambda v: v > 1),
         "padding_efficiency_paper_batch": (r["paper_batch_efficiency"]["rows"]["median"], ">= 0.98",
                                            lambda v: v >= 0.98),
@@ -439,14 +448,16 @@ def main(argv=None):
     tokenizer, backbone = build(args)
     pool = text_pool(tokenizer)
     n_params = sum(p.numel() for p in backbone.parameters())
-    say(f"model: Qwen3 {args.layers} layers x {args.hidden}, vocab {len(tokenizer)}, {n_params / 1e6:.1f}M parameters")
+    say(f"model: Qwen3 {args.layers} layers x {args.hidden}, vocab {len(tokenizer)}, "
+        f"{n_params / 1e6:.1f}M parameters")
     r = dict(machine=dict(platform=platform.platform(),
                           processor=platform.processor() or platform.machine(),
                           cpus=os.cpu_count(), torch=torch.__version__,
                           threads=torch.get_num_threads(),
                           load_average_at_start=os.getloadavg()),  # other users of the CPUs
-             commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                   cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip(),
+             commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                   text=True, cwd=os.path.dirname(os.path.abspath(__file__))
+                                   ).stdout.strip(),
              args=vars(args), parameters=n_params)
     r["steps"] = bench_steps(args, backbone, tokenizer, pool)
     r["paper_batch_efficiency"] = paper_batch_efficiency(args)
@@ -454,7 +465,8 @@ def main(argv=None):
     export = tempfile.mkdtemp(prefix="f2llm_bench_")
     M.save_export(backbone, tokenizer, export)
     r["memory"] = mem = bench_memory(args, export)
-    r["memory_growth"] = {n: mem[f"{n}_x8"]["step_mib"] / mem[f"{n}_x1"]["step_mib"] for n in ("ours", "count", "official")}
+    r["memory_growth"] = {n: mem[f"{n}_x8"]["step_mib"] / mem[f"{n}_x1"]["step_mib"]
+                          for n in ("ours", "count", "official")}
     say("3: memory done")
     from sentence_transformers import SentenceTransformer
     st = SentenceTransformer(export, device="cpu").train()
@@ -468,10 +480,13 @@ def main(argv=None):
     r["table"] = [dict(measure=m.strip(), value=v, goal=g, met=ok) for m, v, g, ok in rows]
 
     s = r["steps"]
-    print(f"\nF2LLM step benchmark | commit {r['commit']} | {r['machine']['processor']}, {r['machine']['cpus']} CPUs, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), load average {r['machine']['load_average_at_start'][0]:.1f} "
-          f"| Qwen3 {args.layers}x{args.hidden}, {n_params / 1e6:.1f}M params | timed step: {s['sequences']} sequences, "
-          f"{s['real_tokens']} real tokens, chunks: {s['chunks']} (budget {args.chunk_tokens} tokens, C={args.chunk_size}) | "
+    machine = r["machine"]
+    print(f"\nF2LLM step benchmark | commit {r['commit']} | {machine['processor']}, "
+          f"{machine['cpus']} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"load average {machine['load_average_at_start'][0]:.1f} | Qwen3 "
+          f"{args.layers}x{args.hidden}, {n_params / 1e6:.1f}M params | timed step: "
+          f"{s['sequences']} sequences, {s['real_tokens']} real tokens, chunks: {s['chunks']} "
+          f"(budget {args.chunk_tokens} tokens, C={args.chunk_size}) | "
           f"median [min-max] of {args.repeats} rounds after a warm-up")
     print(f"{'measure':48s} {'value':34s} {'goal':9s} met")
     for name, value, goal, met in rows:
@@ -479,7 +494,8 @@ def main(argv=None):
     print("seconds per step: " + ", ".join(f"{n} {v['median']:.2f}" for n,
                                            v in s["seconds"].items())
           + " | step memory MiB x1 -> x8: " + ", ".join(
-              f"{n} {mem[n + '_x1']['step_mib']:.0f} -> {mem[n + '_x8']['step_mib']:.0f}" for n in r["memory_growth"])
+              f"{n} {mem[n + '_x1']['step_mib']:.0f} -> {mem[n + '_x8']['step_mib']:.0f}"
+              for n in r["memory_growth"])
           + f" | wall {r['wall_s']:.0f}s")
     with open(args.out, "w") as f:
         json.dump(r, f, indent=2)

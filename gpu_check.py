@@ -160,21 +160,25 @@ def check_size(size, config, device, attn, steps, b, k, max_length, chunk_tokens
 
 
 def report(r, peak_flops):
-    mfu = 6 * r["non_embedding_params"] * r["real_tokens_per_s"] / peak_flops if peak_flops else None
-    r["mfu"] = mfu
+    flops = 6 * r["non_embedding_params"] * r["real_tokens_per_s"]
+    r["mfu"] = mfu = flops / peak_flops if peak_flops else None
     split = ", ".join(f"{p} {s:.2f}s" for p, s in r["time_split_s"].items())
-    print(f"{r['size']} ({r['layers']} layers), b={r['b']} k={r['k']}, {r['chunks_per_step']} chunks of <= "
-          f"{r['chunk_tokens']} tokens: {r['s_per_step']:.2f} s/step, {r['real_tokens_per_s']:,.0f} real tokens/s, "
-          f"MFU {f'{mfu:.1%}' if mfu is not None else 'n/a'}; split: {split}; host syncs/step {r['host_syncs_per_step']}")
+    print(f"{r['size']} ({r['layers']} layers), b={r['b']} k={r['k']}, {r['chunks_per_step']} "
+          f"chunks of <= {r['chunk_tokens']} tokens: {r['s_per_step']:.2f} s/step, "
+          f"{r['real_tokens_per_s']:,.0f} real tokens/s, "
+          f"MFU {f'{mfu:.1%}' if mfu is not None else 'n/a'}; split: {split}; "
+          f"host syncs/step {r['host_syncs_per_step']}")
     gib = r["plan_gib"]
     if "peak_reserved_gib" in r:
-        print(f"  memory: peak allocated {r['peak_allocated_gib']:.1f} GiB, reserved {r['peak_reserved_gib']:.1f} GiB; "
-              f"plan {gib['total']:.1f} GiB (reserved / plan = {r['peak_reserved_gib'] / gib['total']:.3f})")
+        print(f"  memory: peak allocated {r['peak_allocated_gib']:.1f} GiB, reserved "
+              f"{r['peak_reserved_gib']:.1f} GiB; plan {gib['total']:.1f} GiB (reserved / plan = "
+              f"{r['peak_reserved_gib'] / gib['total']:.3f})")
     print(f"  packed vs padded embeddings: max |diff| {r['packed_vs_padded_max_abs']:.2e}")
     if "old_step" in r:
         o = r["old_step"]
-        print(f"  count-chunk step (C={o['chunk_size']}, {o['chunks']} chunks): {o['s_per_step']:.2f} s/step, "
-              f"{o['real_tokens_per_s']:,.0f} real tokens/s -> packed is {r['real_tokens_per_s'] / o['real_tokens_per_s']:.2f}x")
+        print(f"  count-chunk step (C={o['chunk_size']}, {o['chunks']} chunks): "
+              f"{o['s_per_step']:.2f} s/step, {o['real_tokens_per_s']:,.0f} real tokens/s -> "
+              f"packed is {r['real_tokens_per_s'] / o['real_tokens_per_s']:.2f}x")
 
 
 def main(argv=None):
@@ -187,13 +191,15 @@ def main(argv=None):
     parser.add_argument("--out", default="gpu_check.json")
     args = parser.parse_args(argv)
     if not args.cpu_smoke and not torch.cuda.is_available():
-        raise SystemExit("gpu_check.py: no CUDA device; run it on a GPU machine or pass --cpu-smoke")
+        raise SystemExit("gpu_check.py: no CUDA device; run it on a GPU machine or pass "
+                         "--cpu-smoke")
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     attn = M.attention_implementation(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
     kernel = M.varlen_kernel(device) or "sdpa rows with block-diagonal masks"
-    print(f"device {name} ({total / 2**30:.0f} GiB), attention {attn} ({kernel}), torch {torch.__version__}")
+    print(f"device {name} ({total / 2**30:.0f} GiB), attention {attn} ({kernel}), "
+          f"torch {torch.__version__}")
     peak_flops = next((v for key, v in PEAK_BF16_FLOPS.items() if key in name), None)
     results = []
     for size in args.sizes.split(","):
@@ -202,10 +208,12 @@ def main(argv=None):
         if args.cpu_smoke:  # the same code with tiny shapes: 2 layers of width 64
             config = plan.config_like(config, 2, vocab_size=500)
             config.hidden_size, config.intermediate_size, config.num_attention_heads = 64, 128, 4
-            config.num_key_value_heads, config.head_dim, config.bos_token_id, config.eos_token_id = 2, 16, 0, 1
+            config.num_key_value_heads, config.head_dim = 2, 16
+            config.bos_token_id, config.eos_token_id = 0, 1
             b, max_length, chunk_tokens = 4, 64, 256
-        r = check_size(size, config, device, attn, 1 if args.cpu_smoke else args.steps, b, k, max_length,
-                       chunk_tokens, run_old=size != "4b")
+        steps = 1 if args.cpu_smoke else args.steps
+        r = check_size(size, config, device, attn, steps, b, k, max_length, chunk_tokens,
+                       run_old=size != "4b")
         if device.type == "cuda":  # the size's model and optimizer are gone: hand their memory back
             torch.cuda.empty_cache()
         r.update(size=size, attention=attn, kernel=kernel)

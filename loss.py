@@ -108,7 +108,8 @@ def matryoshka(loss_fn, reps, dims: list[int]):
     for n, dim in enumerate(dims, start=1):
         weight = 1.0 / (n * (reps.shape[1] / dim) ** 0.5)
         terms = loss_fn(F.normalize(reps[:, :dim], dim=-1))
-        total = [w * weight for w in terms] if total is None else [t + w * weight for t, w in zip(total, terms)]
+        weighted = [w * weight for w in terms]
+        total = weighted if total is None else [t + w for t, w in zip(total, weighted)]
     return tuple(total)
 
 

@@ -3,7 +3,7 @@
     python mine.py mine --pairs PAIRS --model MODEL --out FOLDER        # + 24 hard negatives
     python mine.py classification --labelled TEXTS --instruction I --out FOLDER
     python mine.py clustering --labelled TEXTS --instruction I --out FOLDER
-    python mine.py demo --model MODEL     # rebuilds reference/bbc_demo_negatives.csv (the tiny sample's)
+    python mine.py demo --model MODEL     # rebuilds reference/bbc_demo_negatives.csv (tiny's)
 
 Contract:
 - `select_negatives` is the paper's margin rule as a pure function on retrieved scores:
@@ -65,7 +65,8 @@ def select_negatives(scores: np.ndarray, excluded: np.ndarray, positive_scores: 
     """scores (n, c): each query's retrieved candidates, best first; excluded (n, c): its
     positives (exact copies included) and padding; positive_scores (n,). Returns picks
     (n, num_negatives): candidate columns, best first, -1 in dropped rows; reasons (n,):
-    0 kept, else a key of DROP_REASONS. Ranks are skipped first, then filtered (the paper's order)."""
+    0 kept, else a key of DROP_REASONS. Ranks are skipped first, then filtered (the paper's
+    order)."""
     rank = np.cumsum(~excluded, axis=1) - 1  # (n, c) rank among the non-positives
     ok = ~excluded & (rank >= rule.range_min) & (rank < rule.range_max)
     counts = [ok.sum(1)]
@@ -115,7 +116,8 @@ def _sentence_transformer_pooling_other_than_last_token(folder) -> bool:
         if module["type"].endswith("Pooling"):
             with open(os.path.join(folder, module["path"], "config.json")) as f:
                 config = json.load(f)
-            return not (config.get("pooling_mode") == "lasttoken" or config.get("pooling_mode_lasttoken"))
+            last_token = config.get("pooling_mode") == "lasttoken"
+            return not (last_token or config.get("pooling_mode_lasttoken"))
     return True
 
 
@@ -286,8 +288,8 @@ def read_columns(path: str, columns: list[str], flag: str) -> dict[str, list[str
         raise DataError(f"{flag} {path}: the file has no rows")
     for column in columns:
         if column not in table.column_names:
-            raise DataError(f"{flag} {path}: missing column {column!r} (found {table.column_names}); "
-                            f"{flag} needs columns {columns}")
+            raise DataError(f"{flag} {path}: missing column {column!r} (found "
+                            f"{table.column_names}); {flag} needs columns {columns}")
         out[column] = [None if v is None else str(v) for v in table[column].to_pylist()]
         bad = next((r for r, v in enumerate(out[column]) if v is None or not v.strip()), None)
         if bad is not None:
@@ -323,12 +325,13 @@ def main(argv=None):
     mine.add_argument("--pairs", required=True, help=".jsonl or .parquet, columns query, passage")
     mine.add_argument("--corpus", help="extra candidate documents: .jsonl or .parquet, column text")
     mine.add_argument("--instruction", help="wrap each query as 'Instruct: ...\\nQuery: ...'")
-    demo = commands.add_parser("demo",
-                               help="the tiny preset's retrieval negatives (reference/bbc_demo_negatives.csv)")
+    demo = commands.add_parser("demo", help="the tiny preset's retrieval negatives "
+                                            "(reference/bbc_demo_negatives.csv)")
     for p, max_length in ((mine, 1024), (demo, 256)):
         p.add_argument("--model", required=True, help="a folder this project wrote, a "
                        "SentenceTransformer folder, or an HF id (see load_encoder)")
-        for field, f in MiningRule.__dataclass_fields__.items():  # --range-max 100 ... ('none': off)
+        # --range-max 100 ... ('none': off)
+        for field, f in MiningRule.__dataclass_fields__.items():
             p.add_argument("--" + field.replace("_", "-"), default=f.default, help=RULE_HELP[field]
                            + ("" if f.type is int else "; 'none': off"), type=int if f.type is int
                            else lambda s: None if s.lower() == "none" else float(s))
@@ -379,7 +382,8 @@ def main(argv=None):
             os.makedirs(args.out, exist_ok=True)
             pq.write_table(pa.Table.from_pylist(rows), path + ".tmp")
             os.replace(path + ".tmp", path)
-            print(f"{len(rows):,} rows" + (f"; {skipped} skipped (alone in their label)" if skipped else ""))
+            alone = f"; {skipped} skipped (alone in their label)" if skipped else ""
+            print(f"{len(rows):,} rows{alone}")
         register_source(args.out, name, task_type)
     except DataError as e:
         raise SystemExit(f"mine.py {args.command}: error: {e}")

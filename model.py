@@ -29,7 +29,8 @@ from transformers import (AttentionInterface, AutoModel, AutoTokenizer, PreTrain
 
 # Qwen3's special tokens: pad `<|endoftext|>` is a real, EOS-like token (so masks never come
 # from `ids != pad`); the EOS that ends every sequence is `<|im_end|>`.
-PAD_TOKEN, EOS_TOKEN, SPECIAL_TOKENS = "<|endoftext|>", "<|im_end|>", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+PAD_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_end|>"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 # ---------------------------------------------------------------------------- backbones

@@ -87,7 +87,8 @@ def saved_bytes(backbone, tokens: int, bf16: bool = True) -> dict:
     by dtype, each storage once; the weights and their bf16 copies are left out (planned as
     their own terms), and so are (tokens x tokens) score tensors (varlen attention keeps none)."""
     params = {p.untyped_storage().data_ptr() for p in backbone.parameters()}
-    shapes = {s for p in backbone.parameters() for s in (tuple(p.shape), tuple(p.shape)[::-1])}  # W, W.T
+    shapes = {s for p in backbone.parameters()
+              for s in (tuple(p.shape), tuple(p.shape)[::-1])}  # W and W.T
     saved = {}
 
     def keep(t):

@@ -294,7 +294,8 @@ def cached_step(model, seqs: list[list[int]], loss_fn, chunk_tokens: int, bf16: 
         with autocast():
             for i, packed in enumerate(packs):
                 sync = ddp is None or i == len(packs) - 1
-                with (contextlib.nullcontext() if sync else ddp.no_sync()), restored_rng(states[i], device):
+                no_sync = contextlib.nullcontext() if sync else ddp.no_sync()
+                with no_sync, restored_rng(states[i], device):
                     (M.embed_packed(net, packed) * reps.grad[rows[i]]).sum().backward()
     clock("pass 2")
     values = torch.stack([loss.detach(), *(t.detach() for t in terms)]).tolist()  # one host sync
@@ -407,8 +408,8 @@ def dry_run(cfg: Config, world: int) -> dict:
     """Plan a run of a real size without weights (plan.py): parameters, batch arithmetic,
     FLOPs, memory per GPU at the chunk's token budget."""
     check_config(cfg, (cfg.nproc or world) * cfg.nodes)
-    return plan.dry_run(cfg.size, cfg.model, cfg.nproc or world, cfg.nodes, cfg.batch_size, cfg.epochs,
-                        cfg.steps, cfg.val_fraction, cfg.chunk_tokens, cfg.max_length,
+    return plan.dry_run(cfg.size, cfg.model, cfg.nproc or world, cfg.nodes, cfg.batch_size,
+                        cfg.epochs, cfg.steps, cfg.val_fraction, cfg.chunk_tokens, cfg.max_length,
                         shard_optimizer=cfg.shard_optimizer, as_json=cfg.json,
                         lora_rank=cfg.lora_rank)
 

@@ -55,26 +55,30 @@ def backbone(tokenizer):
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, small_demo_dir):
+def trained_run(tmp_path_factory, demo_dir):
     """The recipe on a small config of its own (the tiny preset runs for minutes): `--size
-    tiny` on the first 150 rows of each demo source, 60 steps of 32 queries, 64 tokens per
-    text; shared by the tests that need a trained model."""
+    tiny` on the first 600 rows of each demo source, 100 steps of 32 queries (1.3 epochs),
+    64 tokens per text; shared by the tests that need a trained model."""
     import train
+    data = _first_rows(demo_dir, tmp_path_factory.mktemp("demo600"), 600)
     out = tmp_path_factory.mktemp("tiny") / "run"
-    train.main(["--size", "tiny", "--data", small_demo_dir, "--out", str(out), "--steps", "60",
-                "--max-length", "64", "--eval-every", "20", "--save-every", "30"])
+    train.main(["--size", "tiny", "--data", data, "--out", str(out), "--steps", "100",
+                "--max-length", "64", "--eval-every", "25", "--save-every", "50"])
     return out
+
+
+def _first_rows(folder, path, rows):
+    import shutil
+    import pyarrow.parquet as pq
+    for name in os.listdir(folder):
+        if name.endswith(".parquet"):
+            pq.write_table(pq.read_table(os.path.join(folder, name)).slice(0, rows), path / name)
+        else:
+            shutil.copy(os.path.join(folder, name), path / name)
+    return str(path)
 
 
 @pytest.fixture(scope="session")
 def small_demo_dir(tmp_path_factory, demo_dir):
     """The first 150 rows of each demo source: for tests that start many short runs."""
-    import shutil
-    import pyarrow.parquet as pq
-    path = tmp_path_factory.mktemp("small_demo")
-    for name in os.listdir(demo_dir):
-        if name.endswith(".parquet"):
-            pq.write_table(pq.read_table(os.path.join(demo_dir, name)).slice(0, 150), path / name)
-        else:
-            shutil.copy(os.path.join(demo_dir, name), path / name)
-    return str(path)
+    return _first_rows(demo_dir, tmp_path_factory.mktemp("small_demo"), 150)
