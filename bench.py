@@ -43,19 +43,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from transformers import AutoModel, Qwen3Config
 
 import data as D
+import demo
 import model as M
 import plan
 import train
 from loss import TEMPERATURE, f2llm_loss
 
 CPU = torch.device("cpu")
-INSTRUCTION = D.DEMO_INSTRUCTIONS["bbc_headline_retrieval"]
+INSTRUCTION = demo.DEMO_INSTRUCTIONS["bbc_headline_retrieval"]
 
 
 # ---------------------------------------------------------------------------- inputs
 def text_pool(tokenizer, n_articles: int = 400) -> list[int]:
     """One long stream of token ids of BBC article bodies to cut texts from."""
-    bodies = [a["body"] for a in D.bbc_articles()[:n_articles]]
+    bodies = [a["body"] for a in demo.bbc_articles()[:n_articles]]
     return [t for ids in tokenizer(bodies, add_special_tokens=False)["input_ids"] for t in ids]
 
 
@@ -184,7 +185,7 @@ def rounds(variants: dict, repeats: int) -> dict:
 
 def build(args):
     """Tokenizer trained on BBC News, a Qwen3 of args' size, and the text pool."""
-    texts = [a["headline"] + "\n" + a["body"] for a in D.bbc_articles()]
+    texts = [a["headline"] + "\n" + a["body"] for a in demo.bbc_articles()]
     tokenizer = M.train_tokenizer(texts, vocab_size=args.vocab)
     config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=args.hidden,
                          intermediate_size=3 * args.hidden, num_hidden_layers=args.layers,

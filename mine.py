@@ -31,7 +31,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data import DEMO_NEGATIVES, DataError, bbc_articles, instruct, read_table
+from data import DataError, instruct, read_table
+from demo import DEMO_NEGATIVES, bbc_articles
 
 @dataclass
 class MiningRule:
@@ -240,7 +241,7 @@ def mine_demo(model, path: str, rule: MiningRule = MiningRule(), batch_size: int
     """The tiny preset's retrieval negatives: BBC training headlines (as queries, without an
     instruction: the shipped file was mined with all-MiniLM-L6-v2, which takes none) -> their
     articles, mined over all training articles. Writes `path` (CSV: article id, then the ids
-    of its negatives, best first; dropped headlines have no row), which data.write_demo_sample
+    of its negatives, best first; dropped headlines have no row), which demo.write_demo_sample
     turns into text. Returns the report."""
     t0 = time.time()
     arts = [a for a in bbc_articles() if not a["heldout"]]

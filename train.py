@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoTokenizer
 
 import data as D
+import demo
 import model as M
 import plan
 from loss import (KD_MODES, TEMPERATURE, distillation_loss, f2llm_loss, matryoshka,
@@ -420,7 +421,7 @@ def setup_data(cfg: Config, rank: int, world: int, say):
     if not data_folder and cfg.size == "tiny":
         data_folder = os.path.join(cfg.out, "data")
         if rank == 0 and not os.path.isdir(data_folder):
-            D.write_demo_sample(data_folder, seed=0, negatives=cfg.demo_negatives)
+            demo.write_demo_sample(data_folder, seed=0, negatives=cfg.demo_negatives)
         barrier()
     elif not data_folder:
         data_folder = download_released_data(rank)

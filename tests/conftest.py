@@ -14,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from transformers import AutoTokenizer  # noqa: E402  (after HF_HUB_OFFLINE)
 
-import data as D  # noqa: E402
+import demo  # noqa: E402
 import model as M  # noqa: E402
 
 
@@ -25,7 +25,7 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def articles():
-    return D.bbc_articles()
+    return demo.bbc_articles()
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +44,7 @@ def tokenizer(tokenizer_dir):
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("demo"))
-    D.write_demo_sample(path, seed=0)
+    demo.write_demo_sample(path, seed=0)
     return path
 
 

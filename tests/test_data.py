@@ -17,6 +17,7 @@ import pytest
 from transformers import AutoTokenizer
 
 import data as D
+import demo
 import model as M
 
 MAX_LENGTH = 64
@@ -470,8 +471,8 @@ def test_not_parquet_jsonl_errors_and_mixed_layouts(tmp_path):
 def test_random_demo_negatives_keep_the_headlines_and_every_other_draw(tmp_path, demo_dir):
     """--demo-negatives random (the ablation): the same headlines, each with 24 other articles
     of its topic instead of its mined negatives; clustering and classification unchanged."""
-    D.write_demo_sample(str(tmp_path), seed=0, negatives="random")
-    topic_of = {a["body"]: a["topic"] for a in D.bbc_articles() if not a["heldout"]}
+    demo.write_demo_sample(str(tmp_path), seed=0, negatives="random")
+    topic_of = {a["body"]: a["topic"] for a in demo.bbc_articles() if not a["heldout"]}
     for name in os.listdir(demo_dir):
         if not name.endswith(".parquet"):
             continue

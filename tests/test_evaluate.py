@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModel, AutoTokenizer
 
 import data as D
+import demo
 import evaluate
 import model as M
 
@@ -93,7 +94,7 @@ def _encoder_inputs(wrapper, tokenizer, task, prompt_type, texts):
 
 @pytest.mark.parametrize("task, instruction", [
     ("ArguAna", "Given a claim, find documents that refute the claim."),  # mteb's F2LLM prompts
-    ("BBCHeadlineRetrieval", D.DEMO_INSTRUCTIONS["bbc_headline_retrieval"]),  # local suite
+    ("BBCHeadlineRetrieval", demo.DEMO_INSTRUCTIONS["bbc_headline_retrieval"]),  # local suite
 ])
 def test_retrieval_queries_carry_the_instruction_documents_nothing(export, task, instruction):
     wrapper = evaluate.load_f2llm(export, "local/test", "test", 64, 8192)
@@ -110,7 +111,7 @@ def test_retrieval_queries_carry_the_instruction_documents_nothing(export, task,
 def test_bf16_embeddings_match_fp32(export):
     """evaluate.py --dtype bf16 (the default on CUDA) embeds the local suite's texts as fp32
     does: cosine > 0.999 for every text, through mteb's loader, and the weights really are bf16."""
-    texts = [a["headline"] for a in D.bbc_articles()[::50]] + [a["body"][:400] for a in D.bbc_articles()[1::50]]
+    texts = [a["headline"] for a in demo.bbc_articles()[::50]] + [a["body"][:400] for a in demo.bbc_articles()[1::50]]
     emb = {}
     for dtype in ("fp32", "bf16"):
         wrapper = evaluate.load_f2llm(export, f"local/{dtype}", dtype, 64, 8192, dtype)

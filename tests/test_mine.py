@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import data as D
+import demo
 import mine
 
 OFF = dict(range_min=0, max_score=None, relative_margin=None)  # every rule switched off
@@ -190,9 +191,9 @@ def test_mine_bbc_with_trained_tiny_model_then_train(trained_run, tmp_path, caps
     """The whole path: pairs -> `mine.py mine` with the trained tiny export -> load_sources ->
     a few steps of train.py on the result."""
     import train
-    arts = [a for a in D.bbc_articles() if not a["heldout"]][::8][:200]
+    arts = [a for a in demo.bbc_articles() if not a["heldout"]][::8][:200]
     pairs = _jsonl(tmp_path / "bbc_pairs.jsonl", [
-        {"query": D.instruct(D.DEMO_INSTRUCTIONS["bbc_headline_retrieval"], a["headline"]),
+        {"query": D.instruct(demo.DEMO_INSTRUCTIONS["bbc_headline_retrieval"], a["headline"]),
          "passage": a["body"]} for a in arts])
     out = str(tmp_path / "mined")
     mine.main(["mine", "--pairs", pairs, "--model", str(trained_run / "final"), "--out", out,
@@ -244,9 +245,9 @@ def test_shipped_demo_negatives_obey_the_paper_rule_under_the_model_that_mined_t
     on a sample of its rows: 24 distinct negatives, never the article itself, best first, each
     below 0.8 and below 0.95 x the headline's score with its own article."""
     import csv
-    rows = list(csv.reader(open(D.DEMO_NEGATIVES)))[1:]
+    rows = list(csv.reader(open(demo.DEMO_NEGATIVES)))[1:]
     assert len(rows) == 1751  # of 1,777 training headlines; 26 fail the relative margin
-    arts = {a["id"]: a for a in D.bbc_articles() if not a["heldout"]}
+    arts = {a["id"]: a for a in demo.bbc_articles() if not a["heldout"]}
     embed = mine.load_encoder(_minilm(), max_length=256)
     for row in rows[::250]:  # 8 rows
         assert len(set(row[1:])) == 24 and row[0] not in row[1:]
@@ -270,9 +271,9 @@ def test_mine_demo_writes_what_the_demo_sample_reads(trained_run, tmp_path, caps
                "--max-score", "none", "--relative-margin", "none"])
     assert "kept 1,777 of 1,777 headlines" in capsys.readouterr().out
     folder = str(tmp_path / "sample")
-    D.write_demo_sample(folder, negatives=path)
+    demo.write_demo_sample(folder, negatives=path)
     (retrieval,) = [s for s in D.load_sources(folder, val_fraction=0) if s.name == "bbc_headline_retrieval"]
-    arts = {a["id"]: a for a in D.bbc_articles()}
+    arts = {a["id"]: a for a in demo.bbc_articles()}
     rows = list(csv.reader(open(path)))
     table = D.read_table(retrieval.path)
     assert retrieval.num_rows == table.num_rows == len(rows) - 1 == 1777
@@ -280,8 +281,8 @@ def test_mine_demo_writes_what_the_demo_sample_reads(trained_run, tmp_path, caps
         row, got = rows[line], table.slice(line - 1, 1).to_pylist()[0]
         assert got["passage"] == arts[row[0]]["body"] and arts[row[0]]["headline"] in got["query"]
         assert [got[f"negative_{i}"] for i in range(1, 25)] == [arts[x]["body"] for x in row[1:]]
-    heldout = next(a["id"] for a in D.bbc_articles() if a["heldout"])
+    heldout = next(a["id"] for a in demo.bbc_articles() if a["heldout"])
     rows[5][3] = heldout
     csv.writer(open(path, "w", newline="")).writerows(rows)
     with pytest.raises(D.DataError, match=f"line 6: '{heldout}' is not a training article"):
-        D.write_demo_sample(str(tmp_path / "bad"), negatives=path)
+        demo.write_demo_sample(str(tmp_path / "bad"), negatives=path)
