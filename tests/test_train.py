@@ -158,6 +158,8 @@ def test_tiny_recipe_end_to_end(trained_run):
     (["--chunk-tokens", "0"], "--chunk-tokens must be positive"),
     (["--data", "/nonexistent/folder"], "--data /nonexistent/folder: no such folder"),
     (["--resume"], "--resume: no checkpoint in"),
+    (["--kd-mode", "l2"], "--kd-mode l2: use mse or kl"),
+    (["--demo-negatives", "best"], "--demo-negatives best: use mined or random"),
 ])
 def test_bad_command_lines(tmp_path, capsys, argv, message):
     out = tmp_path / "out"
