@@ -19,7 +19,8 @@ import model as M  # noqa: E402
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: end-to-end runs, torchrun processes, mteb; "
+    config.addinivalue_line("markers", "slow: end-to-end runs, torchrun processes, mteb, the "
+                                       "whole demo sample; "
                                        "python -m pytest -m 'not slow' skips them for a quick loop")
 
 

@@ -468,6 +468,7 @@ def test_not_parquet_jsonl_errors_and_mixed_layouts(tmp_path):
         D.load_sources(str(folder))
 
 
+@pytest.mark.slow
 def test_random_demo_negatives_keep_the_headlines_and_every_other_draw(tmp_path, demo_dir):
     """--demo-negatives random (the ablation): the same headlines, each with 24 other articles
     of its topic instead of its mined negatives; clustering and classification unchanged."""
