@@ -492,8 +492,8 @@ def main(argv=None):
     print(f"{'measure':48s} {'value':34s} {'goal':9s} met")
     for name, value, goal, met in rows:
         print(f"{name:48s} {value:34s} {goal:9s} {'' if met is None else 'yes' if met else 'NO'}")
-    print("seconds per step: " + ", ".join(f"{n} {v['median']:.2f}" for n,
-                                           v in s["seconds"].items())
+    print("seconds per step: " + ", ".join(f"{n} {v['median']:.2f}"
+                                           for n, v in s["seconds"].items())
           + " | step memory MiB x1 -> x8: " + ", ".join(
               f"{n} {mem[n + '_x1']['step_mib']:.0f} -> {mem[n + '_x8']['step_mib']:.0f}"
               for n in r["memory_growth"])

@@ -402,8 +402,8 @@ class TokenCache:
             if new:
                 ids = self.tokenizer(new, add_special_tokens=False, verbose=False,
                                      return_attention_mask=False)["input_ids"]
-                ids_of.update((t, np.array(x[: self.max_length], dtype=np.int32)) for t,
-                              x in zip(new, ids))
+                ids_of.update((t, np.array(x[: self.max_length], dtype=np.int32))
+                              for t, x in zip(new, ids))
             lists = [ids_of[t] for t in texts]
             offsets = np.cumsum([0] + [len(x) for x in lists], dtype=np.int32)
             arrays.append(pa.ListArray.from_arrays(offsets, np.concatenate(lists)))

@@ -85,10 +85,10 @@ class BBCHeadlineRetrieval(AbsTaskRetrieval):
     def load_data(self, num_proc=None, **kwargs):
         arts = _bbc(heldout=True)  # the tiny preset never trained on these
         split = RetrievalSplitData(
-            queries=Dataset.from_list([{"id": f"q{i}", "text": a["headline"]} for i,
-                                       a in enumerate(arts)]),
-            corpus=Dataset.from_list([{"id": f"d{i}", "text": a["opening"]} for i,
-                                      a in enumerate(arts)]),
+            queries=Dataset.from_list([{"id": f"q{i}", "text": a["headline"]}
+                                       for i, a in enumerate(arts)]),
+            corpus=Dataset.from_list([{"id": f"d{i}", "text": a["opening"]}
+                                      for i, a in enumerate(arts)]),
             relevant_docs={f"q{i}": {f"d{i}": 1} for i in range(len(arts))}, top_ranked=None)
         self.dataset = {"default": {"test": split}}
         self.data_loaded = True

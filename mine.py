@@ -158,8 +158,8 @@ def _search(queries, passages, docs, embed, rule, chunk, progress):
         for i, h in enumerate(hits):
             ids[i, :len(h)], scores[i,
                                     :len(h)] = [x["corpus_id"] for x in h], [x["score"] for x in h]
-        excluded = np.array([np.isin(row, list(positive_ids[q])) for row,
-                             q in zip(ids, qs)]) | (ids < 0)
+        excluded = np.array([np.isin(row, list(positive_ids[q]))
+                             for row, q in zip(ids, qs)]) | (ids < 0)
         pos_scores = (query_reps * doc_reps[[doc_id[p] for p in ps]]).sum(-1).numpy()  # (b,)
         picks, why = select_negatives(scores, excluded, pos_scores, rule)
         yield lo, np.where(picks >= 0, np.take_along_axis(ids, np.maximum(picks, 0), 1), -1), why
@@ -205,8 +205,8 @@ def classification_rows(texts: list[str], labels: list[str], instruction: str,
         raise DataError(f"classification needs at least two labels, found {names}")
     rng = np.random.default_rng(seed)
     return [{"query": instruct(instruction, t), "passage": y,
-             "negative_1": str(rng.choice([n for n in names if n != y]))} for t,
-            y in zip(texts, labels)]
+             "negative_1": str(rng.choice([n for n in names if n != y]))}
+            for t, y in zip(texts, labels)]
 
 
 def clustering_rows(texts: list[str], labels: list[str], instruction: str, seed: int = 0,
@@ -306,8 +306,8 @@ def register_source(folder: str, name: str, task_type: str) -> None:
         with open(path, newline="") as f:
             types = {r["dataset"]: r["task_type"] for r in csv.DictReader(f)}
     with open(path + ".tmp", "w") as f:
-        f.write("dataset,task_type\n" + "".join(f"{n},{t}\n" for n,
-                                                t in {**types, name: task_type}.items()))
+        f.write("dataset,task_type\n" + "".join(f"{n},{t}\n"
+                                                for n, t in {**types, name: task_type}.items()))
     os.replace(path + ".tmp", path)
 
 

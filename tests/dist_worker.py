@@ -78,8 +78,8 @@ def step_gradients(tokenizer_dir, demo_dir, batch_size, chunk_tokens, max_length
             reduced.clear()
             m = train.cached_step(backbone, batch.sequences(), loss_fn, chunk_tokens, ddp=ddp)
             key = f"{option}/{task_type}"
-            grads[key] = {n: p.grad.clone() for n,
-                          p in backbone.named_parameters() if p.requires_grad}
+            grads[key] = {n: p.grad.clone()
+                          for n, p in backbone.named_parameters() if p.requires_grad}
             losses[key] = train.all_mean(m["loss"], device)
             collectives[key] = dict(chunks=m["chunks"], allreduces=len(reduced),
                                     buckets=len({i for i, _ in reduced}),

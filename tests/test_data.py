@@ -50,17 +50,17 @@ def test_batches_single_source_k_and_shards(small_demo_dir, tok, cache_dir):
     for _ in range(30):
         batch = next(stream)
         source = by_name[batch.source]
-        rows = [rows_of[source.name][str(q), str(p)] for q,
-                p in zip(batch.queries, batch.positives)]
+        rows = [rows_of[source.name][str(q), str(p)]
+                for q, p in zip(batch.queries, batch.positives)]
         assert all(rows)  # every pair is a row of this source
         assert all(set(rs) - set(source.val_rows.tolist()) for rs in rows)  # held-out rows never train
         k = D.K_BY_TYPE[source.task_type]
         assert all(len(n) == k for n in batch.negatives)  # distinct picks: test_every_row_trains_every_epoch
-        cands = [[{str(ids) for ids,
-                   _ in texts[source.name][r][2:2 + source.n_candidates[r]]} for r in rs]
+        cands = [[{str(ids)
+                   for ids, _ in texts[source.name][r][2:2 + source.n_candidates[r]]} for r in rs]
                  for rs in rows]
-        assert all(any({str(x) for x in n} <= c for c in cs) for n,
-                   cs in zip(batch.negatives, cands))
+        assert all(any({str(x) for x in n} <= c for c in cs)
+                   for n, cs in zip(batch.negatives, cands))
         seqs = batch.sequences()  # [queries; positives; negatives row by row]
         assert seqs == batch.queries + batch.positives + sum(batch.negatives, [])
         assert len(seqs) == 8 * (2 + k)
@@ -363,8 +363,8 @@ def _write(folder, name, rows, task_type="retrieval", types=None):
     pq.write_table(pa.Table.from_pylist(rows) if rows else pa.table({"query": pa.array([], pa.string())}),
                    os.path.join(folder, f"{name}.parquet"))
     with open(os.path.join(folder, "task_types.csv"), "w") as f:
-        f.write("dataset,task_type\n" + "".join(f"{n},{t}\n" for n,
-                                                t in (types or {name: task_type}).items()))
+        f.write("dataset,task_type\n" + "".join(f"{n},{t}\n"
+                                                for n, t in (types or {name: task_type}).items()))
 
 
 def _row(n_neg=7, **kw):

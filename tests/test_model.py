@@ -66,8 +66,8 @@ def test_make_chunks_first_fit_within_budget_and_count():
                 assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
                 computed = [M.pack([[0] * lengths[i] for i in c],
                                    width).computed_tokens for c in chunks]
-                assert all(len(c) == 1 or n <= max(budget, width or 0) for c,
-                           n in zip(chunks, computed))
+                assert all(len(c) == 1 or n <= max(budget, width or 0)
+                           for c, n in zip(chunks, computed))
                 assert not cap or all(len(c) <= cap for c in chunks)
 
 

@@ -67,8 +67,8 @@ def test_memory_plan_matches_what_a_real_cpu_step_keeps():
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
     assert p["weights_fp32"] == nbytes(real.parameters())
     assert p["gradients_fp32"] == nbytes(p_.grad for p_ in real.parameters())
-    assert p["adamw_states"] == nbytes(v for s in opt.state.values() for k,
-                                       v in s.items() if k != "step")
+    assert p["adamw_states"] == nbytes(v for s in opt.state.values()
+                                       for k, v in s.items() if k != "step")
     assert p["embedding_grad"] == nbytes([real.embed_tokens.weight])
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     probe = subprocess.run([sys.executable, "-c",

@@ -141,5 +141,5 @@ def test_lora_with_mrl_sigkill_then_resume_is_bit_identical(tmp_path, small_demo
     run(args(small_demo_dir, out) + options + ["--resume"])
     assert_identical(weights(out), weights(tmp_path / "clean"))
     assert not any("lora" in name for name in weights(out))
-    assert any(not torch.equal(w, weights(uninterrupted / "one")[n]) for n,
-               w in weights(out).items())
+    assert any(not torch.equal(w, weights(uninterrupted / "one")[n])
+               for n, w in weights(out).items())
