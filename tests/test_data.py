@@ -227,6 +227,7 @@ def test_cache_ids_end_with_eos_like_model_tokenize(small_demo_dir, tok, cache_d
     assert all(f.type == pa.list_(pa.int32()) for f in source.tokens.reader.schema)
 
 
+@pytest.mark.slow
 def test_a_teacher_with_its_own_tokenizer_reads_the_same_texts(small_demo_dir, tok, cache_dir):
     """--teacher with another tokenizer: its ids come from its own cache files in the same
     folder, and every batch (and each shard of it) holds the same texts in both."""
