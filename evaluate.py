@@ -48,16 +48,6 @@ SIZE_BY_DIM = {1024: "0.6B", 2048: "1.7B", 2560: "4B"}  # hidden size -> paper s
 
 
 # ---------------------------------------------------------------------------- the protocol
-def model_kwargs(dtype: str) -> dict:
-    """What the backbone loads with: bf16 and flash attention (when installed) on CUDA by
-    default, fp32 and sdpa on a CPU. `dtype` auto | bf16 | fp32."""
-    cuda = torch.cuda.is_available()
-    bf16 = dtype == "bf16" or (dtype == "auto" and cuda)
-    flash = cuda and importlib.util.find_spec("flash_attn") is not None
-    return dict(dtype=torch.bfloat16 if bf16 else torch.float32,
-                attn_implementation="flash_attention_2" if flash and bf16 else "sdpa")
-
-
 def load_f2llm(path: str, name: str, revision: str, dim: int, max_length: int, dtype: str = "auto",
                truncate_dim: int | None = None):
     """mteb's own F2LLM loader on a local export, with F2LLM's loader arguments; truncate_dim
@@ -74,6 +64,16 @@ def load_f2llm(path: str, name: str, revision: str, dim: int, max_length: int, d
         n_parameters=None, n_embedding_parameters=None, memory_usage_mb=None, release_date=None,
         reference=None))
     return model
+
+
+def model_kwargs(dtype: str) -> dict:
+    """What the backbone loads with: bf16 and flash attention (when installed) on CUDA by
+    default, fp32 and sdpa on a CPU. `dtype` auto | bf16 | fp32."""
+    cuda = torch.cuda.is_available()
+    bf16 = dtype == "bf16" or (dtype == "auto" and cuda)
+    flash = cuda and importlib.util.find_spec("flash_attn") is not None
+    return dict(dtype=torch.bfloat16 if bf16 else torch.float32,
+                attn_implementation="flash_attention_2" if flash and bf16 else "sdpa")
 
 
 class EncodeEachTextOnce:
