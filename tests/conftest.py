@@ -18,12 +18,6 @@ import demo  # noqa: E402
 import model as M  # noqa: E402
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: end-to-end runs, torchrun processes, mteb, the "
-                                       "whole demo sample; "
-                                       "python -m pytest -m 'not slow' skips them for a quick loop")
-
-
 @pytest.fixture(scope="session")
 def articles():
     return demo.bbc_articles()

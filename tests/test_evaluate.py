@@ -111,16 +111,36 @@ def test_retrieval_queries_carry_the_instruction_documents_nothing(export, task,
 def test_bf16_embeddings_match_fp32(export):
     """evaluate.py --dtype bf16 (the default on CUDA) embeds the local suite's texts as fp32
     does: cosine > 0.999 for every text, through mteb's loader, and the weights really are bf16."""
-    texts = [a["headline"] for a in demo.bbc_articles()[::50]] + [a["body"][:400] for a in demo.bbc_articles()[1::50]]
+    articles = demo.bbc_articles()
+    texts = [a["headline"] for a in articles[::50]] + [a["body"][:400] for a in articles[1::50]]
     emb = {}
     for dtype in ("fp32", "bf16"):
         wrapper = evaluate.load_f2llm(export, f"local/{dtype}", dtype, 64, 8192, dtype)
-        assert next(wrapper.model.parameters()).dtype == (torch.bfloat16 if dtype == "bf16" else torch.float32)
-        emb[dtype] = torch.as_tensor(wrapper.model.encode(texts, batch_size=16, convert_to_numpy=True)).float()
+        expected = torch.bfloat16 if dtype == "bf16" else torch.float32
+        assert next(wrapper.model.parameters()).dtype == expected
+        emb[dtype] = torch.as_tensor(wrapper.model.encode(texts, batch_size=16,
+                                                          convert_to_numpy=True)).float()
     cos = torch.nn.functional.cosine_similarity(emb["bf16"], emb["fp32"], dim=-1)
     assert len(texts) == 90 and cos.min() > 0.999, cos.min()
     assert not torch.equal(emb["bf16"], emb["fp32"])
-    assert evaluate.model_kwargs("auto")["dtype"] == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    auto = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    assert evaluate.model_kwargs("auto")["dtype"] == auto
+
+
+def test_repeated_texts_are_embedded_once_and_counted_per_model(export):
+    """A text repeated within one encode call (an STS set's pairs) is embedded once and gets
+    the vector it gets alone; each loaded model counts its own texts, so the texts/s line of
+    one evaluation never includes another's."""
+    texts = ["Fuel prices hit airline profits", "BA made a pre-tax profit of 75m."]
+    first = evaluate.load_f2llm(export, "local/first", "test", 64, 8192)
+    second = evaluate.load_f2llm(export, "local/second", "test", 64, 8192)
+    repeated = first.model.encode(texts + texts[::-1] + texts[:1], convert_to_numpy=True)
+    alone = second.model.encode(texts, convert_to_numpy=True)
+    assert repeated.shape == (5, 64)
+    assert torch.allclose(torch.as_tensor(repeated), torch.as_tensor(alone)[[0, 1, 1, 0, 0]],
+                          atol=1e-6)
+    assert (first.model.encode.texts, second.model.encode.texts) == (2, 2)
+    assert first.model.encode.seconds > 0 and second.model.encode.seconds > 0
 
 
 @pytest.mark.parametrize("task", ["STS12", "LeeSTS"])
@@ -130,8 +150,8 @@ def test_symmetric_tasks_put_the_instruction_on_every_text(export, task):
     task = evaluate.select_tasks([task], "MTEB(eng, v2)")[0]
     texts = ["A man is playing a guitar.", "A man plays the guitar."]
     inputs = _encoder_inputs(wrapper, tokenizer, task, None, texts)  # STS passes no prompt type
-    assert inputs == sorted(f"Instruct: Retrieve semantically similar text.\nQuery: {t}{tokenizer.eos_token}"
-                            for t in texts)
+    instruction = "Instruct: Retrieve semantically similar text.\nQuery: "
+    assert inputs == sorted(f"{instruction}{t}{tokenizer.eos_token}" for t in texts)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +172,8 @@ def test_local_suite_runs_offline_into_the_named_folder(local_run, export):
     report, results = local_run
     assert set(report["tasks"]) == set(evaluate.LOCAL_TASKS)
     saved = evaluate.read_json(results / "scores.json")
-    assert saved["tasks"] == report["tasks"] and saved["identity"]["sha256"] == evaluate.files_sha256(export)
+    assert saved["tasks"] == report["tasks"]
+    assert saved["identity"]["sha256"] == evaluate.files_sha256(export)
     assert evaluate.read_json(results / "checkpoint.json")["checkpoint"] == os.path.abspath(export)
     # mteb's own result files: one per task for the trained and for the untrained model
     files = [f for _, _,
@@ -161,7 +182,8 @@ def test_local_suite_runs_offline_into_the_named_folder(local_run, export):
     for scores in report["tasks"].values():  # mteb's 0-100 scale (a Spearman may be negative)
         floor = -100 if scores["type"] == "STS" else 0
         assert floor <= scores["untrained"] <= 100 and floor <= scores["score"] <= 100
-    assert not any(k.startswith("paper") for k in report["mean_over_tasks"])  # no paper numbers here
+    # no paper numbers here
+    assert not any(k.startswith("paper") for k in report["mean_over_tasks"])
 
 
 def test_training_lifts_local_retrieval(local_run):
@@ -169,7 +191,8 @@ def test_training_lifts_local_retrieval(local_run):
     nDCG@10 must be far above the untrained starting point's (chance: about 1.5). Over seeds
     0-3 and both kinds of negatives (README) the smallest lift was 3.0x and +4.9 points."""
     retrieval = local_run[0]["tasks"]["BBCHeadlineRetrieval"]
-    assert retrieval["score"] > 2 * retrieval["untrained"] and retrieval["score"] > retrieval["untrained"] + 3, retrieval
+    assert retrieval["score"] > 2 * retrieval["untrained"], retrieval
+    assert retrieval["score"] > retrieval["untrained"] + 3, retrieval
 
 
 def test_results_folder_is_not_reused_for_another_checkpoint(local_run, export, tmp_path):

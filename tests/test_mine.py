@@ -1,6 +1,7 @@
 """mine.py: the paper's margin rule on hand-built score matrices, positive and
 duplicate exclusion, the classification / clustering conversions, the command line, and
 mine -> load_sources -> train end to end with the trained tiny model."""
+import dataclasses
 import json
 import math
 import os
@@ -157,22 +158,25 @@ def _jsonl(path, rows):
 def test_cli_conversions_pass_validation_and_user_errors_name_the_problem(tmp_path):
     labelled = _jsonl(tmp_path / "topics.jsonl", [{"text": t, "label": y} for t, y in LABELLED])
     out = str(tmp_path / "data")
-    mine.main(["classification", "--labelled", labelled, "--instruction", "Classify.", "--out", out])
+    mine.main(["classification", "--labelled", labelled, "--instruction", "Classify.",
+               "--out", out])
     mine.main(["clustering", "--labelled", labelled, "--instruction", "Cluster.", "--out", out,
-            "--name", "topics_clu", "--num-negatives", "7"])
+               "--name", "topics_clu", "--num-negatives", "7"])
     sources = {s.name: s for s in D.load_sources(out)}
     assert {n: s.task_type for n, s in sources.items()} == {"topics": "classification",
                                                             "topics_clu": "clustering"}
     assert sorted(os.listdir(out)) == ["task_types.csv", "topics.parquet", "topics_clu.parquet"]
     with pytest.raises(SystemExit, match="missing.jsonl: no such file"):
-        mine.main(["mine", "--pairs", str(tmp_path / "missing.jsonl"), "--model", "x", "--out", out])
+        mine.main(["mine", "--pairs", str(tmp_path / "missing.jsonl"), "--model", "x",
+                   "--out", out])
     with pytest.raises(SystemExit, match="topics.jsonl: missing column 'query'"):
         mine.main(["mine", "--pairs", labelled, "--model", "x", "--out", out])
     bad = _jsonl(tmp_path / "bad.jsonl", [{"text": "a", "label": "x"}, {"text": " ", "label": "y"}])
     with pytest.raises(SystemExit, match="row 1, column 'text': empty"):
         mine.main(["classification", "--labelled", bad, "--instruction", "x", "--out", out])
     with pytest.raises(SystemExit):  # a threshold flag that is not a number
-        mine.main(["mine", "--pairs", labelled, "--model", "x", "--out", out, "--max-score", "high"])
+        mine.main(["mine", "--pairs", labelled, "--model", "x", "--out", out,
+                   "--max-score", "high"])
 
 
 def test_mine_help_states_each_rule_and_its_default(capsys):
@@ -184,6 +188,22 @@ def test_mine_help_states_each_rule_and_its_default(capsys):
                  "score < this (default 0.8)", "< 0.95 x the positive's score at the default 0.05",
                  "a query left with fewer is dropped", "(default 24)"]:
         assert part in text, part
+
+
+def test_field_help_reads_each_fields_comment_and_its_aligned_continuation():
+    """-h comes from the dataclass's comments: a comment continued on a line whose '#' stands
+    under the field's comes back whole; on train.Config, whose block comments stand between
+    fields, it reads exactly what train.py's own field_help reads, so the two can be one."""
+    import train
+    helps = mine.field_help(mine.MiningRule)
+    assert list(helps) == [f.name for f in dataclasses.fields(mine.MiningRule)]
+    assert helps["num_negatives"] == ("keep the best N left; a query left with fewer is dropped "
+                                      "(not written), counted under the first rule that left it "
+                                      "short")
+    assert helps["range_min"] == "skip the best N candidates, likely unlabelled positives"
+    config = mine.field_help(train.Config)
+    assert config == train.field_help(train.Config)
+    assert config["val_fraction"] == "held out per source"  # not the block comment below it
 
 
 @pytest.mark.slow
@@ -272,7 +292,8 @@ def test_mine_demo_writes_what_the_demo_sample_reads(trained_run, tmp_path, caps
     assert "kept 1,777 of 1,777 headlines" in capsys.readouterr().out
     folder = str(tmp_path / "sample")
     demo.write_demo_sample(folder, negatives=path)
-    (retrieval,) = [s for s in D.load_sources(folder, val_fraction=0) if s.name == "bbc_headline_retrieval"]
+    (retrieval,) = [s for s in D.load_sources(folder, val_fraction=0)
+                    if s.name == "bbc_headline_retrieval"]
     arts = {a["id"]: a for a in demo.bbc_articles()}
     rows = list(csv.reader(open(path)))
     table = D.read_table(retrieval.path)
