@@ -14,11 +14,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def torchrun(*args, nproc=2, timeout=300):
+def torchrun(*args, nproc=2, timeout=300, env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--standalone", *args] if nproc else [sys.executable, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -56,3 +56,32 @@ def test_I1_two_ranks_give_the_one_process_gradients_with_one_allreduce_per_step
             assert c["allreduces"] == c["buckets"], (rank, key, c)
             assert c["elements"] == c["parameters"], (rank, key, c)
             assert key != "recipe/clustering" or c["buckets"] >= 2, c
+
+
+def test_I1_on_the_cuda_attention_path_matches_one_sdpa_process(tmp_path, tokenizer_dir, demo_dir):
+    """The CUDA layout under DDP: with F2LLM_FORCE_VARLEN=1, 2 gloo ranks run one varlen row
+    per chunk (cumulative lengths passed down, no padding computed), the recipe and
+    distillation from a teacher that also runs varlen rows, and give the gradients of ONE
+    process on sdpa rows (float32 rounding), with one all-reduce per bucket per step."""
+    worker = os.path.join(HERE, "dist_worker.py")
+    options = "recipe,kd-mse"
+    torchrun(worker, tokenizer_dir, demo_dir, str(tmp_path / "v2.pt"), "8", "120", options,
+             nproc=2, env={"F2LLM_FORCE_VARLEN": "1"})
+    torchrun(worker, tokenizer_dir, demo_dir, str(tmp_path / "s1.pt"), "8", "100000", options,
+             nproc=0, env={"F2LLM_FORCE_VARLEN": "0"})
+    two, one = torch.load(tmp_path / "v2.pt"), torch.load(tmp_path / "s1.pt")
+    assert sorted(one["grads"]) == ["kd-mse/retrieval", "recipe/clustering", "recipe/retrieval"]
+    for key in one["grads"]:
+        assert two["losses"][key] == pytest.approx(one["losses"][key], rel=1e-5), key
+        for name, g in one["grads"][key].items():
+            # float32 rounding relative to the tensor's scale (the two attentions sum in other
+            # orders); attention that crossed sequences would give O(1)
+            diff = (two["grads"][key][name] - g).abs().max()
+            assert diff <= 1e-4 * g.abs().max(), (key, name, diff)
+    for rank in (0, 1):
+        for key, c in json.loads((tmp_path / f"v2.pt.rank{rank}.json").read_text()).items():
+            assert c["attention"] == "f2llm_varlen" and c["chunks"] >= 3, c
+            assert c["computed_tokens"] == c["real_tokens"], c  # one varlen row per chunk
+            assert c["allreduces"] == c["buckets"] and c["elements"] == c["parameters"], c
+    sdpa = json.loads((tmp_path / "s1.pt.rank0.json").read_text())
+    assert {c["attention"] for c in sdpa.values()} == {"sdpa"}
