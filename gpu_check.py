@@ -239,7 +239,9 @@ def check_size(size, config, device, attn, steps, b, k, max_length, chunk_tokens
             if cuda:
                 torch.cuda.synchronize(device)
             old.append(time.perf_counter() - t0)
-            backbone.zero_grad(set_to_none=False)  # the buckets stay DDP's
+            # outside DDP's forward its hooks are off: this step's gradients are fresh
+            # tensors beside the buckets; freed here
+            backbone.zero_grad(set_to_none=True)
         r["old_step"] = dict(chunk_size=OLD_CHUNK_SIZE[size], chunks=m_old["chunks"],
                              s_per_step=old[-1], loss=m_old["loss"],
                              real_tokens_per_s=m_old["real_tokens"] / old[-1],
