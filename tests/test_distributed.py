@@ -34,7 +34,8 @@ def one_process(tmp_path_factory, tokenizer_dir, demo_dir):
     return torch.load(out), json.loads(out.with_name("w1.pt.rank0.json").read_text())
 
 
-def test_I1_two_ranks_give_the_one_process_gradients_with_one_allreduce_per_step(tmp_path, tokenizer_dir, demo_dir, one_process):
+def test_I1_two_ranks_give_the_one_process_gradients_with_one_allreduce_per_step(
+        tmp_path, tokenizer_dir, demo_dir, one_process):
     """One step, batch 8: world=2 (b=4 each, several packed chunks) == world=1 (b=8, one chunk),
     retrieval and clustering for the recipe, retrieval with Matryoshka, with LoRA (adapter
     gradients), with distillation (mse and kl) and with the official code's detached gather, whose 2-rank gradients equal a 1-process step

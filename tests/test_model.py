@@ -137,7 +137,8 @@ def test_every_function_that_takes_a_backbone_runs_on_a_varlen_one(tokenizer, ba
     torch.testing.assert_close(M.embed(varlen, ids, lengths), M.embed(backbone, ids, lengths),
                                atol=1e-5, rtol=1e-5)
     assert M.uses_varlen(varlen)
-    with pytest.raises(ValueError, match=r"got 3 row\(s\) and cu_seq_lens_q=None.*padded_attention"):
+    refused = r"got 3 row\(s\) and cu_seq_lens_q=None.*padded_attention"
+    with pytest.raises(ValueError, match=refused):
         varlen(input_ids=ids, attention_mask=M.mask_from_lengths(lengths, ids.shape[1]))
 
 
@@ -164,3 +165,42 @@ def test_force_varlen_environment_variable(monkeypatch):
     monkeypatch.setenv(M.FORCE_VARLEN, "yes")
     with pytest.raises(ValueError, match="F2LLM_FORCE_VARLEN='yes': use 1"):
         M.attention_implementation(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("gqa_flag", [False, True])  # torch 2.11's signature, torch 2.13's
+def test_torch_varlen_kernel_gets_grouped_heads_and_kwargs_fixed_at_registration(
+        tokenizer, backbone, monkeypatch, gqa_flag):
+    """The torch varlen_attn path, its CUDA kernel replaced by a recorder (per-sequence sdpa):
+    k and v arrive with their H_kv heads (no repeat), causal as window_size=(-1, 0), Qwen3's
+    scale, enable_gqa only where the signature has it; the signature is read when the
+    attention is registered, never per call; the embeddings are sdpa's."""
+    import functools
+    import inspect
+    import torch.nn.attention.varlen as varlen_module
+    calls = []
+
+    def recorder(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
+                 scale=None, window_size=(-1, -1), **gqa):
+        calls.append((query.shape[1], key.shape[1], value.shape[1], window_size, scale, gqa))
+        return M.sdpa_per_sequence(query, key, value, cu_seq_q, max_q, scale, 0.0)
+    if gqa_flag:
+        recorder = functools.partial(recorder, enable_gqa=False)  # a keyword-only parameter
+        recorder.__signature__ = inspect.signature(varlen_module.varlen_attn)
+    monkeypatch.setattr(varlen_module, "varlen_attn", recorder)
+    kernel = M._torch_kernel()
+    monkeypatch.setattr(M.inspect, "signature", None)  # any call from here on would fail
+    net = _varlen_reference(backbone)
+    M.AttentionInterface.register(M.VARLEN, functools.partial(M.packed_attention, kernel=kernel))
+    try:
+        seqs, _ = M.tokenize(tokenizer, ["the match ended in a draw", "shares fell", "ok"], 32)
+        torch.testing.assert_close(M.embed_packed(net, M.pack(seqs)),
+                                   M.embed_packed(backbone, M.pack(seqs, 32)),
+                                   atol=1e-5, rtol=1e-5)
+    finally:
+        M.attention_implementation(torch.device("cpu"), forced=True)  # the CPU stand-in again
+    config = backbone.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    assert kv_heads < heads and len(calls) == config.num_hidden_layers
+    for call in calls:
+        assert call[:5] == (heads, kv_heads, kv_heads, (-1, 0), config.head_dim ** -0.5)
+        assert call[5] == ({"enable_gqa": True} if gqa_flag else {})
