@@ -167,6 +167,7 @@ def check_size(size, config, device, attn, steps, b, k, max_length, chunk_tokens
         seqs, loss_fn = batch_of(config, b, k, max_length, seed=step)
         clock = Clock(device)
         clock("start")
+
         def run(out):  # the loop's step: the cached step, then clip, step, zero_grad
             out["m"] = m = train.cached_step(backbone, seqs, loss_fn, chunk_tokens, cuda,
                                              ddp=ddp, clock=clock)
