@@ -127,8 +127,9 @@ def official_step(backbone, seqs, loss_fn, pad_id: int) -> dict:
     """The official code's step: all S sequences padded to the longest in ONE forward (the
     caller enables activation checkpointing on `backbone`), the same loss, backward."""
     input_ids, lengths = M.pad(seqs, pad_id)  # (S, longest)
-    loss = loss_fn(M.embed(backbone, input_ids, lengths))[0]  # reps (S, D) fp32
-    loss.backward()
+    with M.padded_attention(backbone):  # the backward's recomputed forwards are padded too
+        loss = loss_fn(M.embed(backbone, input_ids, lengths))[0]  # reps (S, D) fp32
+        loss.backward()
     return dict(loss=loss.item(), real_tokens=int(lengths.sum()), computed_tokens=input_ids.numel())
 
 
@@ -194,7 +195,10 @@ def build(args):
                          head_dim=64, max_position_embeddings=8192, tie_word_embeddings=True,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(args.seed)
-    backbone = AutoModel.from_config(config, attn_implementation="sdpa").train()
+    # sdpa rows, or with F2LLM_FORCE_VARLEN=1 the CUDA layout (varlen rows; the baselines'
+    # padded forwards run as sdpa on it)
+    attn = M.attention_implementation(CPU, bf16=False)
+    backbone = AutoModel.from_config(config, attn_implementation=attn).train()
     return tokenizer, backbone
 
 
@@ -217,7 +221,7 @@ def memory_probe(args):
     back to the OS and RSS follows the live tensors): load the export, then for each step and
     batch size run ONE step and report the rise of the peak RSS (VmHWM, reset just before)
     over the RSS just before the step."""
-    backbone, tokenizer = M.load_backbone(args.export)
+    backbone, tokenizer = M.load_backbone(args.export, M.attention_implementation(CPU, False))
     official = checkpointed(backbone.train())
     pool, out = text_pool(tokenizer), {}
     for step in ("ours", "count", "official"):
@@ -454,6 +458,7 @@ def main(argv=None):
     r = dict(machine=dict(platform=platform.platform(),
                           processor=platform.processor() or platform.machine(),
                           cpus=os.cpu_count(), torch=torch.__version__,
+                          attention=backbone.config._attn_implementation,
                           threads=torch.get_num_threads(),
                           load_average_at_start=os.getloadavg()),  # other users of the CPUs
              commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,

@@ -5,17 +5,22 @@ Contract:
   `tiny_backbone(tokenizer)` builds the small Qwen3-architecture model of `--size tiny`.
 - `tokenize(tokenizer, texts, max_length)` gives id lists that END WITH EOS: texts are cut
   to max_length - 1 tokens and EOS is appended as an id, so truncation never deletes it.
+- `setup_attention(device, bf16)` chooses and registers the attention of packed chunks.
 - `make_chunks` + `pack` + `embed_packed`: sequences concatenated into rows with position
   ids restarting per sequence, attention kept inside each sequence (flash-attn or torch
   varlen on CUDA, block-diagonal sdpa masks otherwise), pooled at each sequence's EOS: no
-  padding is computed. `embed(backbone, input_ids, lengths)` is the padded reference: fp32
-  unit vectors at each row's last real token, masks built from lengths (DESIGN I3).
+  padding is computed. `embed(backbone, input_ids, lengths)` is the padded reference (on
+  either attention): fp32 unit vectors at each row's last real token, masks built from
+  lengths (DESIGN I3).
 - `encode(backbone, tokenizer, texts)` embeds raw texts in packed chunks.
 - `save_export(...)` writes a folder that AutoModel, SentenceTransformer and mteb's F2LLM
   loader all load with last-token pooling, normalisation and an EOS-appending tokenizer.
 Importing this file does nothing.
 """
+import contextlib
 import copy
+import functools
+import importlib.util
 import inspect
 import json
 import os
@@ -35,82 +40,153 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 # ---------------------------------------------------------------------------- backbones
 # Packed chunks (DESIGN §4) need attention that stays inside each sequence of a row:
-# - "f2llm_varlen" (CUDA): ONE row per chunk, cumulative lengths passed down as kwargs, so no
-#   layer syncs the host. Kernel: flash-attn's varlen function when installed, else torch's
-#   own torch.nn.attention.varlen.varlen_attn (no flash-attn, e.g. torch 2.11 images).
-# - "sdpa" (CPU, tests, CUDA without either kernel): several packed rows per chunk; transformers
-#   sees position ids restart and builds a block-diagonal causal mask per row.
+# - "f2llm_varlen" (CUDA, bf16): ONE row per chunk, cumulative lengths passed down as kwargs,
+#   so no layer syncs the host. Kernel: flash-attn's varlen function when installed, else
+#   torch's own torch.nn.attention.varlen.varlen_attn (torch >= 2.10, e.g. 2.11 images).
+# - "sdpa" (CPU, tests, CUDA in fp32 or without either kernel): several packed rows per chunk;
+#   transformers sees position ids restart and builds a block-diagonal causal mask per row.
+# F2LLM_FORCE_VARLEN=1 runs "f2llm_varlen" on a CPU too, one sdpa per sequence standing in for
+# the kernel: the CUDA layout and code path, checked against sdpa rows by the tests.
 VARLEN = "f2llm_varlen"
+FORCE_VARLEN = "F2LLM_FORCE_VARLEN"
 
 
-def _flash_varlen():
+def forced_varlen() -> bool:
+    value = os.environ.get(FORCE_VARLEN, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{FORCE_VARLEN}={value!r}: use 1 (the CUDA attention path on a CPU) "
+                         f"or 0")
+    return value == "1"
+
+
+def varlen_kernels(device_type: str) -> list[str]:
+    """The varlen kernels importable here, best first (none off CUDA)."""
+    if device_type != "cuda":
+        return []
+    return [name for name, module in (("flash-attn", "flash_attn"),
+                                      ("torch varlen_attn", "torch.nn.attention.varlen"))
+            if _importable(module)]
+
+
+def _importable(module: str) -> bool:
     try:
-        from flash_attn import flash_attn_varlen_func
-        return flash_attn_varlen_func
-    except ImportError:
-        return None
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
 
 
-def _torch_varlen():
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-        return varlen_attn
-    except ImportError:
-        return None
+def choose_attention(device_type: str, bf16: bool, forced: bool,
+                     kernels: list[str]) -> tuple[str, str]:
+    """The decision alone (no imports, so a CPU test covers the CUDA cases):
+    -> (attention implementation, the kernel that runs or why sdpa rows do)."""
+    if device_type == "cuda" and not bf16:  # never a kernel error mid-step
+        return "sdpa", ("block-diagonal masks: the varlen kernels take bf16/fp16 only and "
+                        "--precision is fp32")
+    if device_type == "cuda" and kernels:
+        return VARLEN, kernels[0]
+    if device_type == "cuda":
+        return "sdpa", "block-diagonal masks: no flash-attn and torch < 2.10 has no varlen_attn"
+    if forced:
+        return VARLEN, f"one sdpa per sequence standing in for the CUDA kernel ({FORCE_VARLEN}=1)"
+    return "sdpa", "block-diagonal masks"
 
 
-def varlen_kernel(device: torch.device) -> str | None:
-    """The varlen kernel packed chunks use on this device, or None (then sdpa rows)."""
-    if device.type != "cuda":
-        return None
-    return "flash-attn" if _flash_varlen() else "torch varlen_attn" if _torch_varlen() else None
+def setup_attention(device: torch.device, bf16: bool = True,
+                    forced: bool | None = None) -> tuple[str, str]:
+    """Choose the attention of packed chunks on this device and, for VARLEN, register it with
+    transformers with its kernel and keyword arguments fixed now, not per call (not with
+    transformers' mask functions: a packed row needs no mask). -> (implementation, note)."""
+    forced = forced_varlen() if forced is None else forced
+    attn, note = choose_attention(device.type, bf16, forced, varlen_kernels(device.type))
+    if attn == VARLEN:
+        kernel = (_flash_kernel() if note == "flash-attn" else
+                  _torch_kernel() if note == "torch varlen_attn" else sdpa_per_sequence)
+        AttentionInterface.register(VARLEN, functools.partial(packed_attention, kernel=kernel))
+    return attn, note
 
 
-def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                     cu_seq_lens_q=None, max_length_q=None, **kwargs):
-    """transformers' attention interface for one packed row: query (1, H, T, d), key and value
-    (1, H_kv, T, d), sequences delimited by cu_seq_lens_q (n + 1,) int32 -> (1, T, H, d).
-    Causal inside each sequence, nothing across. On a CPU it runs one sdpa per sequence (the
-    reference the tests compare with)."""
-    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, d)
-    if torch.is_autocast_enabled(q.device.type):  # q/k leave Qwen3's fp32 norms under autocast
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    cu, longest = cu_seq_lens_q, max_length_q
-    flash, native = _flash_varlen(), _torch_varlen()
-    if q.is_cuda and flash:
-        out = flash(q, k, v, cu, cu, longest, longest, dropout_p=dropout, softmax_scale=scaling,
-                    causal=True)
-    elif q.is_cuda and native:
+def attention_implementation(device: torch.device, bf16: bool = True,
+                             forced: bool | None = None) -> str:
+    """setup_attention's implementation name: what AutoModel's attn_implementation takes."""
+    return setup_attention(device, bf16, forced)[0]
+
+
+# The kernels: (q (T, H, d), k and v (T, H_kv, d), cu (n + 1,) int32, longest, scaling,
+# dropout) -> (T, H, d), causal inside each sequence. None repeats k and v for grouped heads:
+# flash-attn takes H % H_kv == 0; so does torch's varlen_attn, whose 2.10/2.11 wrapper passes
+# k and v as they are to aten._flash_attention_forward (torch/nn/attention/varlen.py), which
+# runs FA2's mha_varlen_fwd: it checks only `num_heads % num_heads_k == 0`, and mha_varlen_bwd
+# sums dk, dv over each group (aten/src/ATen/native/transformers/cuda/flash_attn/
+# flash_api.cpp); torch 2.13's wrapper refuses H != H_kv unless enable_gqa=True. A repeat would
+# only add the repeated copies to what backward keeps.
+def _flash_kernel():
+    from flash_attn import flash_attn_varlen_func
+
+    def kernel(q, k, v, cu, longest, scaling, dropout):
+        return flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, dropout_p=dropout,
+                                      softmax_scale=scaling, causal=True)
+    return kernel
+
+
+def _torch_kernel():
+    from torch.nn.attention.varlen import varlen_attn
+    params = inspect.signature(varlen_attn).parameters
+    # torch 2.10 says is_causal, later versions window_size; 2.13 adds enable_gqa
+    fixed = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    if "enable_gqa" in params:
+        fixed["enable_gqa"] = True
+    takes_scale = "scale" in params  # else its default, 1 / sqrt(head_dim): Qwen3's scaling too
+
+    def kernel(q, k, v, cu, longest, scaling, dropout):
         if dropout:
             raise ValueError("attention dropout needs flash-attn (torch's varlen_attn has none); "
                              "pip install flash-attn or set attention_dropout to 0")
-        # torch 2.10 says is_causal, later versions window_size
-        params = inspect.signature(native).parameters
-        extra = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
-        if "scale" in params:  # else its default, 1 / sqrt(head_dim): Qwen3's scaling too
-            extra["scale"] = scaling
-        if "enable_gqa" in params:
-            extra["enable_gqa"] = True
-        else:
-            k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
-        out = native(q, k, v, cu, cu, longest, longest, **extra)
-    else:
-        bounds = cu.tolist()
-        out = torch.cat([F.scaled_dot_product_attention(
-            q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=True,
-            scale=scaling, dropout_p=dropout, enable_gqa=True).transpose(0, 1)
-            for s, e in zip(bounds[:-1], bounds[1:])])
+        scale = {"scale": scaling} if takes_scale else {}
+        return varlen_attn(q, k, v, cu, cu, longest, longest, **fixed, **scale)
+    return kernel
+
+
+def sdpa_per_sequence(q, k, v, cu, longest, scaling, dropout):
+    """The CPU stand-in: one sdpa per sequence (reads the bounds on the host, once per layer)."""
+    bounds = cu.tolist()
+    return torch.cat([F.scaled_dot_product_attention(
+        q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=True,
+        scale=scaling, dropout_p=dropout, enable_gqa=True).transpose(0, 1)
+        for s, e in zip(bounds[:-1], bounds[1:])])
+
+
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                     cu_seq_lens_q=None, max_length_q=None, kernel=sdpa_per_sequence, **kwargs):
+    """transformers' attention interface for one packed row: query (1, H, T, d), key and value
+    (1, H_kv, T, d), sequences delimited by cu_seq_lens_q (n + 1,) int32 -> (1, T, H, d).
+    Causal inside each sequence, nothing across."""
+    if cu_seq_lens_q is None or query.shape[0] != 1:
+        raise ValueError(
+            f"{VARLEN} attention takes one packed row and its sequence bounds (model.pack, "
+            f"model.embed_packed); got {query.shape[0]} row(s) and cu_seq_lens_q="
+            f"{'None' if cu_seq_lens_q is None else 'given'}. A padded batch needs a mask, "
+            f"which transformers builds for sdpa only: run it inside "
+            f"model.padded_attention(backbone) (model.embed does)")
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, d), (T, H_kv, d)
+    if torch.is_autocast_enabled(q.device.type):  # q/k leave Qwen3's fp32 norms under autocast
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    out = kernel(q, k, v, cu_seq_lens_q, max_length_q, scaling, dropout)  # (T, H, d)
     return out[None], None  # (1, T, H, d), no attention weights
 
 
-def attention_implementation(device: torch.device) -> str:
-    """VARLEN on CUDA when a varlen kernel exists, sdpa otherwise. Registers VARLEN with
-    transformers (not with its mask functions: the packed row needs no mask)."""
-    if varlen_kernel(device):
-        AttentionInterface.register(VARLEN, packed_attention)
-        return VARLEN
-    return "sdpa"
+@contextlib.contextmanager
+def padded_attention(backbone):
+    """A padded forward on any backbone: transformers builds no mask for a registered name
+    like VARLEN (DESIGN §8), so a VARLEN backbone runs it as sdpa, the same weights and math."""
+    config = backbone.config
+    attn = config._attn_implementation
+    if attn == VARLEN:
+        config._attn_implementation = "sdpa"
+    try:
+        yield
+    finally:
+        config._attn_implementation = attn
 
 
 def load_backbone(name: str, attn: str = "sdpa", dtype=torch.float32):
@@ -215,8 +291,9 @@ def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch
 def embed(backbone, input_ids: torch.Tensor, lengths: torch.Tensor, side: str = "right"):
     """Padded ids (n, L) -> unit-norm fp32 embeddings (n, D)."""
     attention_mask = mask_from_lengths(lengths.to(input_ids.device), input_ids.shape[1], side)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                      use_cache=False).last_hidden_state
+    with padded_attention(backbone):  # a VARLEN backbone too
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                          use_cache=False).last_hidden_state
     return F.normalize(last_token_pool(hidden, attention_mask).float(), dim=-1)
 
 

@@ -306,6 +306,20 @@ def cached_step(model, seqs: list[list[int]], loss_fn, chunk_tokens: int, bf16: 
                 computed_tokens=sum(p.computed_tokens for p in packs))
 
 
+def optimizer_step(optimizer, scheduler, trained, grad_clip: float,
+                   finite: bool = True) -> tuple[float, bool]:
+    """Step 4 of DESIGN §4, as the loop runs it (gpu_check.py too): clip the global gradient
+    norm, step optimizer and schedule unless the loss or the norm is non-finite, zero the
+    gradients. -> (gradient norm before clipping, whether the update was applied)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(trained, grad_clip).item()
+    applied = finite and math.isfinite(grad_norm)
+    if applied:
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, applied
+
+
 def step_loss(batch: D.Batch, temperature: float, mrl: bool = False, gather: str = "autograd",
               teacher_reps=None, kd_mode: str = "mse", kd_weight: float = 1.0,
               in_batch: bool = True):
@@ -443,7 +457,7 @@ def setup_data(cfg: Config, rank: int, world: int, say):
 def setup_model(cfg: Config, rank: int, device, bf16: bool, sources, say):
     """Backbone and tokenizer (the tiny one built here), LoRA adapters if asked, on device."""
     torch.manual_seed(cfg.seed)
-    attn = M.attention_implementation(device)
+    attn, attn_note = M.setup_attention(device, bf16)
     if cfg.model == "tiny":
         tok_dir = os.path.join(cfg.out, "tokenizer")
         if rank == 0 and not os.path.isdir(tok_dir):
@@ -459,12 +473,11 @@ def setup_model(cfg: Config, rank: int, device, bf16: bool, sources, say):
             for p in backbone.parameters():
                 p.data = p.data if p.requires_grad else p.data.to(torch.bfloat16)
     backbone.to(device).train()
-    kernel = M.varlen_kernel(device)
     trainable = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
     lora = f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else ""
     say(f"model: {cfg.model}, {sum(p.numel() for p in backbone.parameters()):,} parameters "
         f"({trainable:,} trained{lora}), dim {backbone.config.hidden_size}, attention {attn} "
-        f"(packed rows, {kernel or 'block-diagonal masks'})")
+        f"(packed rows, {attn_note})")
     return backbone, tokenizer
 
 
@@ -473,7 +486,7 @@ def setup_teacher(cfg: Config, device, bf16: bool, student_dim: int, say):
     its tokenizer; (None, None) without one."""
     if not cfg.teacher:
         return None, None
-    teacher, tokenizer = M.load_backbone(cfg.teacher, M.attention_implementation(device),
+    teacher, tokenizer = M.load_backbone(cfg.teacher, M.attention_implementation(device, bf16),
                                          dtype=torch.bfloat16 if bf16 else torch.float32)
     dim = teacher.config.hidden_size
     if cfg.kd_mode == "mse" and dim < student_dim:
@@ -606,10 +619,9 @@ def main(argv=None):
         loss_fn = step_loss(batch, cfg.temperature, cfg.mrl, cfg.in_batch_gather, teacher_reps,
                             cfg.kd_mode, cfg.kd_weight, cfg.in_batch)
         m = cached_step(backbone, seqs, loss_fn, cfg.chunk_tokens, bf16, ddp, cfg.chunk_size)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip).item()
-        if m["finite"] and math.isfinite(grad_norm):
-            optimizer.step()
-            scheduler.step()
+        grad_norm, applied = optimizer_step(optimizer, scheduler, trained, cfg.grad_clip,
+                                            m["finite"])
+        if applied:
             bad_steps = 0
         else:  # a non-finite loss or gradient never reaches the weights
             bad_steps += 1
@@ -619,7 +631,6 @@ def main(argv=None):
                 raise SystemExit(f"train.py: error: {bad_steps} non-finite steps in a row "
                                  f"(--max-bad-steps); lower --lr, check the data, or resume from "
                                  f"an earlier checkpoint")
-        optimizer.zero_grad(set_to_none=True)
         step += 1
         if truncated and not warned_truncation:
             say(f"note: texts longer than --max-length {cfg.max_length} are cut to "

@@ -77,3 +77,11 @@ def _first_rows(folder, path, rows):
 def small_demo_dir(tmp_path_factory, demo_dir):
     """The first 150 rows of each demo source: for tests that start many short runs."""
     return _first_rows(demo_dir, tmp_path_factory.mktemp("small_demo"), 150)
+
+
+@pytest.fixture(params=["sdpa", M.VARLEN])
+def attn(request):
+    """Both attention paths of packed chunks: sdpa rows (a CPU's) and the CUDA layout, one
+    varlen row per chunk, forced on this CPU (model.FORCE_VARLEN; sdpa per sequence inside)."""
+    return M.attention_implementation(torch.device("cpu"), bf16=False,
+                                      forced=request.param == M.VARLEN)

@@ -37,17 +37,19 @@ def official_reference_loss(batch):
     return loss_fn
 
 
-def step_gradients(tokenizer_dir, demo_dir, batch_size, chunk_tokens, max_length=48):
+def step_gradients(tokenizer_dir, demo_dir, batch_size, chunk_tokens, max_length=48,
+                   options=OPTIONS):
     """For each option, a fresh tiny model (LoRA adapters for "lora", their B made non-zero so
     the adapters matter) and one cached step on a retrieval batch (the recipe: and a clustering
-    batch)."""
+    batch). The attention is what train.py would choose (F2LLM_FORCE_VARLEN=1: varlen rows)."""
     rank, world, device = train.setup_distributed()
+    attn = M.attention_implementation(device, bf16=False)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     sources = D.load_tokenized(demo_dir, tokenizer, max_length, demo_dir + "_tokens", seed=0)
     grads, losses, collectives = {}, {}, {}
-    teacher = M.tiny_backbone(tokenizer, seed=1)
-    for option in OPTIONS:
-        backbone = M.tiny_backbone(tokenizer, seed=0)
+    teacher = M.tiny_backbone(tokenizer, seed=1, attn=attn)
+    for option in options:
+        backbone = M.tiny_backbone(tokenizer, seed=0, attn=attn)
         if option == "lora":
             backbone = M.add_lora(backbone, 4)
             torch.manual_seed(1)
@@ -81,7 +83,9 @@ def step_gradients(tokenizer_dir, demo_dir, batch_size, chunk_tokens, max_length
             grads[key] = {n: p.grad.clone()
                           for n, p in backbone.named_parameters() if p.requires_grad}
             losses[key] = train.all_mean(m["loss"], device)
-            collectives[key] = dict(chunks=m["chunks"], allreduces=len(reduced),
+            collectives[key] = dict(chunks=m["chunks"], allreduces=len(reduced), attention=attn,
+                                    computed_tokens=m["computed_tokens"],
+                                    real_tokens=m["real_tokens"],
                                     buckets=len({i for i, _ in reduced}),
                                     elements=sum(n for _, n in reduced),
                                     parameters=sum(p.numel() for p in backbone.parameters() if p.requires_grad))
@@ -91,8 +95,9 @@ def step_gradients(tokenizer_dir, demo_dir, batch_size, chunk_tokens, max_length
 
 if __name__ == "__main__":
     tokenizer_dir, demo_dir, out, batch_size, chunk_tokens = sys.argv[1:6]
+    options = sys.argv[6].split(",") if len(sys.argv) > 6 else OPTIONS
     rank, grads, losses, collectives = step_gradients(tokenizer_dir, demo_dir, int(batch_size),
-                                                      int(chunk_tokens))
+                                                      int(chunk_tokens), options=options)
     if rank == 0:
         torch.save({"grads": grads, "losses": losses}, out)
     with open(f"{out}.rank{rank}.json", "w") as f:

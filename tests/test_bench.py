@@ -32,9 +32,12 @@ def _assert_same_grads(grads, reference, what):
         assert (grads[name] - g).abs().max() <= 1e-4 * g.abs().max(), f"{what}: {name}"
 
 
-def test_baselines_compute_our_loss_and_gradients(backbone, tokenizer, batch):
+def test_baselines_compute_our_loss_and_gradients(tokenizer, batch, attn):
     """The official step (one padded forward, activation checkpointing) and the count-chunk
-    step are the same math as ours; they only compute more tokens."""
+    step are the same math as ours; they only compute more tokens. On sdpa rows, and on the
+    CUDA layout (varlen rows forced on this CPU), where the baselines' padded forwards run as
+    sdpa on the same backbone."""
+    backbone = M.tiny_backbone(tokenizer, seed=0, attn=attn)
     seqs, loss_fn = bench.tokenized(batch, tokenizer, MAX_LENGTH)
     assert len(seqs) == 4 * 9
     official = bench.checkpointed(backbone)
@@ -51,6 +54,7 @@ def test_baselines_compute_our_loss_and_gradients(backbone, tokenizer, batch):
     assert ours["real_tokens"] == base["real_tokens"] == count["real_tokens"] == real
     assert base["computed_tokens"] == len(seqs) * max(len(s) for s in seqs)
     assert real <= ours["computed_tokens"] < base["computed_tokens"]
+    assert (ours["computed_tokens"] == real) == (attn == M.VARLEN)  # varlen rows: no padding
     assert real <= count["computed_tokens"] < base["computed_tokens"]
 
 

@@ -14,26 +14,37 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def torchrun(*args, nproc=2, timeout=300):
+def torchrun(*args, nproc=2, timeout=300, env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--standalone", *args] if nproc else [sys.executable, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
-def test_I1_two_ranks_give_the_one_process_gradients_with_one_allreduce_per_step(tmp_path, tokenizer_dir, demo_dir):
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tokenizer_dir, demo_dir):
+    """The reference of both tests: every option's step in ONE process on sdpa rows (b=8, one
+    chunk)."""
+    out = tmp_path_factory.mktemp("one_process") / "w1.pt"
+    torchrun(os.path.join(HERE, "dist_worker.py"), tokenizer_dir, demo_dir, str(out), "8",
+             "100000", nproc=0, env={"F2LLM_FORCE_VARLEN": "0"})
+    return torch.load(out), json.loads(out.with_name("w1.pt.rank0.json").read_text())
+
+
+def test_I1_two_ranks_give_the_one_process_gradients_with_one_allreduce_per_step(
+        tmp_path, tokenizer_dir, demo_dir, one_process):
     """One step, batch 8: world=2 (b=4 each, several packed chunks) == world=1 (b=8, one chunk),
     retrieval and clustering for the recipe, retrieval with Matryoshka, with LoRA (adapter
     gradients), with distillation (mse and kl) and with the official code's detached gather, whose 2-rank gradients equal a 1-process step
     in which no positive gets an in-batch gradient. DESIGN §4: one all-reduce per step (per
     bucket), not per chunk."""
     worker = os.path.join(HERE, "dist_worker.py")
-    torchrun(worker, tokenizer_dir, demo_dir, str(tmp_path / "w2.pt"), "8", "120", nproc=2)
-    torchrun(worker, tokenizer_dir, demo_dir, str(tmp_path / "w1.pt"), "8", "100000", nproc=0)
-    two, one = torch.load(tmp_path / "w2.pt"), torch.load(tmp_path / "w1.pt")
+    torchrun(worker, tokenizer_dir, demo_dir, str(tmp_path / "w2.pt"), "8", "120", nproc=2,
+             env={"F2LLM_FORCE_VARLEN": "0"})
+    two, one = torch.load(tmp_path / "w2.pt"), one_process[0]
     assert len(one["grads"]) == 7  # the recipe on retrieval and clustering, each option on retrieval
     for key in one["grads"]:
         assert two["losses"][key] == pytest.approx(one["losses"][key], rel=1e-5), key
@@ -56,3 +67,29 @@ def test_I1_two_ranks_give_the_one_process_gradients_with_one_allreduce_per_step
             assert c["allreduces"] == c["buckets"], (rank, key, c)
             assert c["elements"] == c["parameters"], (rank, key, c)
             assert key != "recipe/clustering" or c["buckets"] >= 2, c
+
+
+def test_I1_on_the_cuda_attention_path_matches_one_sdpa_process(tmp_path, tokenizer_dir, demo_dir,
+                                                               one_process):
+    """The CUDA layout under DDP: with F2LLM_FORCE_VARLEN=1, 2 gloo ranks run one varlen row
+    per chunk (cumulative lengths passed down, no padding computed), the recipe and
+    distillation from a teacher that also runs varlen rows, and give the gradients of ONE
+    process on sdpa rows (float32 rounding), with one all-reduce per bucket per step."""
+    worker = os.path.join(HERE, "dist_worker.py")
+    torchrun(worker, tokenizer_dir, demo_dir, str(tmp_path / "v2.pt"), "8", "120",
+             "recipe,kd-mse", nproc=2, env={"F2LLM_FORCE_VARLEN": "1"})
+    two, (one, sdpa) = torch.load(tmp_path / "v2.pt"), one_process
+    assert sorted(two["grads"]) == ["kd-mse/retrieval", "recipe/clustering", "recipe/retrieval"]
+    for key in two["grads"]:
+        assert two["losses"][key] == pytest.approx(one["losses"][key], rel=1e-5), key
+        for name, g in one["grads"][key].items():
+            # float32 rounding relative to the tensor's scale (the two attentions sum in other
+            # orders); attention that crossed sequences would give O(1)
+            diff = (two["grads"][key][name] - g).abs().max()
+            assert diff <= 1e-4 * g.abs().max(), (key, name, diff)
+    for rank in (0, 1):
+        for key, c in json.loads((tmp_path / f"v2.pt.rank{rank}.json").read_text()).items():
+            assert c["attention"] == "f2llm_varlen" and c["chunks"] >= 3, c
+            assert c["computed_tokens"] == c["real_tokens"], c  # one varlen row per chunk
+            assert c["allreduces"] == c["buckets"] and c["elements"] == c["parameters"], c
+    assert {c["attention"] for c in sdpa.values()} == {"sdpa"}

@@ -1,5 +1,6 @@
 """I3: pooling takes the hidden state of the EOS, whatever the padding side, after
 truncation, and when the pad id is a real token."""
+import pytest
 import torch
 
 import model as M
@@ -74,7 +75,7 @@ def test_make_chunks_first_fit_within_budget_and_count():
 def _varlen_reference(backbone):
     """The same weights behind model.packed_attention (its CPU path: one sdpa per sequence)."""
     import copy
-    M.AttentionInterface.register(M.VARLEN, M.packed_attention)
+    assert M.attention_implementation(torch.device("cpu"), forced=True) == M.VARLEN
     net = copy.deepcopy(backbone)
     net.set_attn_implementation(M.VARLEN)
     assert M.uses_varlen(net) and not M.uses_varlen(backbone)
@@ -120,3 +121,86 @@ def test_no_kv_cache_in_training_forwards(tokenizer, backbone):
     hook.remove()
     assert backbone.config.use_cache  # Qwen3's default: a forward would build a cache unless told
     assert [out.past_key_values for out in seen] == [None, None]
+
+
+def test_every_function_that_takes_a_backbone_runs_on_a_varlen_one(tokenizer, backbone):
+    """With the CUDA attention forced on a CPU: encode (one varlen row per chunk) and the padded
+    reference (model.embed, run as sdpa) give the sdpa backbone's embeddings to 1e-5 in fp32; a
+    padded forward that skips model.embed is refused with what to do, not a None deep inside
+    transformers; the varlen backbone keeps its attention afterwards."""
+    varlen = _varlen_reference(backbone)
+    texts = ["a long sentence about the economy and markets " * 4, "hi", "the match ended"]
+    torch.testing.assert_close(M.encode(varlen, tokenizer, texts, batch_size=2),
+                               M.encode(backbone, tokenizer, texts, batch_size=2),
+                               atol=1e-5, rtol=1e-5)
+    ids, lengths = M.pad(M.tokenize(tokenizer, texts, 64)[0], tokenizer.pad_token_id)
+    torch.testing.assert_close(M.embed(varlen, ids, lengths), M.embed(backbone, ids, lengths),
+                               atol=1e-5, rtol=1e-5)
+    assert M.uses_varlen(varlen)
+    refused = r"got 3 row\(s\) and cu_seq_lens_q=None.*padded_attention"
+    with pytest.raises(ValueError, match=refused):
+        varlen(input_ids=ids, attention_mask=M.mask_from_lengths(lengths, ids.shape[1]))
+
+
+@pytest.mark.parametrize("device, bf16, forced, kernels, expected", [
+    ("cuda", True, False, ["flash-attn", "torch varlen_attn"], (M.VARLEN, "flash-attn")),
+    ("cuda", True, False, ["torch varlen_attn"], (M.VARLEN, "torch varlen_attn")),
+    ("cuda", True, False, [], ("sdpa", "no flash-attn")),
+    ("cuda", False, True, ["flash-attn"], ("sdpa", "bf16/fp16 only")),  # --precision fp32
+    ("cpu", False, False, [], ("sdpa", "block-diagonal")),
+    ("cpu", False, True, [], (M.VARLEN, "F2LLM_FORCE_VARLEN=1")),
+])
+def test_attention_choice(device, bf16, forced, kernels, expected):
+    """The decision on every device: fp32 on CUDA runs sdpa rows (the varlen kernels refuse
+    fp32 tensors), so it never meets a kernel error mid-step; the forced CPU path is VARLEN."""
+    attn, note = M.choose_attention(device, bf16, forced, kernels)
+    assert attn == expected[0] and expected[1] in note
+
+
+def test_force_varlen_environment_variable(monkeypatch):
+    monkeypatch.setenv(M.FORCE_VARLEN, "1")
+    assert M.attention_implementation(torch.device("cpu"), bf16=False) == M.VARLEN
+    monkeypatch.setenv(M.FORCE_VARLEN, "0")
+    assert M.attention_implementation(torch.device("cpu"), bf16=False) == "sdpa"
+    monkeypatch.setenv(M.FORCE_VARLEN, "yes")
+    with pytest.raises(ValueError, match="F2LLM_FORCE_VARLEN='yes': use 1"):
+        M.attention_implementation(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("gqa_flag", [False, True])  # torch 2.11's signature, torch 2.13's
+def test_torch_varlen_kernel_gets_grouped_heads_and_kwargs_fixed_at_registration(
+        tokenizer, backbone, monkeypatch, gqa_flag):
+    """The torch varlen_attn path, its CUDA kernel replaced by a recorder (per-sequence sdpa):
+    k and v arrive with their H_kv heads (no repeat), causal as window_size=(-1, 0), Qwen3's
+    scale, enable_gqa only where the signature has it; the signature is read when the
+    attention is registered, never per call; the embeddings are sdpa's."""
+    import functools
+    import inspect
+    import torch.nn.attention.varlen as varlen_module
+    calls = []
+
+    def recorder(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
+                 scale=None, window_size=(-1, -1), **gqa):
+        calls.append((query.shape[1], key.shape[1], value.shape[1], window_size, scale, gqa))
+        return M.sdpa_per_sequence(query, key, value, cu_seq_q, max_q, scale, 0.0)
+    if gqa_flag:
+        recorder = functools.partial(recorder, enable_gqa=False)  # a keyword-only parameter
+        recorder.__signature__ = inspect.signature(varlen_module.varlen_attn)
+    monkeypatch.setattr(varlen_module, "varlen_attn", recorder)
+    kernel = M._torch_kernel()
+    monkeypatch.setattr(M.inspect, "signature", None)  # any call from here on would fail
+    net = _varlen_reference(backbone)
+    M.AttentionInterface.register(M.VARLEN, functools.partial(M.packed_attention, kernel=kernel))
+    try:
+        seqs, _ = M.tokenize(tokenizer, ["the match ended in a draw", "shares fell", "ok"], 32)
+        torch.testing.assert_close(M.embed_packed(net, M.pack(seqs)),
+                                   M.embed_packed(backbone, M.pack(seqs, 32)),
+                                   atol=1e-5, rtol=1e-5)
+    finally:
+        M.attention_implementation(torch.device("cpu"), forced=True)  # the CPU stand-in again
+    config = backbone.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    assert kv_heads < heads and len(calls) == config.num_hidden_layers
+    for call in calls:
+        assert call[:5] == (heads, kv_heads, kv_heads, (-1, 0), config.head_dim ** -0.5)
+        assert call[5] == ({"enable_gqa": True} if gqa_flag else {})

@@ -38,25 +38,31 @@ def _rank_batch(small_demo_dir, tokenizer, task_type, size=6, max_length=128):
 
 
 @pytest.mark.parametrize("task_type", ["retrieval", "classification"])
-def test_chunk_tokens_do_not_change_gradients(backbone, tokenizer, small_demo_dir, task_type):
-    """I2: packed chunks of one sequence each, of a few hundred tokens and of everything give
-    the same loss and gradients as one plain padded forward/backward of the whole batch."""
+def test_chunk_tokens_do_not_change_gradients(tokenizer, small_demo_dir, task_type, attn):
+    """I2, on sdpa rows and on the CUDA layout (one varlen row per chunk): packed chunks of one
+    row or sequence each, of a few hundred tokens and of everything give the same loss and
+    gradients as one plain padded forward/backward of the whole batch."""
+    backbone = M.tiny_backbone(tokenizer, seed=0, attn=attn)
     batch, seqs = _rank_batch(small_demo_dir, tokenizer, task_type)
     loss_fn = train.step_loss(batch, 0.05)
     results = {c: _grads(backbone, seqs, loss_fn, c) for c in (1, 300, 10**6)}
     ids, lengths = M.pad(seqs, tokenizer.pad_token_id)
-    loss = loss_fn(M.embed(backbone, ids, lengths))[0]
+    loss = loss_fn(M.embed(backbone, ids, lengths))[0]  # padded: sdpa on either backbone
     loss.backward()
     direct = {n: p.grad.clone() for n, p in backbone.named_parameters()}
-    rows = M.first_fit([len(s) for s in seqs], max(len(s) for s in seqs))  # sdpa rows on a CPU
+    varlen = attn == M.VARLEN
+    # a chunk per sequence (varlen rows) or per sdpa row as wide as the longest sequence
+    rows = [[i] for i in range(len(seqs))] if varlen else M.first_fit(
+        [len(s) for s in seqs], max(len(s) for s in seqs))
     assert [results[c][0]["chunks"] for c in (1, 10**6)] == [len(rows), 1]  # a row per chunk; all
-    assert 1 < results[300][0]["chunks"] < len(rows) < len(seqs)
+    assert 1 < results[300][0]["chunks"] < len(rows) <= len(seqs)
     for c, (m, grads) in results.items():
         assert m["loss"] == pytest.approx(loss.item(), rel=1e-5)
         _close(grads, direct, f"chunk_tokens={c}")
-    # packed rows compute fewer tokens than one padded batch
+    # packed rows compute fewer tokens than one padded batch; varlen rows only the real ones
     assert results[1][0]["real_tokens"] == int(lengths.sum())
-    assert results[1][0]["computed_tokens"] == len(rows) * ids.shape[1] < ids.numel()
+    computed = int(lengths.sum()) if varlen else len(rows) * ids.shape[1]
+    assert results[1][0]["computed_tokens"] == computed < ids.numel()
 
 
 def test_I2_under_dropout_pass_2_replays_pass_1_masks(tokenizer, small_demo_dir):
@@ -225,15 +231,17 @@ def test_no_in_batch_drops_only_the_in_batch_term(backbone, tokenizer, small_dem
     assert alone["terms"][0] == recipe["terms"][0] == pytest.approx(alone["loss"])
 
 
-@pytest.mark.parametrize("mode", ["mse", "kl"])
-def test_distillation_keeps_I2_with_the_naive_gradient(backbone, tokenizer, small_demo_dir, mode):
+@pytest.mark.parametrize("mode, attn", [("mse", "sdpa"), ("kl", M.VARLEN)], indirect=["attn"])
+def test_distillation_keeps_I2_with_the_naive_gradient(tokenizer, small_demo_dir, mode, attn):
     """With a teacher's reps of the same sequences (another tiny model, no grad), token
     budgets from one row per chunk to all-in-one give the gradients of one plain padded
-    forward of F2LLM's loss + kd_weight x the distillation term, which does change them."""
+    forward of F2LLM's loss + kd_weight x the distillation term, which does change them.
+    kl runs student and teacher on the CUDA layout (varlen rows forced on this CPU)."""
     from loss import distillation_loss, f2llm_loss
+    backbone = M.tiny_backbone(tokenizer, seed=0, attn=attn)
     batch, seqs = _rank_batch(small_demo_dir, tokenizer, "retrieval")
     b, k = len(batch.queries), len(batch.negatives[0])
-    teacher = M.tiny_backbone(tokenizer, seed=1)
+    teacher = M.tiny_backbone(tokenizer, seed=1, attn=attn)
     teacher_reps = train.embed_chunks(teacher, seqs, 200)  # the teacher's own packed pass
     ids, lengths = M.pad(seqs, tokenizer.pad_token_id)
     with torch.no_grad():
@@ -252,6 +260,18 @@ def test_distillation_keeps_I2_with_the_naive_gradient(backbone, tokenizer, smal
     assert all(p.grad is None for p in teacher.parameters())
     recipe = _grads(backbone, seqs, train.step_loss(batch, 0.05), 10**6)[1]
     assert any((recipe[n] - g).abs().max() > 1e-3 * g.abs().max() for n, g in direct.items())
+
+
+def test_validation_on_the_varlen_path_matches_sdpa(tokenizer, small_demo_dir):
+    """train.validate (packed chunks, no grad) gives the same held-out loss on the CUDA layout
+    (varlen rows forced on this CPU) as on sdpa rows."""
+    sources = D.load_tokenized(small_demo_dir, tokenizer, 128, small_demo_dir + "_tokens")
+    batches = list(D.ValidationBatches(sources, 6, 1, seed=0))[:4]
+    cfg = train.Config(chunk_tokens=200)
+    losses = [train.validate(M.tiny_backbone(tokenizer, seed=0, attn=M.attention_implementation(
+        torch.device("cpu"), False, forced)), batches, 0, 1, cfg, torch.device("cpu"), False)
+        for forced in (False, True)]
+    assert losses[0] > 0 and losses[1] == pytest.approx(losses[0], rel=1e-6)
 
 
 @pytest.mark.slow
