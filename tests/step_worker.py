@@ -133,7 +133,8 @@ def leave(module, inputs, output):
     in_forward -= 1
 
 
-torch.nn.utils.clip_grad_norm_, dist.all_reduce, DDP.__init__ = clip_grad_norm_, all_reduce, ddp_init
+torch.nn.utils.clip_grad_norm_, dist.all_reduce = clip_grad_norm_, all_reduce
+DDP.__init__ = ddp_init
 torch.nn.modules.module.register_module_forward_pre_hook(enter)
 torch.nn.modules.module.register_module_forward_hook(leave)
 rank = int(os.environ["RANK"])

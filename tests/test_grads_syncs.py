@@ -27,7 +27,7 @@ def test_ddp_step_accumulates_in_bucket_views_with_two_host_syncs(tmp_path, smal
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
            os.path.join(HERE, "step_worker.py"), str(out), "--",
            "--size", "tiny", "--data", small_demo_dir, "--out", str(tmp_path / "run"),
-           "--steps", "3", "--batch-size", "8", "--max-length", "48", "--chunk-tokens", "150",
+           "--steps", "3", "--batch-size", "8", "--max-length", "48", "--chunk-tokens", "300",
            "--eval-every", "0", "--save-every", "0", "--token-cache", small_demo_dir + "_tokens"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
