@@ -140,7 +140,7 @@ def plans(config, chunk_tokens: int, sequences: int) -> tuple[dict, dict]:
 def why_not(size: str, config, chunk_tokens: int, sequences: int, gpu_bytes: int) -> str | None:
     """None if the 1-process plan of this size fits the GPU, else the reason to skip it."""
     one, rank = plans(config, chunk_tokens, sequences)
-    if one["total"] <= 0.97 * gpu_bytes:  # 3%: the CUDA context and the allocator's slack
+    if one["total"] <= gpu_bytes:  # the plan's total holds the CUDA context and NCCL reserve
         return None
     return (f"{size} at {config.num_hidden_layers} layers plans {one['total'] / GIB:.1f} GiB in "
             f"one process (its AdamW states unsharded: {one['adamw_states'] / GIB:.1f} GiB; a "
@@ -171,8 +171,8 @@ def check_size(size, config, device, attn, steps, b, k, max_length, chunk_tokens
         def run(out):  # the loop's step: the cached step, then clip, step, zero_grad
             out["m"] = m = train.cached_step(backbone, seqs, loss_fn, chunk_tokens, cuda,
                                              ddp=ddp, clock=clock)
-            out["norm"] = train.optimizer_step(optimizer, scheduler, trained, cfg.grad_clip,
-                                               m["finite"])[0]
+            _, out["norm"], _ = train.optimizer_step(optimizer, scheduler, trained,
+                                                     cfg.grad_clip, m["losses"], ddp)
         out = {}
         if step == 1:
             syncs = host_syncs(device, lambda: run(out))
@@ -216,7 +216,7 @@ def check_size(size, config, device, attn, steps, b, k, max_length, chunk_tokens
         planned = dict(weights_fp32=one["weights_fp32"], gradients_fp32=one["gradients_fp32"],
                        adamw_states=one["adamw_states"],
                        pass_2_transient=sum(one.get(t, 0) for t in PASS_2_TERMS),
-                       peak_allocated=one["total"])
+                       peak_allocated=one["total"] - one["cuda_context_nccl"])
         r["memory_gib"] = {t: dict(measured=measured[t] / GIB, plan=planned[t] / GIB)
                            for t in measured}
         rank_peak = peak_reserved + outside - adamw_saved
@@ -285,8 +285,10 @@ def main(argv=None):
                         help="run each size at this depth (0 = full; per-layer figures scale)")
     parser.add_argument("--out", default="gpu_check.json")
     args = parser.parse_args(argv)
+    if note := train.use_expandable_segments():  # before CUDA starts, as train.py does
+        print(note)
     sizes = args.sizes.split(",")
-    if unknown := [s for s in sizes if s not in plan.QWEN3_CONFIGS]:
+    if unknown := [s for s in sizes if s not in ("0.6b", "1.7b", "4b")]:
         parser.error(f"--sizes: unknown {','.join(unknown)}; use some of 0.6b,1.7b,4b")
     if not args.cpu_smoke and not torch.cuda.is_available():
         raise SystemExit("gpu_check.py: no CUDA device; run it on a GPU machine or pass "

@@ -7,19 +7,24 @@ the per-GPU memory of the cached step, and the token budget of a packed chunk.
   nothing is downloaded; `meta_backbone` builds them on the meta device (no memory).
 - `activation_bytes_per_token(config)`: what autograd keeps per token of a packed chunk under
   bf16 autocast, split into bf16 and fp32 tensors; measured on a real 1- and 2-layer model of
-  the same width on the CPU (autocast does not run on the meta device).
-- `memory_plan(...)`: the per-GPU bytes of a step, each term once (see its docstring).
-- `chunk_tokens_that_fit(...)`: the largest token budget whose plan fits the GPU.
+  the same width on the CPU (autocast does not run on the meta device), its attention keeping
+  what the CUDA varlen kernels keep (`MEASURED_ON`).
+- `memory_plan(...)`: the per-GPU bytes of a step at its peak, each term once (its docstring).
+- `chunk_tokens_that_fit(...)`: the largest token budget whose plan fits `PLAN_BYTES`.
+- `teacher_config(name)`: a --teacher's architecture, from its folder or by its Qwen3 size.
 - `length_mix(...)`: the realistic token lengths bench.py and gpu_check.py both use.
 Importing this file does nothing.
 """
 import copy
 import functools
 import json
+import os
+import re
 
 import numpy as np
 import torch
-from transformers import AutoModel, Qwen3Config
+import torch.nn.functional as F
+from transformers import AttentionInterface, AutoConfig, AutoModel, Qwen3Config
 
 import model as M
 
@@ -33,6 +38,9 @@ QWEN3_CONFIGS = {
                  num_attention_heads=16),
     "4b": dict(_QWEN3_COMMON, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                num_attention_heads=32),
+    # a teacher size only (--teacher Qwen/Qwen3-Embedding-8B): no student preset
+    "8b": dict(_QWEN3_COMMON, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+               num_attention_heads=32, tie_word_embeddings=False),
 }
 # the published F2LLM models' own figures: embedding dimension and parameters (a test checks
 # that the configs above build exactly these)
@@ -40,7 +48,15 @@ PUBLISHED = {"0.6b": dict(dim=1024, params=596_049_920),
              "1.7b": dict(dim=2048, params=1_720_574_976),
              "4b": dict(dim=2560, params=4_022_468_096)}
 RELEASED_TUPLES = 5_933_988  # rows of the released F2LLM training set (62 sources)
-USABLE_BYTES = 76 * 2**30  # what the plan may fill: the rest is CUDA context, NCCL, fragmentation
+GiB = 2**30
+CARD_BYTES = int(79.65 * GiB)  # what an 80 GB H100 or A100 reports (81,559 MiB in nvidia-smi)
+PLAN_BYTES = 72 * GiB  # the plan, reserve included, fills at most this: the margin left (7.65
+# GiB) absorbs the allocator's rounding and fragmentation, which expandable segments keep small
+# What no tensor of the step holds, per GPU: the CUDA context with cuBLAS/cuDNN handles (about
+# 0.5 GiB on an H100, CUDA 12) and NCCL's buffers (NCCL_BUFFSIZE 4 MiB x channels x peers x
+# protocols, plus NVLS on NVSwitch nodes: 1-3 GiB on 8-GPU nodes). An estimate, not measured
+# here: compare nvidia-smi's figure during a run with torch.cuda.memory_reserved().
+RESERVE_BYTES = int(3.5 * GiB)
 H100_BF16_FLOPS = 989e12  # dense peak
 
 
@@ -82,6 +98,36 @@ def parameter_counts(config: Qwen3Config, lora_rank: int = 0) -> dict:
 
 
 # ---------------------------------------------------------------------------- activations
+class _VarlenKept(torch.autograd.Function):
+    """Causal attention that keeps for backward what the CUDA varlen kernels keep (flash-attn
+    2 and torch's varlen_attn, which wraps it): q, k and v as given (grouped k/v heads, no
+    repeat), the output and the fp32 log-sum-exp of each query row (H, T)."""
+    @staticmethod
+    def forward(ctx, q, k, v):  # (T, H, d), (T, H_kv, d), (T, H_kv, d)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1),
+                                             v.transpose(0, 1), is_causal=True,
+                                             enable_gqa=True).transpose(0, 1).contiguous()
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[1], q.shape[0],
+                                                       dtype=torch.float32))
+        return out  # (T, H, d)
+
+
+def _varlen_like_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """model.packed_attention's layout on one row (q/k/v cast to autocast's dtype, (T, H, d),
+    the output returned as a view), with _VarlenKept as its kernel: the plan measures what a
+    GPU step keeps, whatever the CPU's sdpa would save."""
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, d)
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    return _VarlenKept.apply(q, k, v)[None], None  # (1, T, H, d)
+
+
+VARLEN_LIKE = "f2llm_plan_varlen"
+MEASURED_ON = (f"CPU, torch {torch.__version__}, bf16 autocast, attention keeping what the CUDA "
+               f"varlen kernel keeps (q, k, v without repeat, output, log-sum-exp)")
+
+
 def saved_bytes(backbone, tokens: int, bf16: bool = True) -> dict:
     """Bytes autograd keeps in one training forward of one packed row of `tokens` tokens,
     by dtype, each storage once; the weights and their bf16 copies are left out (planned as
@@ -111,11 +157,12 @@ def saved_bytes(backbone, tokens: int, bf16: bool = True) -> dict:
 @functools.lru_cache(maxsize=None)
 def _per_token(config_json: str, tokens: int, lora_rank: int) -> tuple[float, float]:
     config = Qwen3Config.from_dict(json.loads(config_json))
+    AttentionInterface.register(VARLEN_LIKE, _varlen_like_attention)
     measured = []
     for layers in (1, 2):  # uninitialised real weights of one and two layers, a tiny vocabulary
         with torch.device("meta"):
             net = AutoModel.from_config(config_like(config, layers, vocab_size=64),
-                                        attn_implementation="sdpa")
+                                        attn_implementation=VARLEN_LIKE)
         net = net.to_empty(device="cpu").train()
         if lora_rank:  # the adapters keep their own inputs for backward
             net = M.add_lora(net, lora_rank)
@@ -129,26 +176,38 @@ def _per_token(config_json: str, tokens: int, lora_rank: int) -> tuple[float, fl
 
 def activation_bytes_per_token(config: Qwen3Config, tokens: int = 24,
                                lora_rank: int = 0) -> tuple[float, float]:
-    """(bf16 bytes, fp32 bytes) that autograd keeps per token of a packed chunk, all layers.
-    Linear in tokens once score tensors are left out, so a short row measures it."""
+    """(bf16 bytes, fp32 bytes) that autograd keeps per token of a packed chunk, all layers,
+    as MEASURED_ON says. Linear in tokens (no score tensors), so a short row measures it."""
     return _per_token(config.to_json_string(), tokens, lora_rank)
 
 
 # ---------------------------------------------------------------------------- the plan
 def memory_plan(config: Qwen3Config, world: int, chunk_tokens: int, sequences_per_rank: int,
-                shard_optimizer: bool = True, lora_rank: int = 0) -> dict:
-    """Per-GPU bytes of one cached step (bf16 autocast over fp32 master weights, DDP with
-    gradients as bucket views, AdamW states sharded by ZeroRedundancyOptimizer), each once:
+                shard_optimizer: bool = True, lora_rank: int = 0,
+                teacher: Qwen3Config | None = None) -> dict:
+    """Per-GPU bytes of one cached step at its peak, the end of a pass-2 chunk's backward (bf16
+    autocast over fp32 master weights, DDP with gradients as bucket views, AdamW states sharded
+    by ZeroRedundancyOptimizer), each once:
       weights_fp32            4 P
-      gradients_fp32          4 P
+      gradients_fp32          4 P               (DDP's buckets ARE the .grad tensors: train.py
+                                                keeps them there from step 1, zero_grads)
       adamw_states            8 P / world       (8 P unsharded)
       bf16_weight_copies      2 P_linear        (autocast's cache, one per pass)
-      activations_bf16        chunk_tokens x measured bf16 bytes per token
+      activations_bf16        chunk_tokens x measured bf16 bytes per token (MEASURED_ON)
       activations_fp32        chunk_tokens x measured fp32 bytes per token (autocast leaves
                                                 the residual stream and norms in fp32)
       embedding_grad          4 V D             (the dense fp32 gradient of the embedding,
                                                 built in the chunk's backward, then added)
       cached_reps             2 x 4 S D         (reps and their gradient)
+      cuda_context_nccl       RESERVE_BYTES     (no tensor: see its comment)
+    With a teacher (--teacher), resident all step and counted on top (its own pass runs before
+    pass 2, so this is an upper bound):
+      teacher_weights         2 P_teacher       (bf16)
+      teacher_activations     chunk_tokens x (10 D + 6 I) of the teacher: the most a no-grad
+                                                forward holds at once, in one layer's MLP (fp32
+                                                residual in and out, bf16 normed input, gate,
+                                                up and their product)
+      teacher_reps            4 S D_teacher
     With LoRA (lora_rank > 0) the frozen weights are kept in bf16 (2 P, never cast again) and
     the gradients, AdamW states and fp32 copies are the adapters' A alone:
       weights 2 P + 4 A, gradients 4 A, AdamW 8 A / world, bf16 copies 2 A; the activations
@@ -167,18 +226,43 @@ def memory_plan(config: Qwen3Config, world: int, chunk_tokens: int, sequences_pe
         "activations_fp32": int(fp32 * chunk_tokens),
         "embedding_grad": 0 if lora_rank else 4 * counts["embedding"],
         "cached_reps": 2 * 4 * sequences_per_rank * config.hidden_size,
+        "cuda_context_nccl": RESERVE_BYTES,
     }
+    if teacher is not None:
+        plan["teacher_weights"] = 2 * parameter_counts(teacher)["all"]
+        plan["teacher_activations"] = chunk_tokens * (10 * teacher.hidden_size
+                                                      + 6 * teacher.intermediate_size)
+        plan["teacher_reps"] = 4 * sequences_per_rank * teacher.hidden_size
     plan["total"] = sum(plan.values())
     return plan
 
 
 def chunk_tokens_that_fit(config: Qwen3Config, world: int, sequences_per_rank: int,
-                          usable: int = USABLE_BYTES, step: int = 1024, most: int = 65536,
-                          lora_rank: int = 0) -> int:
+                          usable: int = PLAN_BYTES, step: int = 256, most: int = 65536,
+                          lora_rank: int = 0, teacher: Qwen3Config | None = None) -> int:
     """The largest multiple of `step` tokens (at most `most`) whose plan fits `usable` bytes."""
-    fixed = memory_plan(config, world, 0, sequences_per_rank, lora_rank=lora_rank)["total"]
-    bf16, fp32 = activation_bytes_per_token(config, lora_rank=lora_rank)
-    return max(step, min(most, int((usable - fixed) / (bf16 + fp32)) // step * step))
+    plan = functools.partial(memory_plan, config, world, sequences_per_rank=sequences_per_rank,
+                             lora_rank=lora_rank, teacher=teacher)
+    fixed, per_token = plan(chunk_tokens=0)["total"], plan(chunk_tokens=1 << 20)["total"]
+    per_token = (per_token - fixed) / (1 << 20)
+    return max(step, min(most, int((usable - fixed) / per_token) // step * step))
+
+
+def teacher_config(name: str) -> Qwen3Config:
+    """--teacher's architecture without its weights: config.json of a local folder, or, for a
+    hub id, the Qwen3 size its name gives (Qwen/Qwen3-4B, Qwen/Qwen3-Embedding-8B,
+    codefuse-ai/F2LLM-1.7B, ...)."""
+    if os.path.isdir(name):
+        if not os.path.exists(os.path.join(name, "config.json")):
+            raise ValueError(f"--teacher {name}: the folder has no config.json; pass a model "
+                             f"folder (a saved export or a hub snapshot)")
+        return AutoConfig.from_pretrained(name)
+    size = re.search(r"(?:qwen3|f2llm)\S*?-(0\.6|1\.7|4|8)b$", name.lower())
+    if not size:
+        raise ValueError(f"--teacher {name}: not a local folder, and its name gives no Qwen3 "
+                         f"size the plan knows ({', '.join(QWEN3_CONFIGS)}); download it and "
+                         f"pass its folder")
+    return qwen3_config(size[1] + "b")
 
 
 # ---------------------------------------------------------------------------- the length mix
@@ -207,10 +291,11 @@ def flops_per_token(config: Qwen3Config) -> float:
 def dry_run(size: str, model: str, world_per_node: int, nodes: int, batch_size: int, epochs: int,
             steps: int, val_fraction: float, chunk_tokens: int, max_length: int, k: int = 7,
             shard_optimizer: bool = True, as_json: bool = False, mfu: float = 0.30,
-            lora_rank: int = 0) -> dict:
+            lora_rank: int = 0, teacher: str = "") -> dict:
     world = world_per_node * nodes
     config = qwen3_config(size)
     counts = parameter_counts(config)
+    teacher_cfg = teacher_config(teacher) if teacher else None
     b = batch_size // world
     seqs = b * (2 + k)
     train_rows = RELEASED_TUPLES - int(RELEASED_TUPLES * val_fraction)
@@ -221,16 +306,25 @@ def dry_run(size: str, model: str, world_per_node: int, nodes: int, batch_size: 
     tokens_per_rank = float(np.mean([sum(x) for x in batches]))
     # one varlen row per chunk (CUDA)
     chunks = max(len(M.make_chunks(x, chunk_tokens)) for x in batches)
-    plan = memory_plan(config, world, chunk_tokens, seqs, shard_optimizer, lora_rank)
+    plan = memory_plan(config, world, chunk_tokens, seqs, shard_optimizer, lora_rank, teacher_cfg)
     flops_step = flops_per_token(config) * tokens_per_rank * world
     days = steps * flops_step / (world * H100_BF16_FLOPS * mfu) / 86400
+    fits = plan["total"] <= PLAN_BYTES
     report = dict(size=size, model=model, parameters=counts["all"], lora_rank=lora_rank,
                   lora_parameters=parameter_counts(config, lora_rank)["lora"], world=world,
                   nodes=nodes,
                   batch_size=batch_size, per_rank_queries=b, sequences_per_rank=seqs, steps=steps,
                   steps_per_epoch=per_epoch, real_tokens_per_rank_step=round(tokens_per_rank),
                   chunks_per_step=chunks, tokens_per_chunk=chunk_tokens, flops_per_step=flops_step,
-                  memory_gib={k_: v / 2**30 for k_, v in plan.items()},
+                  memory_gib={k_: v / GiB for k_, v in plan.items()},
+                  plan_budget_gib=PLAN_BYTES / GiB, card_gib=CARD_BYTES / GiB,
+                  margin_gib=(CARD_BYTES - plan["total"]) / GiB, fits=fits,
+                  activations_measured_on=MEASURED_ON,
+                  activation_bytes_per_token=dict(zip(("bf16", "fp32"), activation_bytes_per_token(
+                      config, lora_rank=lora_rank))),
+                  teacher=None if not teacher else dict(
+                      name=teacher, parameters=parameter_counts(teacher_cfg)["all"],
+                      dim=teacher_cfg.hidden_size, layers=teacher_cfg.num_hidden_layers),
                   estimate=dict(mfu=mfu, days=days, gpus=f"{world} x H100 80GB"))
     if as_json:
         print(json.dumps(report))
@@ -240,6 +334,10 @@ def dry_run(size: str, model: str, world_per_node: int, nodes: int, batch_size: 
           f"{config.hidden_size}, {config.num_hidden_layers} layers"
           + (f"; LoRA rank {lora_rank}: {report['lora_parameters']:,} trained parameters"
              if lora_rank else ""))
+    if teacher:
+        t = report["teacher"]
+        print(f"teacher {teacher}: {t['parameters']:,} parameters, dim {t['dim']}, "
+              f"{t['layers']} layers (bf16, frozen)")
     print(f"world {world} = {nodes} node(s) x {world_per_node} GPUs; batch {batch_size} "
           f"queries/step = {b} per rank; {seqs} sequences per rank per step (b x (2 + k), "
           f"k = {k}), about {tokens_per_rank:,.0f} real tokens on the length mix, in at most "
@@ -248,10 +346,20 @@ def dry_run(size: str, model: str, world_per_node: int, nodes: int, batch_size: 
           f"steps per epoch, {steps:,} steps in total ({epochs} epochs)")
     print(f"compute: {flops_step:.3g} model FLOPs per step; ESTIMATE at {mfu:.0%} MFU on "
           f"{world} x H100 (989 TFLOPS bf16): {days:.1f} days")
-    print(f"memory per GPU (chunk of {chunk_tokens:,} tokens):")
+    print(f"memory per GPU at the step's peak (chunk of {chunk_tokens:,} tokens; activations "
+          f"measured on {MEASURED_ON}):")
     for name, value in gib.items():
         if name != "total":
             print(f"  {name:24s} {value:7.2f} GiB")
-    verdict = "fits" if plan["total"] <= USABLE_BYTES else "does NOT fit; lower --chunk-tokens"
-    print(f"  {'total':24s} {gib['total']:7.2f} GiB of 76 usable on an 80 GB GPU: {verdict}")
+    verdict = "fits"
+    if not fits:
+        smaller = chunk_tokens_that_fit(config, world, seqs, lora_rank=lora_rank,
+                                        teacher=teacher_cfg)
+        verdict = (f"does NOT fit; --chunk-tokens {smaller} would" if memory_plan(
+            config, world, smaller, seqs, shard_optimizer, lora_rank, teacher_cfg)["total"]
+            <= PLAN_BYTES else "does NOT fit at any --chunk-tokens; use more GPUs (--nproc, "
+            "--nodes), --lora-rank, or a smaller --teacher")
+    print(f"  {'total':24s} {gib['total']:7.2f} GiB of the plan's {PLAN_BYTES / GiB:.0f}: "
+          f"{verdict}; margin left on an 80 GB GPU ({CARD_BYTES / GiB:.2f} GiB): "
+          f"{report['margin_gib']:.2f} GiB")
     return report

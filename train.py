@@ -97,13 +97,13 @@ MATH_FIELDS = [f.name for f in dataclasses.fields(Recipe)]
 # The paper's run (DESIGN §2), shared by the real sizes: 2 epochs of 512 queries per step.
 PAPER = dict(epochs=2, batch_size=512, max_length=1024, min_lr=1e-7, warmup_steps=500,
              val_fraction=0.01, source_sampling="official", eval_every=500, save_every=1000)
-# chunk_tokens: the largest multiple of 1024 whose memory plan fits an 80 GB GPU at 64
+# chunk_tokens: the largest multiple of 256 whose memory plan fits 72 GiB of an 80 GB GPU at 64
 # queries per GPU (plan.chunk_tokens_that_fit; a test checks)
 PRESETS = {
     "tiny": {},  # the defaults above
-    "0.6b": dict(PAPER, model="Qwen/Qwen3-0.6B", lr=1e-5, chunk_tokens=31744),
-    "1.7b": dict(PAPER, model="Qwen/Qwen3-1.7B", lr=9e-6, chunk_tokens=16384),
-    "4b": dict(PAPER, model="Qwen/Qwen3-4B", lr=8e-6, chunk_tokens=5120),
+    "0.6b": dict(PAPER, model="Qwen/Qwen3-0.6B", lr=1e-5, chunk_tokens=28672),
+    "1.7b": dict(PAPER, model="Qwen/Qwen3-1.7B", lr=9e-6, chunk_tokens=14336),
+    "4b": dict(PAPER, model="Qwen/Qwen3-4B", lr=8e-6, chunk_tokens=3840),
 }
 
 
@@ -207,9 +207,33 @@ def setup_distributed():
 def wrap_ddp(backbone, device, **kwargs) -> DDP:
     """gradient_as_bucket_view: the gradients live in DDP's buckets, saving one model-sized
     copy. broadcast_buffers=False: Qwen3's only buffer (rotary frequencies) is a constant, and
-    a broadcast per forward would be one collective per chunk (ranks may differ in chunks)."""
+    a broadcast per forward would be one collective per chunk (ranks may differ in chunks).
+    DDP points a .grad at its bucket only if it exists when DDP is built (or at the first
+    synced backward, after the no_sync chunks of step 1 have accumulated into fresh tensors):
+    zero gradients made here make step 1 accumulate in the buckets too; zero_grads keeps them."""
+    for p in backbone.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)  # copied into the bucket view, then freed
     return DDP(backbone, device_ids=[device.index] if device.type == "cuda" else None,
                gradient_as_bucket_view=True, broadcast_buffers=False, **kwargs)
+
+
+def zero_grads(optimizer, ddp=None) -> None:
+    """Between steps: under DDP zero the gradients in place, so every accumulation of pass 2
+    (no_sync chunks included) lands in DDP's bucket views; set_to_none would make the next
+    no_sync chunk allocate fresh gradients beside the buckets (two copies, +4 P bytes)."""
+    optimizer.zero_grad(set_to_none=ddp is None)
+
+
+def use_expandable_segments() -> str | None:
+    """PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless the user set the variable: chunks
+    of varying size then grow and shrink one segment instead of fragmenting cached blocks (the
+    plan leaves 7.65 GiB of an 80 GB card for that). Set before CUDA starts; -> the note."""
+    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ:
+        return None
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    return ("allocator: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (set by train.py; "
+            "set the variable yourself to choose otherwise)")
 
 
 def barrier():
@@ -232,6 +256,16 @@ def all_mean(x: float, device) -> float:
     t = torch.tensor([x], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()
+
+
+def all_means(values: torch.Tensor) -> list[float]:
+    """(n,) on the device -> the n means over ranks: ONE all-reduce, ONE host sync. In float64,
+    so a value equal on every rank (the gradient norm) comes back exactly."""
+    values = values.detach().double()
+    if dist.is_initialized():
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values.tolist()
 
 
 # ---------------------------------------------------------------------------- the step
@@ -270,6 +304,8 @@ def cached_step(model, seqs: list[list[int]], loss_fn, chunk_tokens: int, bf16: 
     most chunk_tokens tokens, packed (model.pack). One autocast region per pass, so autocast
     casts each weight to bf16 once per pass, not once per chunk. Leaves in .grad the gradient
     of the GLOBAL batch's loss (DDP averages over ranks at the last chunk: one all-reduce).
+    A non-finite loss still runs pass 2: its gradient, hence the gradient norm the caller
+    checks, is non-finite too (train.py skips the update). One host sync (the values).
     clock(phase) is called as each phase ends (gpu_check.py records CUDA events there)."""
     device = next(model.parameters()).device
     packs, rows = packed_chunks(model, seqs, chunk_tokens, chunk_size)
@@ -287,37 +323,40 @@ def cached_step(model, seqs: list[list[int]], loss_fn, chunk_tokens: int, bf16: 
     loss, *terms = loss_fn(reps)
     loss.backward()
     clock("loss")
-    finite = all_mean(float(torch.isfinite(loss)), device) == 1.0  # the same on every rank
     # 3. pass 2, with grad: replay each chunk (same dropout masks) and push its reps' gradient
     #    into the weights; every chunk but the last inside no_sync, forward and backward
-    if finite:
-        net = ddp or model
-        with autocast():
-            for i, packed in enumerate(packs):
-                sync = ddp is None or i == len(packs) - 1
-                no_sync = contextlib.nullcontext() if sync else ddp.no_sync()
-                with no_sync, restored_rng(states[i], device):
-                    (M.embed_packed(net, packed) * reps.grad[rows[i]]).sum().backward()
+    net = ddp or model
+    with autocast():
+        for i, packed in enumerate(packs):
+            sync = ddp is None or i == len(packs) - 1
+            no_sync = contextlib.nullcontext() if sync else ddp.no_sync()
+            with no_sync, restored_rng(states[i], device):
+                (M.embed_packed(net, packed) * reps.grad[rows[i]]).sum().backward()
     clock("pass 2")
-    values = torch.stack([loss.detach(), *(t.detach() for t in terms)]).tolist()  # one host sync
-    return dict(loss=values[0], terms=values[1:], finite=finite, chunks=len(packs),
+    losses = torch.stack([loss.detach(), *(t.detach() for t in terms)])  # (1 + terms,)
+    values = losses.tolist()  # one host sync
+    return dict(loss=values[0], terms=values[1:], losses=losses, chunks=len(packs),
                 sequences=len(seqs),
                 real_tokens=sum(len(s) for s in seqs),
                 computed_tokens=sum(p.computed_tokens for p in packs))
 
 
-def optimizer_step(optimizer, scheduler, trained, grad_clip: float,
-                   finite: bool = True) -> tuple[float, bool]:
+def optimizer_step(optimizer, scheduler, trained, grad_clip: float, losses: torch.Tensor,
+                   ddp=None) -> tuple[list[float], float, bool]:
     """Step 4 of DESIGN §4, as the loop runs it (gpu_check.py too): clip the global gradient
-    norm, step optimizer and schedule unless the loss or the norm is non-finite, zero the
-    gradients. -> (gradient norm before clipping, whether the update was applied)."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(trained, grad_clip).item()
-    applied = finite and math.isfinite(grad_norm)
+    norm; the logged values (the step's losses, then the norm) in ONE all-reduce and ONE host
+    sync; step optimizer and schedule unless a value is non-finite (a non-finite loss on any
+    rank makes the global gradient, and its norm, non-finite, so this one check covers both,
+    the same on every rank); zero the gradients (zero_grads).
+    -> (losses averaged over ranks, gradient norm before clipping, whether it was applied)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(trained, grad_clip)  # stays on the device
+    *values, grad_norm = all_means(torch.cat([losses.detach().reshape(-1), grad_norm[None]]))
+    applied = math.isfinite(values[0]) and math.isfinite(grad_norm)
     if applied:
         optimizer.step()
         scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm, applied
+    zero_grads(optimizer, ddp)
+    return values, grad_norm, applied
 
 
 def step_loss(batch: D.Batch, temperature: float, mrl: bool = False, gather: str = "autograd",
@@ -421,12 +460,17 @@ def save_checkpoint(out, step, backbone, optimizer, scheduler, data_state, cfg, 
 # ---------------------------------------------------------------------------- main
 def dry_run(cfg: Config, world: int) -> dict:
     """Plan a run of a real size without weights (plan.py): parameters, batch arithmetic,
-    FLOPs, memory per GPU at the chunk's token budget."""
+    FLOPs, memory per GPU at the chunk's token budget (with --teacher: the teacher's too)."""
     check_config(cfg, (cfg.nproc or world) * cfg.nodes)
+    if cfg.teacher:  # its architecture is known (folder or Qwen3 size), before any planning
+        try:
+            plan.teacher_config(cfg.teacher)
+        except ValueError as e:
+            raise SystemExit(f"train.py: error: {e}")
     return plan.dry_run(cfg.size, cfg.model, cfg.nproc or world, cfg.nodes, cfg.batch_size,
                         cfg.epochs, cfg.steps, cfg.val_fraction, cfg.chunk_tokens, cfg.max_length,
                         shard_optimizer=cfg.shard_optimizer, as_json=cfg.json,
-                        lora_rank=cfg.lora_rank)
+                        lora_rank=cfg.lora_rank, teacher=cfg.teacher)
 
 
 def setup_data(cfg: Config, rank: int, world: int, say):
@@ -570,11 +614,14 @@ def main(argv=None):
     cfg = parse_config(argv)
     if cfg.dry_run:
         return dry_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    allocator_note = use_expandable_segments()  # before CUDA starts
     rank, world, device = setup_distributed()
     if restarted_by_torchrun() and latest_checkpoint(cfg.out):
         cfg.resume = True
     check_config(cfg, world)
     say = print if rank == 0 else (lambda *a, **k: None)
+    if allocator_note and device.type == "cuda":
+        say(allocator_note)
     sources, stream, cache_folder = setup_data(cfg, rank, world, say)
     total_steps = cfg.steps or cfg.epochs * stream.batches_per_epoch
     b = cfg.batch_size // world
@@ -619,8 +666,8 @@ def main(argv=None):
         loss_fn = step_loss(batch, cfg.temperature, cfg.mrl, cfg.in_batch_gather, teacher_reps,
                             cfg.kd_mode, cfg.kd_weight, cfg.in_batch)
         m = cached_step(backbone, seqs, loss_fn, cfg.chunk_tokens, bf16, ddp, cfg.chunk_size)
-        grad_norm, applied = optimizer_step(optimizer, scheduler, trained, cfg.grad_clip,
-                                            m["finite"])
+        (loss, hard, in_batch, *kd), grad_norm, applied = optimizer_step(
+            optimizer, scheduler, trained, cfg.grad_clip, m["losses"], ddp)
         if applied:
             bad_steps = 0
         else:  # a non-finite loss or gradient never reaches the weights
@@ -638,10 +685,8 @@ def main(argv=None):
                 f"('truncated')")
             warned_truncation = True
         dt = time.time() - t0
-        hard, in_batch, *kd = m["terms"]
-        record = dict(step=step, loss=all_mean(m["loss"], device), hard=all_mean(hard, device),
-                      in_batch=all_mean(in_batch, device), source=batch.source,
-                      **({"kd": all_mean(kd[0], device)} if kd else {}),
+        record = dict(step=step, loss=loss, hard=hard, in_batch=in_batch, source=batch.source,
+                      **({"kd": kd[0]} if kd else {}),
                       lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
                       seq_per_s=m["sequences"] * world / dt,
                       tokens_per_s=m["real_tokens"] * world / dt,

@@ -48,7 +48,7 @@ def test_a_size_that_cannot_fit_the_gpu_is_skipped_with_the_reason():
     """One process holds the whole AdamW state (a rank of 8 holds an eighth): 4b at full depth
     does not fit an 80 GB card that way; every size fits a 139 GiB H200 at full depth."""
     sequences = 64 * 9
-    for size in plan.QWEN3_CONFIGS:
+    for size in ("0.6b", "1.7b", "4b"):
         config, tokens = plan.qwen3_config(size), train.PRESETS[size]["chunk_tokens"]
         assert gpu_check.why_not(size, config, tokens, sequences, 139 * 2**30) is None, size
     config = plan.qwen3_config("4b")
