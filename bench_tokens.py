@@ -9,6 +9,7 @@ TOKENIZER: a Hugging Face tokenizer folder (e.g. ../shared/tools/qwen3_tokenizer
 """
 import argparse
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -20,19 +21,27 @@ from transformers import AutoTokenizer  # noqa: E402
 import data as D  # noqa: E402
 
 
-def build_once(sources, tokenizer, max_length: int, workers: int) -> tuple[float, float, int]:
-    """-> (wall seconds, the builder process's own CPU seconds, tokens) of one build."""
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # the workers, once joined
+    return usage.ru_utime + usage.ru_stime
+
+
+def build_once(sources, tokenizer, max_length: int, workers: int):
+    """-> (wall seconds, the builder process's own CPU seconds, its workers' CPU seconds,
+    tokens) of one build. The CPU seconds do not depend on what else runs on the machine:
+    the builder's are the serial part, the workers' the parallel part and its overhead."""
     with tempfile.TemporaryDirectory() as folder:
         cache = D.TokenCache(folder, tokenizer, max_length)
-        t0, cpu0 = time.perf_counter(), time.process_time()
+        t0, cpu0, workers0 = time.perf_counter(), time.process_time(), children_cpu()
         cache.build(sources, log=lambda *a: None, workers=workers, progress_every=1e9)
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        workers_cpu = children_cpu() - workers0
         cache.open(sources)
         tokens = sum(len(b.column(c).values) for s in sources
                      for b in (s.tokens.reader.get_batch(i)
                                for i in range(s.tokens.reader.num_record_batches))
                      for c in range(b.num_columns))
-    return wall, cpu, tokens
+    return wall, cpu, workers_cpu, tokens
 
 
 def main():
@@ -46,13 +55,16 @@ def main():
     args = parser.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     sources = D.load_sources(args.data)
-    times = {1: [], args.workers: []}
+    times, cpus = {1: [], args.workers: []}, {1: [], args.workers: []}
     for r in range(args.rounds):
         for workers in times:
-            wall, cpu, tokens = build_once(sources, tokenizer, args.max_length, workers)
+            wall, cpu, workers_cpu, tokens = build_once(sources, tokenizer, args.max_length,
+                                                        workers)
             times[workers].append(wall)
-            print(f"round {r}: {workers} worker(s): {wall:.1f} s, builder CPU {cpu:.1f} s, "
-                  f"{tokens / wall / 1e6:.2f}M tokens/s ({tokens:,} tokens)", flush=True)
+            cpus[workers].append((cpu, workers_cpu))
+            print(f"round {r}: {workers} worker(s): {wall:.1f} s, CPU s: builder {cpu:.1f}, "
+                  f"workers {workers_cpu:.1f}; {tokens / wall / 1e6:.2f}M tokens/s "
+                  f"({tokens:,} tokens)", flush=True)
     one, many = (statistics.median(times[w]) for w in times)
     speedup, n = one / many, args.workers
     serial = (n / speedup - 1) / (n - 1)  # Amdahl: 1 / speedup = serial + (1 - serial) / n
@@ -60,6 +72,16 @@ def main():
           f"(spread {min(times[1]):.1f}-{max(times[1]):.1f} / "
           f"{min(times[n]):.1f}-{max(times[n]):.1f} s); serial fraction {serial:.3f}: "
           f"{1 / (serial + (1 - serial) / 64):.0f}x on 64 cores")
+    # from CPU seconds alone (valid on a busy machine): the builder reads and writes while the
+    # workers tokenize, so on n idle cores the build takes the longer of the builder's own
+    # work and everyone's work over n
+    one_cpu = statistics.median(sum(c) for c in cpus[1])
+    builder, work = (statistics.median(c[i] for c in cpus[n]) for i in (0, 1))
+    serial_cpu = builder / one_cpu
+    print(f"CPU: 1 worker {one_cpu:.1f} s; {n} workers: builder {builder:.1f} s + workers "
+          f"{work:.1f} s: serial fraction {serial_cpu:.3f}, overhead {work / one_cpu - 1:+.1%}; "
+          f"expected on idle cores {one_cpu / max(builder, (builder + work) / n):.2f}x ({n}), "
+          f"{one_cpu / max(builder, (builder + work) / 64):.0f}x (64, at this overhead)")
 
 
 if __name__ == "__main__":

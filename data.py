@@ -48,7 +48,8 @@ TASK_TABLE = os.path.join(HERE, "reference", "f2llm_v1_datasets.csv")
 # official v2 code's three lists (docs/data.md), 502 sources; its own config samples k = 9
 # negatives for clustering (hard_negatives column), where v1 samples 7.
 DATA_SETS = {"v1": ("codefuse-ai/F2LLM", TASK_TABLE),
-             "v2": ("codefuse-ai/F2LLM-v2", os.path.join(HERE, "reference", "f2llm_v2_datasets.csv"))}
+             "v2": ("codefuse-ai/F2LLM-v2",
+                    os.path.join(HERE, "reference", "f2llm_v2_datasets.csv"))}
 K_BY_TYPE = {"retrieval": 7, "clustering": 7, "classification": 1}  # hard negatives per query
 IN_BATCH_TYPES = {"retrieval"}  # other queries' positives are false negatives elsewhere
 SAMPLING_RULES = ("official", "remaining")  # how the next batch's source is drawn (BatchStream)
@@ -264,14 +265,16 @@ def _skipped_rows(path: str, k: int, n: np.ndarray, empty: np.ndarray, strict: b
         raise DataError(f"{path}, row {row}, column 'negative_{n[row] + 1}': this row has "
                         f"{n[row]} hard negatives but its task type needs k = {k}; drop the "
                         f"row or mine more negatives (or leave out --strict-data)")
-    skipped = {"empty query": np.flatnonzero(empty == 1), "empty passage": np.flatnonzero(empty == 2),
+    skipped = {"empty query": np.flatnonzero(empty == 1),
+               "empty passage": np.flatnonzero(empty == 2),
                f"fewer than k = {k} negatives": np.flatnonzero((empty == 0) & (n < k))}
     skipped = {why: rows.astype(np.int32) for why, rows in skipped.items() if len(rows)}
     bad = sum(len(rows) for rows in skipped.values())
     if bad == len(n) or bad > max_bad_fraction * len(n):
         counts = "; ".join(f"{why}: {len(rows)} (rows {_first(rows)})"
                            for why, rows in skipped.items())
-        limit = "none is left" if bad == len(n) else f"more than --max-bad-fraction {max_bad_fraction}"
+        limit = ("none is left" if bad == len(n)
+                 else f"more than --max-bad-fraction {max_bad_fraction}")
         raise DataError(f"{path}: {bad} of its {len(n)} rows cannot train ({counts}): {limit}; "
                         f"fix the file or remove it from the data folder")
     return skipped
@@ -465,7 +468,8 @@ class TokenCache:
         if not todo:
             return
         os.makedirs(self.folder, exist_ok=True)
-        workers = workers or len(os.sched_getaffinity(0))
+        workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                              else os.cpu_count())
         progress = BuildProgress(todo, log, progress_every)
         pool = None  # started by the first file this process builds
         try:

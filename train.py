@@ -47,7 +47,7 @@ class Recipe:
     size: str = "tiny"  # preset of DESIGN §2: tiny, 0.6b, 1.7b, 4b (PRESETS)
     model: str = "tiny"  # HF id or local folder; tiny = a small Qwen3 built from a config
     data: str = ""  # folder of {source}.parquet / .jsonl; "" = released set (tiny: demo sample)
-    data_set: str = "v1"  # released set: v1 (F2LLM, 62 sources) | v2 (F2LLM-v2, 502); its task types
+    data_set: str = "v1"  # released set and task types: v1 (F2LLM, 62 sources) | v2 (502)
     strict_data: bool = False  # a row that cannot train (empty text, < k negatives) is an error
     demo_negatives: str = "mined"  # tiny's demo sample: mined (the paper's rule) | random
     steps: int = 0  # optimizer steps; 0 = `epochs` passes over the data
@@ -234,7 +234,8 @@ def wait_for_every_rank(tag: str, timeout: timedelta = timedelta(hours=6)) -> No
     in a collective (DESIGN §8)."""
     if not dist.is_initialized():
         return
-    store, deadline = dist.distributed_c10d._get_default_store(), time.time() + timeout.total_seconds()
+    store = dist.distributed_c10d._get_default_store()
+    deadline = time.time() + timeout.total_seconds()
     store.add(tag, 1)
     while store.add(tag, 0) < dist.get_world_size():
         if time.time() > deadline:

@@ -509,14 +509,14 @@ def _one_source(tmp_path, small_demo_dir, name="bbc_topic_classification", rows=
 
 def test_worker_pool_build_is_byte_identical_with_a_progress_line(tmp_path, tok, small_demo_dir):
     """Two tokenizer processes write the same bytes as one; the builder says where it is."""
-    folder, source = _one_source(tmp_path, small_demo_dir, "bbc_headline_retrieval", rows=40)
+    folder, source = _one_source(tmp_path, small_demo_dir, rows=40)
     files, lines = [], []
     for workers in (1, 2):
         cache = D.TokenCache(str(tmp_path / f"c{workers}"), tok, MAX_LENGTH, rows_per_batch=8)
         cache.build([source], log=lines.append, workers=workers, progress_every=0)
         files.append(pathlib.Path(cache.path(source)).read_bytes())
     assert files[0] == files[1] and len(files[0]) > 10_000
-    progress = [line for line in lines if "tokenizing bbc_headline_retrieval" in line]
+    progress = [line for line in lines if "tokenizing bbc_topic_classification" in line]
     assert len(progress) == 2 * 5  # 40 rows in 5 ranges, per build
     assert "0/1 sources, 8/40 rows" in progress[0] and "tokens/s, ETA" in progress[0]
 
@@ -534,7 +534,7 @@ def test_one_builder_per_file_and_the_stale_lock_rule(tmp_path, tok, small_demo_
     thread = threading.Thread(target=cache.build, args=([source],),
                               kwargs=dict(log=built.append, workers=1))
     thread.start()
-    thread.join(timeout=1.0)
+    thread.join(timeout=0.5)
     assert thread.is_alive() and cache.problem(source) == "not built"  # waiting, not building
     os.utime(lock, (time.time() - 120, time.time() - 120))  # that builder stopped touching it
     thread.join(timeout=30)
@@ -574,7 +574,7 @@ def test_rows_that_cannot_train_are_skipped_counted_and_named(tmp_path):
     rows[40]["passage"] = ""
     _write(folder, "src", rows)
     with pytest.raises(D.DataError, match=r"src.parquet: 4 of its 300 rows cannot train .*"
-                                          r"empty passage: 2 \(rows 5, 40\).*max-bad-fraction 0.01"):
+                                          r"empty passage: 2 \(rows 5, 40\).*fraction 0.01"):
         D.load_sources(folder)
     assert D.load_sources(folder, max_bad_fraction=0.02)[0].num_rows == 300
     with pytest.raises(D.DataError, match="row 5, column 'passage': empty"):

@@ -4,10 +4,12 @@ import collections
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
 import pytest
 from safetensors.torch import load_file
 
@@ -18,9 +20,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false"}
 
 
-def _train_args(data, out):
+def _train_args(data, out, *more):
     return ["train.py", "--size", "tiny", "--data", data, "--out", out, "--steps", "2",
-            "--batch-size", "8", "--max-length", "32", "--eval-every", "0", "--save-every", "0"]
+            "--batch-size", "8", "--max-length", "32", "--eval-every", "0", "--save-every", "0",
+            *more]
 
 
 def _free_port() -> int:
@@ -30,28 +33,38 @@ def _free_port() -> int:
 
 
 def test_two_nodes_build_each_cache_file_once_and_equal_one_node(tmp_path, small_demo_dir):
+    data = str(tmp_path / "data")  # 40 rows per source: small, every source kept
+    os.makedirs(data)
+    for name in os.listdir(small_demo_dir):
+        if name.endswith(".parquet"):
+            table = pq.read_table(os.path.join(small_demo_dir, name)).slice(0, 40)
+            pq.write_table(table, os.path.join(data, name))
+        else:
+            shutil.copy(os.path.join(small_demo_dir, name), data)
     run = [sys.executable, "-m", "torch.distributed.run"]
     two, one = str(tmp_path / "two_nodes"), str(tmp_path / "one_node")
     port = _free_port()
     nodes = [subprocess.Popen(run + ["--nnodes", "2", "--node-rank", str(rank),
                                      "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
-                                     "--master-port", str(port)] + _train_args(small_demo_dir, two),
+                                     "--master-port", str(port)] + _train_args(data, two),
                               cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for rank in (0, 1)]
     logs = [node.communicate(timeout=300)[0] for node in nodes]
     assert all(node.returncode == 0 for node in nodes), logs[0][-3000:] + logs[1][-3000:]
+    # the same run on one node, reading the cache the two nodes built (keyed: same ids)
     proc = subprocess.run(run + ["--standalone", "--nproc-per-node", "2"]
-                          + _train_args(small_demo_dir, one),
+                          + _train_args(data, one, "--token-cache", f"{two}/token_cache"),
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     # every source tokenized exactly once, by one of the two nodes' builders
     built = collections.Counter(re.findall(r"tokenized (\w+) \(not built\)", "".join(logs)))
-    sources = {f.rsplit(".", 1)[0] for f in os.listdir(small_demo_dir) if f.endswith(".parquet")}
+    sources = {f.rsplit(".", 1)[0] for f in os.listdir(data) if f.endswith(".parquet")}
     assert built == {name: 1 for name in sources}, built
     cache = os.listdir(os.path.join(two, "token_cache"))
     assert len([f for f in cache if f.endswith(".arrow")]) == len(sources)
     assert not [f for f in cache if ".lock" in f or ".tmp" in f]
+    assert "tokenized" not in proc.stdout  # the 1-node run built nothing: the same tokenizer
     # the same run: the same losses and the same final weights
     losses = [[json.loads(line)["loss"] for line in open(os.path.join(out, "metrics.jsonl"))]
               for out in (two, one)]
