@@ -636,3 +636,22 @@ def test_v2_table_from_the_official_lists_and_an_extra_column_is_ignored(tmp_pat
         D.load_sources(folder)
     (src,) = D.load_sources(folder, task_table=D.DATA_SETS["v2"][1])
     assert src.task_type == "retrieval" and "lang" not in src.columns
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data-set", "v3"], "--data-set v3: use one of v1, v2"),
+    (["--max-bad-fraction", "1.5"], "--max-bad-fraction must be in [0, 1), got 1.5"),
+    (["--tokenize-workers", "-1"], "--tokenize-workers must be >= 0"),
+    (["--strict-data"], "src.parquet, row 3, column 'passage': empty or missing text"),
+    ([], "src.parquet: 1 of its 5 rows cannot train (empty passage: 1 (rows 3))"),
+])
+def test_data_flags_fail_before_any_model(tmp_path, argv, message):
+    import train
+    folder = str(tmp_path / "d")
+    _write(folder, "src", [_row()] * 3 + [_row(passage="")] + [_row()])
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", folder, "--out", str(tmp_path / "out")] + argv)
+    assert message in str(e.value)
+    # before the config and any model; at most the scans' memos (the next start reads no text)
+    assert not (tmp_path / "out" / "config.json").exists()
+    assert {p.name for p in (tmp_path / "out").glob("*")} <= {"token_cache"}
