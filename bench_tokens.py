@@ -72,17 +72,16 @@ def main():
           f"(spread {min(times[1]):.1f}-{max(times[1]):.1f} / "
           f"{min(times[n]):.1f}-{max(times[n]):.1f} s); serial fraction {serial:.3f}: "
           f"{1 / (serial + (1 - serial) / 64):.0f}x on 64 cores")
-    # from CPU seconds alone (valid on a busy machine): the builder reads and writes while the
-    # workers tokenize, so on n idle cores the build takes the longer of the builder's own
-    # work and everyone's work over n
+    # from CPU seconds alone (what a busy machine changes least): the builder's own work is the
+    # serial part; Amdahl's bound if it never overlaps the workers, and the bound if it fully
+    # does (the builder reads and writes while the workers tokenize: it alone then limits)
     one_cpu = statistics.median(sum(c) for c in cpus[1])
     builder, work = (statistics.median(c[i] for c in cpus[n]) for i in (0, 1))
-    serial_cpu = builder / one_cpu
+    s_cpu = builder / one_cpu
     print(f"CPU: 1 worker {one_cpu:.1f} s; {n} workers: builder {builder:.1f} s + workers "
-          f"{work:.1f} s: serial fraction {serial_cpu:.3f}, overhead {work / one_cpu - 1:+.1%}; "
-          f"expected on idle cores {one_cpu / max(builder, (builder + work) / n):.2f}x ({n}), "
-          f"{one_cpu / max(builder, (builder + work) / 64):.0f}x (64, at this overhead)")
-
+          f"{work:.1f} s; serial fraction {s_cpu:.3f}: Amdahl {1 / (s_cpu + (1 - s_cpu) / n):.2f}x "
+          f"on {n} cores, {1 / (s_cpu + (1 - s_cpu) / 64):.0f}x on 64 "
+          f"(overlapped: up to {min(64, (builder + work) / builder):.0f}x)")
 
 if __name__ == "__main__":
     main()
