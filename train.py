@@ -450,10 +450,11 @@ def setup_data(cfg: Config, rank: int, world: int, say):
             demo.write_demo_sample(data_folder, seed=0, negatives=cfg.demo_negatives)
         barrier()
     elif not data_folder:  # once per node (a marker per host, launch and restart, in OUT)
-        marker = os.path.join(cfg.out, ".downloads", f"{cfg.data_set}-{socket.gethostname()}-"
-                              f"{os.getppid()}-{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}")
-        data_folder = D.download_released_data(cfg.data_set, int(os.environ.get("LOCAL_RANK", 0)),
-                                               marker)
+        launch = f"{os.getppid()}-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        marker = os.path.join(cfg.out, ".downloads",
+                              f"{cfg.data_set}-{socket.gethostname()}-{launch}")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        data_folder = D.download_released_data(cfg.data_set, local_rank, marker)
     cache_folder = cfg.token_cache or os.path.join(cfg.out, "token_cache")
     try:  # every rank streams the files through the checks (once: cache_folder keeps the result)
         sources = D.load_sources(data_folder, cfg.seed, cfg.val_fraction, cache_folder,

@@ -509,7 +509,7 @@ def _one_source(tmp_path, small_demo_dir, name="bbc_topic_classification", rows=
 
 def test_worker_pool_build_is_byte_identical_with_a_progress_line(tmp_path, tok, small_demo_dir):
     """Two tokenizer processes write the same bytes as one; the builder says where it is."""
-    folder, source = _one_source(tmp_path, small_demo_dir, rows=40)
+    _, source = _one_source(tmp_path, small_demo_dir, rows=40)
     files, lines = [], []
     for workers in (1, 2):
         cache = D.TokenCache(str(tmp_path / f"c{workers}"), tok, MAX_LENGTH, rows_per_batch=8)

@@ -3,6 +3,7 @@ file is built by exactly one process of the job, and the run equals a 1-node 2-p
 import collections
 import json
 import os
+import pathlib
 import re
 import shutil
 import socket
@@ -54,7 +55,8 @@ def test_two_nodes_build_each_cache_file_once_and_equal_one_node(tmp_path, small
     # the same run on one node, reading the cache the two nodes built (keyed: same ids)
     proc = subprocess.run(run + ["--standalone", "--nproc-per-node", "2"]
                           + _train_args(data, one, "--token-cache", f"{two}/token_cache"),
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+                          check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     # every source tokenized exactly once, by one of the two nodes' builders
@@ -66,8 +68,8 @@ def test_two_nodes_build_each_cache_file_once_and_equal_one_node(tmp_path, small
     assert not [f for f in cache if ".lock" in f or ".tmp" in f]
     assert "tokenized" not in proc.stdout  # the 1-node run built nothing: the same tokenizer
     # the same run: the same losses and the same final weights
-    losses = [[json.loads(line)["loss"] for line in open(os.path.join(out, "metrics.jsonl"))]
-              for out in (two, one)]
+    losses = [[json.loads(line)["loss"] for line in
+               pathlib.Path(out, "metrics.jsonl").read_text().splitlines()] for out in (two, one)]
     assert losses[0] == losses[1] and len(losses[0]) == 2
     weights = [load_file(os.path.join(out, "final", "model.safetensors")) for out in (two, one)]
     assert weights[0].keys() == weights[1].keys()
