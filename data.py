@@ -478,8 +478,9 @@ class TokenCache:
                     if self._lock(source):
                         try:
                             if self.problem(source) is not None:
-                                pool = pool or _tokenizer_pool(workers, self.tokenizer,
-                                                               self.max_length)
+                                if pool is None:
+                                    pool = _tokenizer_pool(workers, self.tokenizer,
+                                                           self.max_length)
                                 self._build(source, pool, progress)
                         finally:
                             os.unlink(self.path(source) + ".lock")
