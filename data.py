@@ -1,14 +1,19 @@
 """F2LLM training data: checked sources -> token ids cached once -> one global batch per step.
 
 Contract:
+- `download_released_data(data_set, ...)`: the released set (`DATA_SETS`: F2LLM v1 or v2) from
+  the hub, downloaded once per node, the node's other processes waiting on a marker file.
 - `load_sources(folder)` checks every `{source}.parquet` (or `{source}.jsonl`) of the released
-  layout (`query`, `passage`, `negative_1` .. `negative_24`) row range by row range, without
-  keeping its texts; the task type comes from `f2llm_v1_datasets.csv` (a `task_types.csv` in
-  the folder overrides or extends it). Bad input raises `DataError` naming the file, row and
-  column, before any model is loaded. 1% of each source (`val_fraction`) is held out.
+  layout (`query`, `passage`, `negative_1` .. `negative_24`; other columns are ignored) row
+  range by row range, without keeping its texts; the task type comes from the data set's table
+  (a `task_types.csv` in the folder overrides or extends it). Bad input raises `DataError`
+  naming the file, row and column, before any model is loaded. A row that cannot train (an
+  empty query or passage, fewer usable negatives than k) is skipped and counted
+  (`data_report`), unless `strict`. 1% of each source (`val_fraction`) is held out.
 - `TokenCache(folder, tokenizer, max_length)` tokenizes each source once into an Arrow file
-  keyed by the data file, the tokenizer and max_length (`build`, on one process per node),
-  and memory-maps it (`open`, every process): ranks share its pages, nothing is re-tokenized.
+  keyed by the data file, the tokenizer and max_length (`build`: each file by one process of
+  all that share the folder, its row ranges on a pool of worker processes), and memory-maps it
+  (`open`, every process): ranks share its pages, nothing is re-tokenized.
 - `BatchStream(sources, batch_size, seed, sampling)` yields `Batch`es of token ids, each
   ending with EOS: every batch holds rows of ONE source, every training row is in a batch
   every epoch (the last batch of a source wraps around to the start of its order), and k
@@ -19,15 +24,17 @@ Contract:
 - Your own data in this layout: mine.py (hard-negative mining, labelled-text conversions).
 Importing this file does nothing.
 """
+import collections
 import csv
-import fcntl
 import glob
 import hashlib
 import json
+import multiprocessing
 import os
 import socket
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +44,12 @@ import pyarrow.parquet as pq
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TASK_TABLE = os.path.join(HERE, "reference", "f2llm_v1_datasets.csv")
+# --data-set: the released sets, (hub dataset id, source -> task type table). v2's table is the
+# official v2 code's three lists (docs/data.md), 502 sources; its own config samples k = 9
+# negatives for clustering (hard_negatives column), where v1 samples 7.
+DATA_SETS = {"v1": ("codefuse-ai/F2LLM", TASK_TABLE),
+             "v2": ("codefuse-ai/F2LLM-v2",
+                    os.path.join(HERE, "reference", "f2llm_v2_datasets.csv"))}
 K_BY_TYPE = {"retrieval": 7, "clustering": 7, "classification": 1}  # hard negatives per query
 IN_BATCH_TYPES = {"retrieval"}  # other queries' positives are false negatives elsewhere
 SAMPLING_RULES = ("official", "remaining")  # how the next batch's source is drawn (BatchStream)
@@ -56,6 +69,7 @@ class Source:
     n_candidates: np.ndarray  # (rows,) usable negatives per row (the first n are non-empty)
     train_rows: np.ndarray  # (rows - held out,) int32 row ids used for training
     val_rows: np.ndarray  # int32 row ids held out
+    skipped: dict = field(default_factory=dict)  # why -> row ids left out (cannot train)
     tokens: "TokenTable | None" = None  # set by TokenCache.open
     teacher_tokens: "TokenTable | None" = None  # a teacher's own tokenizer's ids (--teacher)
 
@@ -92,9 +106,9 @@ class Batch:
 
 
 # ---------------------------------------------------------------------------- reading
-def read_task_types(folder: str | None = None) -> dict[str, str]:
-    """Source name -> task type: the 62 released sources, then `folder/task_types.csv`."""
-    paths = [TASK_TABLE] + ([os.path.join(folder, "task_types.csv")] if folder else [])
+def read_task_types(folder: str | None = None, table: str = TASK_TABLE) -> dict[str, str]:
+    """Source name -> task type: the released sources of `table`, then `folder/task_types.csv`."""
+    paths = [table] + ([os.path.join(folder, "task_types.csv")] if folder else [])
     types = {}
     for path in paths:
         if not os.path.exists(path):
@@ -162,10 +176,11 @@ def read_batches(path: str, columns: list[str], size: int = 1024):
         raise _not_parquet(path, e) from None
 
 
-def _scan(path: str) -> tuple[list[str], np.ndarray]:
+def _scan(path: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     """The checks that do not depend on the task type, streaming through the file one column
     at a time (the parquet reader then holds one column's pages, not 26). Returns the file's
-    column names and the number of usable negatives per row."""
+    column names, the number of usable negatives per row and, per row, its first empty text
+    column (1 = query, 2 = passage, 0 = none)."""
     if path.endswith(".jsonl"):
         table = _read_jsonl(path)  # small files: read whole, once
         schema, num_rows, chunks = table.schema, table.num_rows, lambda column: [table[column]]
@@ -186,17 +201,20 @@ def _scan(path: str) -> tuple[list[str], np.ndarray]:
             raise DataError(f"{path}, column {column!r}: expected strings, found "
                             f"{schema.field(column).type}; convert the column to text")
     n = np.zeros(num_rows, dtype=np.int16)
+    empty = np.zeros(num_rows, dtype=np.int8)
     alive = np.ones(num_rows, dtype=bool)  # usable negatives: the leading run of non-empty ones
     for column in columns:
         filled = np.concatenate([np.asarray(pc.fill_null(pc.greater(pc.binary_length(c), 0), False))
                                  for c in chunks(column)])  # (rows,) a non-empty text
-        if column in ("query", "passage") and not filled.all():
-            raise DataError(f"{path}, row {np.argmin(filled)}, column {column!r}: empty or "
-                            f"missing text; drop the row or fill it in")
-        if column.startswith("negative_"):
+        if column in ("query", "passage"):
+            empty[(empty == 0) & ~filled] = EMPTY_COLUMNS.index(column)
+        else:
             alive &= filled
             n += alive
-    return schema.names, n
+    return schema.names, n, empty
+
+
+EMPTY_COLUMNS = (None, "query", "passage")  # the codes of _scan's `empty`
 
 
 def _text_columns(names: list[str]) -> list[str]:
@@ -206,41 +224,72 @@ def _text_columns(names: list[str]) -> list[str]:
     return ["query", "passage"] + [f"negative_{i}" for i in range(1, m + 1)]
 
 
-def _check_file(path: str, k: int, memo_folder: str | None) -> tuple[list[str], np.ndarray]:
-    """Check one source; return its text columns and usable negatives per row. The scan's
-    result is kept in memo_folder per data file (path, size, mtime): a restart reads no text."""
+def _check_file(path: str, k: int, memo_folder: str | None):
+    """Check one source; return its text columns, usable negatives per row and first empty text
+    column per row (`_scan`). The scan's result is kept in memo_folder per data file (path,
+    size, mtime): a restart reads no text."""
     stat = os.stat(path)
     identity = f"{os.path.realpath(path)} {stat.st_size} {stat.st_mtime_ns}"
     key = hashlib.sha256(identity.encode()).hexdigest()
     memo = memo_folder and os.path.join(memo_folder,
-                                        f"{os.path.basename(path)}-{key[:16]}.checked.npz")
+                                        f"{os.path.basename(path)}-{key[:16]}.checked2.npz")
     if memo and os.path.exists(memo):
         with np.load(memo) as z:
-            names, n = z["names"].tolist(), z["n_candidates"]
+            names, n, empty = z["names"].tolist(), z["n_candidates"], z["empty"]
     else:
-        names, n = _scan(path)
+        names, n, empty = _scan(path)
         if memo:  # every rank may write it: a temporary name each, then an atomic rename
             os.makedirs(memo_folder, exist_ok=True)
             tmp = f"{memo}.tmp-{socket.gethostname()}-{os.getpid()}"
             with open(tmp, "wb") as f:
-                np.savez(f, names=np.array(names), n_candidates=n)
+                np.savez(f, names=np.array(names), n_candidates=n, empty=empty)
             os.replace(tmp, memo)
     for i in range(1, k + 1):  # the checks that depend on the task type
         if f"negative_{i}" not in names:
             raise DataError(f"{path}: missing column 'negative_{i}' (found {names}); the layout "
                             f"is query, passage, negative_1 .. negative_n with n >= {k}")
-    if (n < k).any():
+    return _text_columns(names), n, empty
+
+
+def _skipped_rows(path: str, k: int, n: np.ndarray, empty: np.ndarray, strict: bool,
+                  max_bad_fraction: float) -> dict[str, np.ndarray]:
+    """The rows that cannot train, by reason. strict: the first one is an error. Otherwise an
+    error only if the source keeps no row or loses more than max_bad_fraction of them: that
+    many bad rows say the file is broken, not that a few rows are."""
+    if strict and empty.any():
+        row = int(np.flatnonzero(empty)[0])
+        raise DataError(f"{path}, row {row}, column {EMPTY_COLUMNS[empty[row]]!r}: empty or "
+                        f"missing text; drop the row or fill it in (or leave out --strict-data)")
+    if strict and (n < k).any():
         row = int(np.flatnonzero(n < k)[0])
         raise DataError(f"{path}, row {row}, column 'negative_{n[row] + 1}': this row has "
                         f"{n[row]} hard negatives but its task type needs k = {k}; drop the "
-                        f"row or mine more negatives")
-    return _text_columns(names), n
+                        f"row or mine more negatives (or leave out --strict-data)")
+    skipped = {"empty query": np.flatnonzero(empty == 1),
+               "empty passage": np.flatnonzero(empty == 2),
+               f"fewer than k = {k} negatives": np.flatnonzero((empty == 0) & (n < k))}
+    skipped = {why: rows.astype(np.int32) for why, rows in skipped.items() if len(rows)}
+    bad = sum(len(rows) for rows in skipped.values())
+    if bad == len(n) or bad > max_bad_fraction * len(n):
+        counts = "; ".join(f"{why}: {len(rows)} (rows {_first(rows)})"
+                           for why, rows in skipped.items())
+        limit = ("none is left" if bad == len(n)
+                 else f"more than --max-bad-fraction {max_bad_fraction}")
+        raise DataError(f"{path}: {bad} of its {len(n)} rows cannot train ({counts}): {limit}; "
+                        f"fix the file or remove it from the data folder")
+    return skipped
+
+
+def _first(rows: np.ndarray, few: int = 5) -> str:
+    return ", ".join(map(str, rows[:few].tolist())) + (", ..." if len(rows) > few else "")
 
 
 def load_sources(folder: str, seed: int = 0, val_fraction: float = 0.01,
-                 memo_folder: str | None = None) -> list[Source]:
+                 memo_folder: str | None = None, task_table: str = TASK_TABLE,
+                 strict: bool = False, max_bad_fraction: float = 0.01) -> list[Source]:
     """Check every source file in `folder` (keeping each file's scan in `memo_folder`, if
-    given). Raises DataError on any problem."""
+    given) against the task types of `task_table`. Rows that cannot train are left out of both
+    splits (`Source.skipped`; strict: an error). Raises DataError on any problem."""
     if not os.path.isdir(folder):
         raise DataError(f"--data {folder}: no such folder")
     parquet = sorted(glob.glob(os.path.join(folder, "**", "*.parquet"), recursive=True))
@@ -252,22 +301,34 @@ def load_sources(folder: str, seed: int = 0, val_fraction: float = 0.01,
     if not paths:
         raise DataError(f"--data {folder}: no .parquet or .jsonl files; the layout is one "
                         f"{{source}}.parquet per source (DESIGN §2)")
-    types = read_task_types(folder)
+    types = read_task_types(folder, task_table)
     sources = []
     for path in paths:
         name = os.path.basename(path).rsplit(".", 1)[0]
         if name not in types:
-            raise DataError(f"{path}: source {name!r} is not in {TASK_TABLE}; add a line "
+            raise DataError(f"{path}: source {name!r} is not in {task_table}; add a line "
                             f"'{name},<retrieval|clustering|classification>' to "
                             f"{os.path.join(folder, 'task_types.csv')} (header: dataset,task_type)")
         k = K_BY_TYPE[types[name]]
-        columns, n_candidates = _check_file(path, k, memo_folder)
+        columns, n_candidates, empty = _check_file(path, k, memo_folder)
+        skipped = _skipped_rows(path, k, n_candidates, empty, strict, max_bad_fraction)
         rows = np.random.default_rng([seed,
                                       len(sources)]).permutation(len(n_candidates)).astype(np.int32)
+        if skipped:  # the split of the usable rows keeps the order a clean file would have
+            rows = rows[(empty == 0)[rows] & (n_candidates >= k)[rows]]
         n_val = int(len(rows) * val_fraction)
         sources.append(Source(name, path, types[name], k, columns, n_candidates,
-                              np.sort(rows[n_val:]), np.sort(rows[:n_val])))
+                              np.sort(rows[n_val:]), np.sort(rows[:n_val]), skipped))
     return sources
+
+
+def data_report(sources: list[Source]) -> dict:
+    """Per source: rows, rows that train, and the rows skipped by reason (count, first rows);
+    train.py prints it at the start and writes it to OUT/data_report.json."""
+    return {s.name: {"file": s.path, "rows": s.num_rows,
+                     "usable": s.num_rows - sum(len(r) for r in s.skipped.values()),
+                     "skipped": {why: {"count": len(r), "first_rows": r[:10].tolist()}
+                                 for why, r in s.skipped.items()}} for s in sources}
 
 
 def iter_texts(sources: list[Source], columns=("query", "passage")):
@@ -277,6 +338,34 @@ def iter_texts(sources: list[Source], columns=("query", "passage")):
         for column in columns:
             for batch in read_batches(source.path, [column]):
                 yield from batch[column].to_pylist()
+
+
+# ---------------------------------------------------------------------------- the released set
+def download_released_data(data_set: str, local_rank: int, marker: str,
+                           timeout_s: float = 6 * 3600, poll_s: float = 2.0) -> str:
+    """The local folder of a released set (`DATA_SETS`), downloaded once per node: local rank 0
+    downloads it with huggingface_hub's snapshot_download (or finds it in the Hugging Face
+    cache) and then writes `marker`, a file naming the folder; the node's other ranks wait for
+    the marker, up to timeout_s. A download of tens of GB outlasts NCCL's 10-minute watchdog,
+    so nobody waits for it in a collective. `marker` must be unique to the node and the launch
+    (train.py: the host, the torchrun agent's pid and the restart)."""
+    repo = DATA_SETS[data_set][0]
+    if local_rank == 0:
+        from huggingface_hub import snapshot_download
+        path = snapshot_download(repo, repo_type="dataset")
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        with open(marker + ".tmp", "w") as f:
+            json.dump({"repo": repo, "path": path}, f)
+        os.replace(marker + ".tmp", marker)  # the waiting ranks never read half a marker
+        return path
+    deadline = time.time() + timeout_s
+    while not os.path.exists(marker):
+        if time.time() > deadline:
+            raise DataError(f"waited {timeout_s / 3600:.1f} h for local rank 0 to download {repo} "
+                            f"(no {marker}); check its log, or download it first and pass --data")
+        time.sleep(poll_s)
+    with open(marker) as f:
+        return json.load(f)["path"]
 
 
 # ---------------------------------------------------------------------------- token cache
@@ -331,9 +420,12 @@ class TokenCache:
     or another length is never read. A file is written under a temporary name and renamed
     when complete, so a build killed halfway leaves no file of that name and is redone."""
 
-    def __init__(self, folder: str, tokenizer, max_length: int, rows_per_batch: int = 1024):
+    def __init__(self, folder: str, tokenizer, max_length: int, rows_per_batch: int = 1024,
+                 stale_after_s: float = 600.0, poll_s: float = 1.0):
         self.folder, self.tokenizer, self.max_length = folder, tokenizer, max_length
         self.rows_per_batch = rows_per_batch  # rows tokenized at a time: the builder's memory
+        self.stale_after_s = stale_after_s  # a lock untouched this long: its builder is gone
+        self.poll_s = poll_s  # how often waiting processes look at the files
         self.tokenizer_id = tokenizer_fingerprint(tokenizer)
 
     def key(self, source: Source) -> dict:
@@ -364,50 +456,107 @@ class TokenCache:
                     f"{source.num_rows} of {source.columns}")
         return None
 
-    def build(self, sources: list[Source], log=print) -> None:
-        """Tokenize every source whose cache file is missing or unusable. Builders on one host
-        take turns (a lock that a crash releases); on a folder shared by several nodes, each
-        node writes its own temporary file and the last rename wins (the files are equal)."""
-        os.makedirs(self.folder, exist_ok=True)
-        host = socket.gethostname()
-        with open(os.path.join(self.folder, f".lock-{host}"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            for source in sources:
-                self._build(source, f"{self.path(source)}.tmp-{host}", log)
-
-    def _build(self, source: Source, tmp: str, log) -> None:
-        why = self.problem(source)
-        if why is None:
+    def build(self, sources: list[Source], log=print, workers: int = 0,
+              progress_every: float = 30.0) -> None:
+        """Tokenize every source whose cache file is missing or unusable; return when every
+        file is usable. Each file is built by ONE process of all that share the folder, on any
+        number of nodes: it holds `{file}.lock`, created with O_EXCL (`_lock`). A process
+        builds the files nobody holds, then waits for the others. The row ranges of a file are
+        tokenized by `workers` processes (0 = one per core; 1 = in this process), written in
+        order by this one. A line at least every `progress_every` s: sources, rows, tokens/s."""
+        todo = [s for s in sources if self.problem(s) is not None]
+        if not todo:
             return
-        path, t0, n_tokens = self.path(source), time.time(), 0
+        os.makedirs(self.folder, exist_ok=True)
+        workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                              else os.cpu_count())
+        progress = BuildProgress(todo, log, progress_every)
+        pool = None  # started by the first file this process builds
+        try:
+            while todo:
+                for source in list(todo):
+                    if self._lock(source):
+                        try:
+                            if self.problem(source) is not None:
+                                if pool is None:
+                                    pool = _tokenizer_pool(workers, self.tokenizer,
+                                                           self.max_length)
+                                self._build(source, pool, progress)
+                        finally:
+                            os.unlink(self.path(source) + ".lock")
+                    if self.problem(source) is None:
+                        todo.remove(source)
+                        progress.finished(source)
+                if todo:  # the rest are being built elsewhere
+                    progress.waiting(todo)
+                    time.sleep(self.poll_s)
+        finally:
+            if pool is not None:
+                pool.shutdown()
+
+    def _lock(self, source: Source) -> bool:
+        """Take `{file}.lock` (O_CREAT | O_EXCL: exactly one process succeeds, also on NFS v3+).
+        A lock is stale if its builder is a dead process of this host, or if it was not touched
+        for `stale_after_s` (a builder touches it every row range). Breaking a stale lock needs
+        `{file}.lock.break`, taken the same way, and a second look: two processes that both saw
+        it stale cannot both delete it, and nobody deletes a lock taken in between."""
+        lock = self.path(source) + ".lock"
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if not self._stale(lock):
+                return False
+            breaker = lock + ".break"
+            try:
+                os.close(os.open(breaker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:  # someone else is breaking it (or died in these lines)
+                if _age(breaker) > self.stale_after_s:
+                    _remove(breaker)
+                return False
+            try:
+                if self._stale(lock):
+                    _remove(lock)
+            finally:
+                os.unlink(breaker)
+            return self._lock(source)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}\n")
+        return True
+
+    def _stale(self, lock: str) -> bool:
+        try:
+            with open(lock) as f:
+                host, pid = (f.read().split() + ["", ""])[:2]
+        except FileNotFoundError:
+            return True  # released meanwhile: try again
+        if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+            return True
+        return _age(lock) > self.stale_after_s
+
+    def _build(self, source: Source, pool, progress: "BuildProgress") -> None:
+        """Write the file under a temporary name, then give it its name. The lock's holder is
+        the only writer, and the name is free (an unusable file of that name, which nobody can
+        have mapped since `open` refuses it, is deleted first): nothing is ever replaced."""
+        why, path, t0 = self.problem(source), self.path(source), time.time()
+        for old in glob.glob(glob.escape(path) + ".tmp-*"):  # a dead builder's
+            os.unlink(old)
+        tmp, n_tokens = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}", 0
         schema = pa.schema([(c, pa.list_(pa.int32())) for c in source.columns],  # int32: 151k vocab
                            metadata={"f2llm_key": json.dumps(self.key(source))})
+        batches = read_batches(source.path, source.columns, self.rows_per_batch)
         with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            for batch in read_batches(source.path, source.columns, self.rows_per_batch):
-                arrays = self._tokenize(batch, source.columns)
-                n_tokens += sum(len(a.values) for a in arrays)
+            for arrays in pool(batches):
+                tokens = sum(len(a.values) for a in arrays)
                 writer.write_batch(pa.record_batch(arrays, schema=schema))
-        os.replace(tmp, path)
+                os.utime(path + ".lock")  # alive: the lock is not stale
+                n_tokens += tokens
+                progress.add(source, len(arrays[0]), tokens)
+        if os.path.exists(path):
+            os.unlink(path)
+        os.rename(tmp, path)
+        log = progress.log
         log(f"  tokenized {source.name} ({why}): {source.num_rows:,} rows, {n_tokens:,} tokens in "
             f"{time.time() - t0:.0f} s, {os.path.getsize(path) / 1e6:,.0f} MB: {path}")
-
-    def _tokenize(self, batch: pa.RecordBatch, columns: list[str]) -> list[pa.ListArray]:
-        """A row range's texts -> one list<int32> array per column. Each distinct text is
-        tokenized once: a document is often the hard negative of many queries."""
-        ids_of = {}  # text -> its first max_length ids, (n,) int32
-        arrays = []
-        for column in columns:
-            texts = [t or "" for t in batch[column].to_pylist()]
-            new = list(dict.fromkeys(t for t in texts if t not in ids_of))
-            if new:
-                ids = self.tokenizer(new, add_special_tokens=False, verbose=False,
-                                     return_attention_mask=False)["input_ids"]
-                ids_of.update((t, np.array(x[: self.max_length], dtype=np.int32))
-                              for t, x in zip(new, ids))
-            lists = [ids_of[t] for t in texts]
-            offsets = np.cumsum([0] + [len(x) for x in lists], dtype=np.int32)
-            arrays.append(pa.ListArray.from_arrays(offsets, np.concatenate(lists)))
-        return arrays
 
     def open(self, sources: list[Source], wait: bool = False, attr: str = "tokens") -> None:
         """Memory-map each source's cache file into `source.tokens` (or `attr`: a teacher's
@@ -426,12 +575,139 @@ class TokenCache:
                                              self.tokenizer.eos_token_id))
 
 
+def tokenize_rows(tokenizer, max_length: int, batch: pa.RecordBatch) -> list[pa.ListArray]:
+    """A row range's texts -> one list<int32> array per column, each text's first max_length
+    ids. Each distinct text is tokenized once: a document is often the hard negative of many
+    queries."""
+    ids_of = {}  # text -> its first max_length ids, (n,) int32
+    arrays = []
+    for column in batch.schema.names:
+        texts = [t or "" for t in batch[column].to_pylist()]
+        new = list(dict.fromkeys(t for t in texts if t not in ids_of))
+        if new:
+            ids = tokenizer(new, add_special_tokens=False, verbose=False,
+                            return_attention_mask=False)["input_ids"]
+            ids_of.update((t, np.array(x[:max_length], dtype=np.int32)) for t, x in zip(new, ids))
+        lists = [ids_of[t] for t in texts]
+        offsets = np.cumsum([0] + [len(x) for x in lists], dtype=np.int32)
+        arrays.append(pa.ListArray.from_arrays(offsets, np.concatenate(lists)))
+    return arrays
+
+
+def _tokenizer_pool(workers: int, tokenizer, max_length: int):
+    """-> a function from row ranges to their arrays, in order: in this process (workers=1) or
+    on worker processes."""
+    if workers == 1:
+        pool = lambda batches: (tokenize_rows(tokenizer, max_length, b)  # noqa: E731
+                                for b in batches)
+        pool.shutdown = lambda: None
+        return pool
+    return TokenizerWorkers(workers, tokenizer, max_length)
+
+
+_WORKER = {}  # set once in each worker process by _worker_start: its tokenizer and max_length
+
+
+def _worker_start(tokenizer, max_length):
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: no thread pool on top
+    _WORKER.update(tokenizer=tokenizer, max_length=max_length)
+
+
+def _worker_tokenize(batch: pa.RecordBatch) -> list[pa.ListArray]:
+    return tokenize_rows(_WORKER["tokenizer"], _WORKER["max_length"], batch)
+
+
+class TokenizerWorkers:
+    """Row ranges tokenized by worker processes, the results handed back in order. All the
+    per-text work (Python strings, the dedup, the id arrays) runs in the workers, not only the
+    tokenizer's batch encode; the builder reads parquet and writes Arrow. At most workers + 2
+    ranges are in flight, so the builder's memory does not grow with the file."""
+
+    def __init__(self, workers: int, tokenizer, max_length: int):
+        # fork: the workers inherit the tokenizer instead of re-importing everything
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        self.executor = ProcessPoolExecutor(workers, context, initializer=_worker_start,
+                                            initargs=(tokenizer, max_length))
+        self.window = workers + 2
+
+    def __call__(self, batches):
+        pending = collections.deque()
+        for batch in batches:
+            pending.append(self.executor.submit(_worker_tokenize, batch))
+            if len(pending) >= self.window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+    def shutdown(self):
+        self.executor.shutdown(cancel_futures=True)
+
+
+class BuildProgress:
+    """The builder's line, at least every `every` seconds: sources done, rows this process
+    tokenized of those it may still have to, tokens/s, ETA (an upper bound while other nodes
+    build some of the files)."""
+
+    def __init__(self, sources: list[Source], log, every: float):
+        self.log, self.every, self.sources = log, every, len(sources)
+        self.rows_total, self.mine = sum(s.num_rows for s in sources), set()
+        self.done = self.rows = self.tokens = 0
+        self.t0 = self.last = time.time()
+
+    def add(self, source: Source, rows: int, tokens: int) -> None:
+        self.mine.add(source.name)
+        self.rows, self.tokens = self.rows + rows, self.tokens + tokens
+        now = time.time()
+        if now - self.last >= self.every:
+            self.last, rate = now, self.rows / (now - self.t0)
+            self.log(f"  tokenizing {source.name}: {self.done}/{self.sources} sources, "
+                     f"{self.rows:,}/{self.rows_total:,} rows, "
+                     f"{self.tokens / (now - self.t0) / 1e6:.2f}M tokens/s, "
+                     f"ETA {(self.rows_total - self.rows) / rate / 60:.1f} min")
+
+    def finished(self, source: Source) -> None:
+        self.done += 1
+        if source.name not in self.mine:  # built by another process
+            self.rows_total -= source.num_rows
+
+    def waiting(self, todo: list[Source]) -> None:
+        if time.time() - self.last >= self.every:
+            self.last = time.time()
+            self.log(f"  waiting for {len(todo)} token cache files that other processes build: "
+                     f"{', '.join(s.name for s in todo[:5])}{' ...' if len(todo) > 5 else ''}")
+
+
+def _age(path: str) -> float:
+    try:
+        return time.time() - os.stat(path).st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def load_tokenized(folder: str, tokenizer, max_length: int, cache_folder: str, seed: int = 0,
                    val_fraction: float = 0.01) -> list[Source]:
     """Check, tokenize (once) and memory-map in one process; train.py spreads these over ranks."""
     sources = load_sources(folder, seed, val_fraction, cache_folder)
     cache = TokenCache(cache_folder, tokenizer, max_length)
-    cache.build(sources, log=lambda *a: None)
+    cache.build(sources, log=lambda *a: None, workers=1)
     cache.open(sources)
     return sources
 

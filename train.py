@@ -17,6 +17,7 @@ import inspect
 import os
 import re
 import shutil
+import socket
 import sys
 import textwrap
 import time
@@ -46,6 +47,8 @@ class Recipe:
     size: str = "tiny"  # preset of DESIGN §2: tiny, 0.6b, 1.7b, 4b (PRESETS)
     model: str = "tiny"  # HF id or local folder; tiny = a small Qwen3 built from a config
     data: str = ""  # folder of {source}.parquet / .jsonl; "" = released set (tiny: demo sample)
+    data_set: str = "v1"  # released set and task types: v1 (F2LLM, 62 sources) | v2 (502)
+    strict_data: bool = False  # a row that cannot train (empty text, < k negatives) is an error
     demo_negatives: str = "mined"  # tiny's demo sample: mined (the paper's rule) | random
     steps: int = 0  # optimizer steps; 0 = `epochs` passes over the data
     epochs: int = 1  # passes over the data when --steps is 0
@@ -80,6 +83,8 @@ class Config(Recipe):
     chunk_tokens: int = 4096  # real tokens per packed forward: memory only, never the math
     chunk_size: int = 0  # also cap the sequences per forward; 0 = no cap
     token_cache: str = ""  # tokenized data (shared by runs of one tokenizer); "" = OUT/token_cache
+    max_bad_fraction: float = 0.01  # a source with more of its rows skipped is an error
+    tokenize_workers: int = 0  # processes tokenizing a cache file on each node; 0 = one per core
     eval_every: int = 25  # steps between validation losses; 0 = only at the end
     save_every: int = 50  # steps between resumable checkpoints; 0 = only at the end
     keep_checkpoints: int = 2  # the newest N checkpoints are kept
@@ -171,6 +176,12 @@ def check_config(cfg: Config, world: int) -> None:
         fail(f"--precision {cfg.precision}: use auto, bf16 or fp32")
     if cfg.data and not os.path.isdir(cfg.data):
         fail(f"--data {cfg.data}: no such folder")
+    if cfg.data_set not in D.DATA_SETS:
+        fail(f"--data-set {cfg.data_set}: use one of {', '.join(D.DATA_SETS)}")
+    if not 0 <= cfg.max_bad_fraction < 1:
+        fail(f"--max-bad-fraction must be in [0, 1), got {cfg.max_bad_fraction}")
+    if cfg.tokenize_workers < 0:
+        fail(f"--tokenize-workers must be >= 0 (0 = one per core), got {cfg.tokenize_workers}")
     if cfg.resume and not latest_checkpoint(cfg.out):
         fail(f"--resume: no checkpoint in {cfg.out}/checkpoints; start without --resume")
     if not cfg.resume and latest_checkpoint(cfg.out):
@@ -239,6 +250,21 @@ def use_expandable_segments() -> str | None:
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def wait_for_every_rank(tag: str, timeout: timedelta = timedelta(hours=6)) -> None:
+    """A barrier on the rendezvous store, not a collective: a node still downloading or
+    tokenizing may keep the others waiting for longer than NCCL's 10-minute watchdog allows
+    in a collective (DESIGN §8)."""
+    if not dist.is_initialized():
+        return
+    store = dist.distributed_c10d._get_default_store()
+    deadline = time.time() + timeout.total_seconds()
+    store.add(tag, 1)
+    while store.add(tag, 0) < dist.get_world_size():
+        if time.time() > deadline:
+            raise SystemExit(f"train.py: error: waited {timeout} for every rank at {tag!r}")
+        time.sleep(1)
 
 
 def teardown():
@@ -481,20 +507,33 @@ def setup_data(cfg: Config, rank: int, world: int, say):
         if rank == 0 and not os.path.isdir(data_folder):
             demo.write_demo_sample(data_folder, seed=0, negatives=cfg.demo_negatives)
         barrier()
-    elif not data_folder:
-        data_folder = download_released_data(rank)
+    elif not data_folder:  # once per node (a marker per host, launch and restart, in OUT)
+        launch = f"{os.getppid()}-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        marker = os.path.join(cfg.out, ".downloads",
+                              f"{cfg.data_set}-{socket.gethostname()}-{launch}")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        data_folder = D.download_released_data(cfg.data_set, local_rank, marker)
     cache_folder = cfg.token_cache or os.path.join(cfg.out, "token_cache")
     try:  # every rank streams the files through the checks (once: cache_folder keeps the result)
-        sources = D.load_sources(data_folder, cfg.seed, cfg.val_fraction, cache_folder)
+        sources = D.load_sources(data_folder, cfg.seed, cfg.val_fraction, cache_folder,
+                                 D.DATA_SETS[cfg.data_set][1], cfg.strict_data,
+                                 cfg.max_bad_fraction)
         stream = D.BatchStream(sources, cfg.batch_size, cfg.seed, cfg.source_sampling)
     except D.DataError as e:
         raise SystemExit(f"train.py: data error: {e}")
     say(f"data: {len(sources)} sources in {data_folder}, {stream.batches_per_epoch} batches per "
         f"epoch (the last of each source filled from its start), sources drawn by the "
         f"{cfg.source_sampling} rule, {sum(len(s.val_rows) for s in sources)} rows held out")
+    report = D.data_report(sources)
     for s, n in zip(sources, stream.source_batches):
+        skipped = "".join(f", skipped {r['count']} ({why}: rows {r['first_rows'][:5]})"
+                          for why, r in report[s.name]["skipped"].items())
         say(f"  {s.name:32s} {s.task_type:14s} k={s.k} train={len(s.train_rows)} "
-            f"val={len(s.val_rows)} batches/epoch={n}")
+            f"val={len(s.val_rows)} batches/epoch={n}{skipped}")
+    if rank == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "data_report.json"), "w") as f:
+            json.dump(report, f, indent=1)
     return sources, stream, cache_folder
 
 
@@ -554,14 +593,15 @@ def setup_tokens(cfg: Config, sources, cache_folder: str, tokenizer, say,
         if teacher_cache.tokenizer_id != caches[0][0].tokenizer_id:  # else: the same ids
             caches.append((teacher_cache, "teacher_tokens"))
         say(f"teacher tokenizer: {'its own' if len(caches) == 2 else 'the same as the student'}")
-    builder = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    builder = int(os.environ.get("LOCAL_RANK", "0")) == 0  # one per node; each file by one of them
     try:
         for cache, attr in caches:
             if builder:
-                cache.build(sources)
+                cache.build(sources, workers=cfg.tokenize_workers)
             cache.open(sources, wait=not builder, attr=attr)
     except D.DataError as e:
         raise SystemExit(f"train.py: data error: {e}")
+    wait_for_every_rank("data ready")  # the first collective comes next
     say(f"tokens: {cache_folder}")
 
 
@@ -757,18 +797,6 @@ def plot_curves(metrics_path: str, png: str) -> None:
     lr_ax.set(title="learning rate", xlabel="step")
     fig.savefig(png + ".tmp.png")
     os.replace(png + ".tmp.png", png)
-
-
-def download_released_data(rank: int) -> str:
-    """The released set from the hub (codefuse-ai/F2LLM); rank 0 downloads, the others
-    wait and then read the same files from the shared cache."""
-    from huggingface_hub import snapshot_download
-    if rank == 0:
-        path = snapshot_download("codefuse-ai/F2LLM", repo_type="dataset")
-    barrier()
-    if rank != 0:
-        path = snapshot_download("codefuse-ai/F2LLM", repo_type="dataset")
-    return path
 
 
 if __name__ == "__main__":

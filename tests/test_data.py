@@ -3,12 +3,16 @@ deterministic per seed, every row in every epoch, both sampling rules, resumable
 the token cache (EOS rule, keyed by data/tokenizer/length, crash-safe, memory-mapped); bad
 files fail naming file, row, column."""
 import collections
+import csv
 import hashlib
 import json
 import os
 import pathlib
 import shutil
+import socket
+import subprocess
 import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -291,29 +295,31 @@ def test_half_written_cache_is_rebuilt_and_waiting_ranks_open_it(tmp_path, tok, 
     for name in ("bbc_topic_classification.parquet", "task_types.csv"):
         shutil.copy(os.path.join(small_demo_dir, name), folder)
     (source,) = D.load_sources(folder)
-    real, calls = D.TokenCache._tokenize, []
+    real, calls = D.tokenize_rows, []
 
-    def crashing(self, *args):  # the builder dies after 3 of its 10 row ranges
+    def crashing(*args):  # the builder dies after 3 of its 10 row ranges
         calls.append(1)
         if len(calls) == 4:
             raise KeyboardInterrupt
-        return real(self, *args)
-    monkeypatch.setattr(D.TokenCache, "_tokenize", crashing)
+        return real(*args)
+    monkeypatch.setattr(D, "tokenize_rows", crashing)
     builder = D.TokenCache(cache, tok, MAX_LENGTH, rows_per_batch=16)
     with pytest.raises(KeyboardInterrupt):
-        builder.build([source])
-    monkeypatch.setattr(D.TokenCache, "_tokenize", real)
+        builder.build([source], workers=1)
+    monkeypatch.setattr(D, "tokenize_rows", real)
     assert builder.problem(source) == "not built"  # only the temporary file was written
     assert [f for f in os.listdir(cache) if ".tmp-" in f]
+    assert not [f for f in os.listdir(cache) if f.endswith(".lock")]  # released on the way out
     # a rank that waits for the builder opens the files once they are complete
     waiter = D.load_sources(folder)[0]
     thread = threading.Thread(target=D.TokenCache(cache, tok, MAX_LENGTH).open, args=([waiter],),
                               kwargs=dict(wait=True))
     thread.start()
-    D.TokenCache(cache, tok, MAX_LENGTH, rows_per_batch=16).build([source], log=lambda *a: None)
+    D.TokenCache(cache, tok, MAX_LENGTH, rows_per_batch=16).build([source], log=lambda *a: None,
+                                                                  workers=1)
     thread.join(timeout=30)
     assert waiter.tokens is not None and waiter.tokens.num_rows == source.num_rows
-    assert not [f for f in os.listdir(cache) if ".tmp" in f]  # the rebuild reused the temporary name
+    assert not [f for f in os.listdir(cache) if ".tmp" in f]  # the dead builder's file is gone
     # a cache file cut short (say, a disk that filled up before the rename): refused, then rebuilt
     cache_obj = D.TokenCache(cache, tok, MAX_LENGTH)
     path = cache_obj.path(source)
@@ -323,7 +329,7 @@ def test_half_written_cache_is_rebuilt_and_waiting_ranks_open_it(tmp_path, tok, 
     assert cache_obj.problem(source).startswith("unreadable")
     with pytest.raises(D.DataError, match=f"token cache {path}: unreadable"):
         cache_obj.open([source])
-    cache_obj.build([source], log=lambda *a: None)
+    cache_obj.build([source], log=lambda *a: None, workers=1)
     cache_obj.open([source])
     assert source.tokens.texts(7, source.columns) == expected
 
@@ -337,9 +343,10 @@ def test_two_builders_on_one_host_take_turns(tmp_path, tok, small_demo_dir):
         shutil.copy(os.path.join(small_demo_dir, name), folder)
     (source,) = D.load_sources(folder)
     built = []
-    threads = [threading.Thread(target=D.TokenCache(cache, tok, MAX_LENGTH,
-                                                    rows_per_batch=16).build,
-                                args=([source],), kwargs=dict(log=built.append)) for _ in range(2)]
+    threads = [threading.Thread(target=D.TokenCache(cache, tok, MAX_LENGTH, rows_per_batch=16,
+                                                    poll_s=0.05).build,
+                                args=([source],), kwargs=dict(log=built.append, workers=1))
+               for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
@@ -402,7 +409,7 @@ def test_bad_files_name_file_row_column(tmp_path, rows, task_type, expected):
     else:
         _write(folder, "src", rows, task_type)
     with pytest.raises(D.DataError) as e:
-        D.load_sources(folder)
+        D.load_sources(folder, strict=True)
     for part in expected:
         assert part in str(e.value), str(e.value)
 
@@ -425,7 +432,7 @@ def test_a_restart_reads_no_text_but_checks_the_task_type_again(tmp_path, monkey
             D.load_sources(folder, memo_folder=memo)
     _write(folder, "src", [_row(n_neg=3)] * 4 + [_row(n_neg=3, passage="")], "classification")
     with pytest.raises(D.DataError, match="row 4, column 'passage': empty"):
-        D.load_sources(folder, memo_folder=memo)
+        D.load_sources(folder, memo_folder=memo, strict=True)
 
 
 def test_classification_needs_one_negative(tmp_path):
@@ -488,3 +495,163 @@ def test_random_demo_negatives_keep_the_headlines_and_every_other_draw(tmp_path,
                 assert len(negatives) == 24 and r["passage"] not in negatives
                 assert {topic_of[x] for x in negatives} == {topic_of[r["passage"]]}
             assert sum(m != r for m, r in zip(mined, random)) > 0.9 * len(mined)
+
+
+# ---------------------------------------------------------------- the released set at scale
+def _one_source(tmp_path, small_demo_dir, name="bbc_topic_classification", rows=150):
+    folder = str(tmp_path / "d")
+    os.makedirs(folder)
+    shutil.copy(os.path.join(small_demo_dir, "task_types.csv"), folder)
+    table = pq.read_table(os.path.join(small_demo_dir, f"{name}.parquet")).slice(0, rows)
+    pq.write_table(table, os.path.join(folder, f"{name}.parquet"))
+    return folder, D.load_sources(folder)[0]
+
+
+def test_worker_pool_build_is_byte_identical_with_a_progress_line(tmp_path, tok, small_demo_dir):
+    """Two tokenizer processes write the same bytes as one; the builder says where it is."""
+    _, source = _one_source(tmp_path, small_demo_dir, rows=40)
+    files, lines = [], []
+    for workers in (1, 2):
+        cache = D.TokenCache(str(tmp_path / f"c{workers}"), tok, MAX_LENGTH, rows_per_batch=8)
+        cache.build([source], log=lines.append, workers=workers, progress_every=0)
+        files.append(pathlib.Path(cache.path(source)).read_bytes())
+    assert files[0] == files[1] and len(files[0]) > 10_000
+    progress = [line for line in lines if "tokenizing bbc_topic_classification" in line]
+    assert len(progress) == 2 * 5  # 40 rows in 5 ranges, per build
+    assert "0/1 sources, 8/40 rows" in progress[0] and "tokens/s, ETA" in progress[0]
+
+
+def test_one_builder_per_file_and_the_stale_lock_rule(tmp_path, tok, small_demo_dir):
+    """A lock held by a live builder elsewhere is waited for; one untouched for stale_after_s,
+    or held by a dead process of this host, is broken and the file built once; a built file
+    is never replaced (its inode stays, a memory map of it stays valid)."""
+    folder, source = _one_source(tmp_path, small_demo_dir)
+    cache = D.TokenCache(str(tmp_path / "c"), tok, MAX_LENGTH, stale_after_s=60, poll_s=0.02)
+    os.makedirs(cache.folder)
+    lock = cache.path(source) + ".lock"
+    pathlib.Path(lock).write_text("another-node 12345\n")
+    built = []
+    thread = threading.Thread(target=cache.build, args=([source],),
+                              kwargs=dict(log=built.append, workers=1))
+    thread.start()
+    thread.join(timeout=0.5)
+    assert thread.is_alive() and cache.problem(source) == "not built"  # waiting, not building
+    os.utime(lock, (time.time() - 120, time.time() - 120))  # that builder stopped touching it
+    thread.join(timeout=30)
+    assert not thread.is_alive() and cache.problem(source) is None and len(built) == 1
+    assert not os.path.exists(lock)
+    # a dead builder on this host: its lock is broken at once
+    other = D.load_sources(folder, seed=1)[0]
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    cache2 = D.TokenCache(str(tmp_path / "c"), tok, MAX_LENGTH + 1, poll_s=0.02)
+    pathlib.Path(cache2.path(other) + ".lock").write_text(f"{socket.gethostname()} {dead.pid}\n")
+    cache2.build([other], log=lambda *a: None, workers=1)
+    assert cache2.problem(other) is None
+    # built files are left alone: same inode, the open map still reads
+    table = D.TokenTable(cache.path(source), MAX_LENGTH, tok.eos_token_id)
+    inode = os.stat(cache.path(source)).st_ino
+    cache.build([source], workers=1)
+    assert os.stat(cache.path(source)).st_ino == inode and table.texts(3, ["query"])
+
+
+def test_rows_that_cannot_train_are_skipped_counted_and_named(tmp_path):
+    folder = str(tmp_path / "d")
+    rows = [_row(query=f"q{i}", passage=f"p{i}") for i in range(300)]
+    rows[5]["passage"], rows[9]["query"], rows[17]["negative_3"] = "", None, ""
+    _write(folder, "src", rows)
+    (src,) = D.load_sources(folder, val_fraction=0.1)
+    assert {why: r.tolist() for why, r in src.skipped.items()} == {
+        "empty query": [9], "empty passage": [5], "fewer than k = 7 negatives": [17]}
+    used = np.concatenate([src.train_rows, src.val_rows])
+    assert sorted(used.tolist()) == sorted(set(range(300)) - {5, 9, 17})
+    stream = D.BatchStream([src], 32, seed=0)  # every usable training row, every epoch
+    assert {int(r) for _, rows in stream.plan for r in rows} == set(src.train_rows.tolist())
+    report = D.data_report([src])["src"]
+    assert report["rows"] == 300 and report["usable"] == 297
+    assert report["skipped"]["empty passage"] == {"count": 1, "first_rows": [5]}
+    # one row in 100 is the limit: four are an error naming the file and the counts
+    rows[40]["passage"] = ""
+    _write(folder, "src", rows)
+    with pytest.raises(D.DataError, match=r"src.parquet: 4 of its 300 rows cannot train .*"
+                                          r"empty passage: 2 \(rows 5, 40\).*fraction 0.01"):
+        D.load_sources(folder)
+    assert D.load_sources(folder, max_bad_fraction=0.02)[0].num_rows == 300
+    with pytest.raises(D.DataError, match="row 5, column 'passage': empty"):
+        D.load_sources(folder, strict=True)
+    _write(folder, "src", [_row(passage="")] * 3)
+    with pytest.raises(D.DataError, match="3 of its 3 rows cannot train.*none is left"):
+        D.load_sources(folder, max_bad_fraction=0.99)
+
+
+def test_released_set_downloaded_once_per_node(tmp_path, monkeypatch, small_demo_dir):
+    """Local rank 0 downloads (a stub of snapshot_download: no network); the node's other
+    ranks wait for its marker file; a rank nobody answers stops with a clear error."""
+    import huggingface_hub
+    calls = []
+
+    def snapshot_download(repo, repo_type):
+        calls.append((repo, repo_type))
+        time.sleep(0.3)  # the others are already waiting
+        return small_demo_dir
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    marker, paths = str(tmp_path / "out" / ".downloads" / "v2-node0"), {}
+
+    def rank(local_rank):
+        paths[local_rank] = D.download_released_data("v2", local_rank, marker, poll_s=0.02)
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (1, 2, 0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert calls == [("codefuse-ai/F2LLM-v2", "dataset")]
+    assert paths == {0: small_demo_dir, 1: small_demo_dir, 2: small_demo_dir}
+    with pytest.raises(D.DataError, match="for local rank 0 to download codefuse-ai/F2LLM .*no "):
+        D.download_released_data("v1", 1, str(tmp_path / "none"), timeout_s=0.1, poll_s=0.02)
+    # train.py without --data: the download, the data set's table, the report in OUT
+    import train
+    cfg = train.parse_config(["--size", "0.6b", "--out", str(tmp_path / "run"),
+                              "--data-set", "v2", "--val-fraction", "0.5"])
+    sources, _, _ = train.setup_data(cfg, 0, 1, lambda *a: None)
+    assert calls[-1] == ("codefuse-ai/F2LLM-v2", "dataset") and len(sources) == 4
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert {s: r["usable"] for s, r in report.items()} == {s.name: 150 for s in sources}
+
+
+def test_v2_table_from_the_official_lists_and_an_extra_column_is_ignored(tmp_path):
+    with open(D.DATA_SETS["v2"][1], newline="") as f:
+        v2 = list(csv.DictReader(f))
+    assert len(v2) == len({r["dataset"] for r in v2}) == 502  # F2LLM/utils.py lines 8-10
+    assert collections.Counter(r["task_type"] for r in v2) == {
+        "retrieval": 459, "clustering": 33, "classification": 10}
+    assert {r["hard_negatives"] for r in v2 if r["task_type"] == "clustering"} == {"9"}
+    v1 = D.read_task_types()
+    types = D.read_task_types(table=D.DATA_SETS["v2"][1])
+    assert len(v1) == 62 and all(types[name] == t for name, t in v1.items())  # v1 within v2
+    folder = str(tmp_path / "d")
+    os.makedirs(folder)
+    pq.write_table(pa.Table.from_pylist([{**_row(), "lang": "eng"}] * 4),
+                   os.path.join(folder, "webfaq_eng.parquet"))
+    with pytest.raises(D.DataError, match="'webfaq_eng' is not in .*f2llm_v1_datasets.csv"):
+        D.load_sources(folder)
+    (src,) = D.load_sources(folder, task_table=D.DATA_SETS["v2"][1])
+    assert src.task_type == "retrieval" and "lang" not in src.columns
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data-set", "v3"], "--data-set v3: use one of v1, v2"),
+    (["--max-bad-fraction", "1.5"], "--max-bad-fraction must be in [0, 1), got 1.5"),
+    (["--tokenize-workers", "-1"], "--tokenize-workers must be >= 0"),
+    (["--strict-data"], "src.parquet, row 3, column 'passage': empty or missing text"),
+    ([], "src.parquet: 1 of its 5 rows cannot train (empty passage: 1 (rows 3))"),
+])
+def test_data_flags_fail_before_any_model(tmp_path, argv, message):
+    import train
+    folder = str(tmp_path / "d")
+    _write(folder, "src", [_row()] * 3 + [_row(passage="")] + [_row()])
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", folder, "--out", str(tmp_path / "out")] + argv)
+    assert message in str(e.value)
+    # before the config and any model; at most the scans' memos (the next start reads no text)
+    assert not (tmp_path / "out" / "config.json").exists()
+    assert {p.name for p in (tmp_path / "out").glob("*")} <= {"token_cache"}
