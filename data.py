@@ -238,7 +238,8 @@ def _check_file(path: str, k: int, memo_folder: str | None) -> tuple[list[str], 
 
 
 def load_sources(folder: str, seed: int = 0, val_fraction: float = 0.01,
-                 memo_folder: str | None = None) -> list[Source]:
+                 memo_folder: str | None = None,
+                 k_clustering: int = K_BY_TYPE["clustering"]) -> list[Source]:
     """Check every source file in `folder` (keeping each file's scan in `memo_folder`, if
     given). Raises DataError on any problem."""
     if not os.path.isdir(folder):
@@ -260,7 +261,7 @@ def load_sources(folder: str, seed: int = 0, val_fraction: float = 0.01,
             raise DataError(f"{path}: source {name!r} is not in {TASK_TABLE}; add a line "
                             f"'{name},<retrieval|clustering|classification>' to "
                             f"{os.path.join(folder, 'task_types.csv')} (header: dataset,task_type)")
-        k = K_BY_TYPE[types[name]]
+        k = k_clustering if types[name] == "clustering" else K_BY_TYPE[types[name]]
         columns, n_candidates = _check_file(path, k, memo_folder)
         rows = np.random.default_rng([seed,
                                       len(sources)]).permutation(len(n_candidates)).astype(np.int32)

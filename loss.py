@@ -5,14 +5,16 @@
 - `in_batch_loss`: each query against the positives of the WHOLE global batch, gathered
   from all ranks WITH gradient, its own positive as label (retrieval data only).
 - `f2llm_loss`: the recipe's total on one rank's reps [queries; positives; negatives]:
-  hard-negative (k >= 1) + in-batch (retrieval only).
+  hard-negative (k >= 1) + in-batch (retrieval only); raw states are normalised first.
 - `matryoshka`: F2LLM v2's Matryoshka loss: a loss summed over nested prefixes of the reps.
-- `distillation_loss`: a teacher's cached reps of the same sequences -> "mse" (F2LLM v2's
-  embedding distillation, on unit vectors) or "kl" (score distillation over each query's
-  candidates, as FlagEmbedding and Tevatron offer).
+- `distillation_loss`: a teacher's cached states of the same sequences -> "v2" (F2LLM v2's
+  MSE on the raw last-token states), "unit" (squared distance of the unit vectors) or "kl"
+  (score distillation over each query's candidates, as FlagEmbedding and Tevatron offer).
 - gather="detached" reproduces the official code's in-batch gather, which carries no gradient:
   on more than one process no positive gets an in-batch gradient, not even its own rank's.
-Embeddings come in L2-normalised, so q @ p is the cosine; logits are fp32 / temperature.
+The two contrastive losses take L2-normalised embeddings, so q @ p is the cosine; logits are
+fp32 / temperature. f2llm_loss and distillation_loss take the raw pooled states the cached
+step holds (or unit vectors: normalising them again changes nothing), as v2's losses do.
 Each loss is the mean over this rank's queries; DDP's gradient average over ranks then
 makes the gradient that of the mean over the global batch (DESIGN I1).
 """
@@ -86,7 +88,9 @@ def f2llm_loss(reps, b: int, k: int, in_batch: bool, temperature: float = TEMPER
                gather: str = "autograd"):
     """reps (S, D) = [b queries; b positives; b * k negatives, query by query] of this rank
     -> (total, hard, in-batch). k = 0 (pairs only) has no hard term; in_batch is True for
-    retrieval data only (elsewhere other queries' positives would be false negatives)."""
+    retrieval data only (elsewhere other queries' positives would be false negatives).
+    reps are normalised here (F2LLM v2's utils.py normalises inside its losses too)."""
+    reps = F.normalize(reps.float(), dim=-1)  # (S, D)
     query, positive = reps[:b], reps[b:2 * b]  # (b, D) each
     zero = torch.zeros((), device=reps.device)
     hard = hard_negative_loss(query, positive, reps[2 * b:].view(b, k, -1),
@@ -113,7 +117,7 @@ def matryoshka(loss_fn, reps, dims: list[int]):
     return tuple(total)
 
 
-KD_MODES = ("mse", "kl")
+KD_MODES = ("v2", "unit", "kl")
 
 
 def candidate_logits(reps, b: int, k: int, in_batch: bool, temperature: float,
@@ -121,8 +125,9 @@ def candidate_logits(reps, b: int, k: int, in_batch: bool, temperature: float,
     """One rank's reps [queries; positives; negatives] -> (b, 1 + k [+ world * b - 1]) logits
     of each query against its positive (column 0), its k hard negatives and, with in_batch,
     the other positives of the global batch (its own positive is not repeated)."""
-    query, positive = reps[:b].float(), reps[b:2 * b].float()  # (b, D) each
-    negatives = reps[2 * b:].float().view(b, k, reps.shape[1])  # (b, k, D)
+    reps = F.normalize(reps.float(), dim=-1)  # (S, D)
+    query, positive = reps[:b], reps[b:2 * b]  # (b, D) each
+    negatives = reps[2 * b:].view(b, k, reps.shape[1])  # (b, k, D)
     candidates = torch.cat([positive[:, None], negatives], dim=1)  # (b, 1 + k, D)
     logits = torch.einsum("bd,bcd->bc", query, candidates) / temperature  # (b, 1 + k)
     if not in_batch:
@@ -137,17 +142,27 @@ def candidate_logits(reps, b: int, k: int, in_batch: bool, temperature: float,
 
 def distillation_loss(student, teacher, b: int, k: int, in_batch: bool, mode: str,
                       temperature: float = TEMPERATURE, gather: str = "autograd"):
-    """student (S, D) unit reps with grad, teacher (S, D_t) unit reps of the same sequences,
-    no grad -> scalar.
-    mse: F2LLM v2's sum of three mean squared errors (queries, positives, negatives), the
-      teacher cut to its first D components (D_t >= D) and renormalised, as `evaluate.py
-      --dim` scores a truncated model. On unit vectors, where v2 uses raw hidden states.
+    """student (S, D) raw last-token states with grad, teacher (S, D_t) raw states of the same
+    sequences, no grad -> scalar. Rows are [b queries; b positives; b * k negatives].
+    v2: F2LLM v2's term (utils.py, accelerate_train): F.mse_loss(queries) + F.mse_loss(positives)
+      + F.mse_loss(negatives) of the RAW states, each a mean over elements, the teacher cut to
+      its first D components (D_t >= D), not renormalised. It matches norms as well as
+      directions, at the scale of the hidden states.
+    unit: the same three groups on unit vectors (the cut teacher renormalised), each the mean
+      over sequences of ||s - t||^2 = 2 - 2 cos: D times the element mean, so that weight 1
+      is on the scale of the contrastive loss (README, --kd-mode).
     kl: KL(teacher || student) of the softmax over each query's candidates (candidate_logits),
       both at the training temperature, averaged over queries."""
-    if mode == "mse":
-        target = F.normalize(teacher[:, :student.shape[1]].float(), dim=-1)  # (S, D)
-        groups = [slice(0, b), slice(b, 2 * b)] + ([slice(2 * b, None)] if k else [])
+    groups = [slice(0, b), slice(b, 2 * b)] + ([slice(2 * b, None)] if k else [])
+    if mode == "v2":
+        target = teacher[:, :student.shape[1]].float()  # (S, D), not renormalised
         return sum(F.mse_loss(student[g].float(), target[g]) for g in groups)
+    if mode == "unit":
+        s = F.normalize(student.float(), dim=-1)  # (S, D)
+        t = F.normalize(teacher[:, :student.shape[1]].float(), dim=-1)  # (S, D)
+        return sum(((s[g] - t[g]) ** 2).sum(-1).mean() for g in groups)
+    if mode != "kl":
+        raise ValueError(f"distillation mode {mode!r}: use one of {KD_MODES}")
     s = candidate_logits(student, b, k, in_batch, temperature, gather)
     t = candidate_logits(teacher.float(), b, k, in_batch, temperature, "detached")
     return F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), log_target=True,

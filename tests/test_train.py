@@ -158,7 +158,9 @@ def test_tiny_recipe_end_to_end(trained_run):
     (["--chunk-tokens", "0"], "--chunk-tokens must be positive"),
     (["--data", "/nonexistent/folder"], "--data /nonexistent/folder: no such folder"),
     (["--resume"], "--resume: no checkpoint in"),
-    (["--kd-mode", "l2"], "--kd-mode l2: use mse or kl"),
+    (["--kd-mode", "l2"], "--kd-mode l2: use v2, unit, kl"),
+    (["--kd-mode", "mse"], "--kd-mode mse is now two modes: v2"),
+    (["--k-clustering", "0"], "--k-clustering must be >= 1"),
     (["--demo-negatives", "best"], "--demo-negatives best: use mined or random"),
 ])
 def test_bad_command_lines(tmp_path, capsys, argv, message):
@@ -225,29 +227,56 @@ def test_no_in_batch_drops_only_the_in_batch_term(backbone, tokenizer, small_dem
     assert alone["terms"][0] == recipe["terms"][0] == pytest.approx(alone["loss"])
 
 
-@pytest.mark.parametrize("mode", ["mse", "kl"])
+def _raw_states(backbone, seqs, pad_id):
+    """One plain padded forward: (S, D) raw last-token states (no packing, no normalisation)."""
+    ids, lengths = M.pad(seqs, pad_id)
+    mask = M.mask_from_lengths(lengths, ids.shape[1])
+    hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    return M.last_token_pool(hidden, mask).float()
+
+
+def _official_kd(student, teacher, b, k, mode, t=0.05):
+    """Each distillation mode from its formula. v2 (F2LLM v2's utils.py accelerate_train):
+    F.mse_loss of the raw query, positive and negative states, the teacher cut to D."""
+    d = student.shape[1]
+    groups = [slice(0, b), slice(b, 2 * b), slice(2 * b, None)]
+    if mode == "v2":
+        return sum(M.F.mse_loss(student[g], teacher[g, :d]) for g in groups)
+    s, c = M.F.normalize(student, dim=-1), M.F.normalize(teacher[:, :d], dim=-1)
+    if mode == "unit":
+        return sum(((s[g] - c[g]) ** 2).sum(-1).mean() for g in groups)
+    from loss import distillation_loss  # kl: its own loop test is in tests/test_loss.py
+    return distillation_loss(student, teacher, b, k, True, "kl", t)
+
+
+@pytest.mark.parametrize("mode", ["v2", "unit", "kl"])
 def test_distillation_keeps_I2_with_the_naive_gradient(backbone, tokenizer, small_demo_dir, mode):
-    """With a teacher's reps of the same sequences (another tiny model, no grad), token
+    """With a teacher's raw states of the same sequences (another tiny model, no grad), token
     budgets from one row per chunk to all-in-one give the gradients of one plain padded
-    forward of F2LLM's loss + kd_weight x the distillation term, which does change them."""
-    from loss import distillation_loss, f2llm_loss
+    forward of F2LLM's loss + kd_weight x the mode's term written from its formula (v2: on the
+    RAW states, which the cached step must therefore cache), and the term changes them."""
+    from loss import f2llm_loss
     batch, seqs = _rank_batch(small_demo_dir, tokenizer, "retrieval")
     b, k = len(batch.queries), len(batch.negatives[0])
     teacher = M.tiny_backbone(tokenizer, seed=1)
-    teacher_reps = train.embed_chunks(teacher, seqs, 200)  # the teacher's own packed pass
-    ids, lengths = M.pad(seqs, tokenizer.pad_token_id)
+    teacher_states = train.embed_chunks(teacher, seqs, 200, unit=False)  # its own packed pass
     with torch.no_grad():
-        torch.testing.assert_close(teacher_reps, M.embed(teacher, ids, lengths))
-    reps = M.embed(backbone, ids, lengths)
-    kd = distillation_loss(reps, teacher_reps, b, k, True, mode)
-    naive = f2llm_loss(reps, b, k, True)[0] + 10 * kd
+        torch.testing.assert_close(teacher_states,
+                                   _raw_states(teacher, seqs, tokenizer.pad_token_id))
+    norms = teacher_states.norm(dim=-1)
+    assert (norms - 1).abs().min() > 0.5  # raw, not unit: a normalised cache would fail v2
+    states = _raw_states(backbone, seqs, tokenizer.pad_token_id)
+    kd = _official_kd(states, teacher_states, b, k, mode)
+    naive = f2llm_loss(M.F.normalize(states, dim=-1), b, k, True)[0] + 10 * kd
     naive.backward()
     direct = {n: p.grad.clone() for n, p in backbone.named_parameters()}
     backbone.zero_grad(set_to_none=True)
-    loss_fn = train.step_loss(batch, 0.05, teacher_reps=teacher_reps, kd_mode=mode, kd_weight=10)
+    loss_fn = train.step_loss(batch, 0.05, teacher_reps=teacher_states, kd_mode=mode,
+                              kd_weight=10)
     for chunk_tokens in (1, 10**6):
         m, grads = _grads(backbone, seqs, loss_fn, chunk_tokens)
-        assert m["loss"] == pytest.approx(naive.item(), rel=1e-5) and m["terms"][2] > 0
+        assert m["loss"] == pytest.approx(naive.item(), rel=1e-5)
+        assert m["terms"][2] == pytest.approx(kd.item(), rel=1e-5) and m["terms"][2] > 0
         _close(grads, direct, f"{mode} {chunk_tokens}")
     assert all(p.grad is None for p in teacher.parameters())
     recipe = _grads(backbone, seqs, train.step_loss(batch, 0.05), 10**6)[1]
