@@ -5,16 +5,16 @@
 - `in_batch_loss`: each query against the positives of the WHOLE global batch, gathered
   from all ranks WITH gradient, its own positive as label (retrieval data only).
 - `f2llm_loss`: the recipe's total on one rank's reps [queries; positives; negatives]:
-  hard-negative (k >= 1) + in-batch (retrieval only); raw states are normalised first.
+  hard-negative (k >= 1) + in-batch (retrieval only).
 - `matryoshka`: F2LLM v2's Matryoshka loss: a loss summed over nested prefixes of the reps.
 - `distillation_loss`: a teacher's cached states of the same sequences -> "v2" (F2LLM v2's
   MSE on the raw last-token states), "unit" (squared distance of the unit vectors) or "kl"
   (score distillation over each query's candidates, as FlagEmbedding and Tevatron offer).
 - gather="detached" reproduces the official code's in-batch gather, which carries no gradient:
   on more than one process no positive gets an in-batch gradient, not even its own rank's.
-The two contrastive losses take L2-normalised embeddings, so q @ p is the cosine; logits are
-fp32 / temperature. f2llm_loss and distillation_loss take the raw pooled states the cached
-step holds (or unit vectors: normalising them again changes nothing), as v2's losses do.
+The losses take the raw pooled states the cached step holds and L2-normalise them, as F2LLM
+v2's utils.py does (unit vectors pass unchanged), so q @ p is the cosine; logits are fp32 /
+temperature. Only distillation mode "v2" compares the raw states themselves.
 Each loss is the mean over this rank's queries; DDP's gradient average over ranks then
 makes the gradient that of the mean over the global batch (DESIGN I1).
 """
@@ -65,9 +65,10 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 def hard_negative_loss(query, positive, negatives, temperature: float = TEMPERATURE):
     """query (b, D), positive (b, D), negatives (b, k, D) -> scalar."""
-    candidates = torch.cat([positive[:, None], negatives], dim=1)  # (b, 1 + k, D)
-    logits = torch.einsum("bd,bcd->bc", query.float(),
-                          candidates.float()) / temperature  # (b, 1 + k)
+    candidates = F.normalize(torch.cat([positive[:, None], negatives], dim=1).float(),
+                             dim=-1)  # (b, 1 + k, D)
+    logits = torch.einsum("bd,bcd->bc", F.normalize(query.float(), dim=-1),
+                          candidates) / temperature  # (b, 1 + k)
     labels = torch.zeros(len(query), dtype=torch.long, device=query.device)
     return F.cross_entropy(logits, labels)
 
@@ -77,8 +78,8 @@ def in_batch_loss(query, positive, temperature: float = TEMPERATURE, gather: str
     all ranks laid out [rank 0, rank 1, ...]; query i of rank r has label r * b + i.
     gather: "autograd" (the recipe) or "detached" (the official code's, an ablation)."""
     gathered = gather_with_grad if gather == "autograd" else gather_detached
-    all_positives = gathered(positive.float())  # (world * b, D)
-    logits = query.float() @ all_positives.T / temperature  # (b, world * b)
+    all_positives = gathered(F.normalize(positive.float(), dim=-1))  # (world * b, D)
+    logits = F.normalize(query.float(), dim=-1) @ all_positives.T / temperature  # (b, world * b)
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     labels = rank * len(query) + torch.arange(len(query), device=query.device)
     return F.cross_entropy(logits, labels)
@@ -88,9 +89,7 @@ def f2llm_loss(reps, b: int, k: int, in_batch: bool, temperature: float = TEMPER
                gather: str = "autograd"):
     """reps (S, D) = [b queries; b positives; b * k negatives, query by query] of this rank
     -> (total, hard, in-batch). k = 0 (pairs only) has no hard term; in_batch is True for
-    retrieval data only (elsewhere other queries' positives would be false negatives).
-    reps are normalised here (F2LLM v2's utils.py normalises inside its losses too)."""
-    reps = F.normalize(reps.float(), dim=-1)  # (S, D)
+    retrieval data only (elsewhere other queries' positives would be false negatives)."""
     query, positive = reps[:b], reps[b:2 * b]  # (b, D) each
     zero = torch.zeros((), device=reps.device)
     hard = hard_negative_loss(query, positive, reps[2 * b:].view(b, k, -1),

@@ -27,14 +27,15 @@ def torchrun(*args, nproc=2, timeout=300):
 def test_I1_two_ranks_give_the_one_process_gradients_with_one_allreduce_per_step(tmp_path, tokenizer_dir, demo_dir):
     """One step, batch 8: world=2 (b=4 each, several packed chunks) == world=1 (b=8, one chunk),
     retrieval and clustering for the recipe, retrieval with Matryoshka, with LoRA (adapter
-    gradients), with distillation (mse and kl) and with the official code's detached gather, whose 2-rank gradients equal a 1-process step
-    in which no positive gets an in-batch gradient. DESIGN §4: one all-reduce per step (per
+    gradients), with distillation (each mode; v2's 2-rank gradients equal a 1-process step written from
+    v2's formula on the raw states) and with the official code's detached gather, whose 2-rank
+    gradients equal a 1-process step in which no positive gets an in-batch gradient. DESIGN §4: one all-reduce per step (per
     bucket), not per chunk."""
     worker = os.path.join(HERE, "dist_worker.py")
     torchrun(worker, tokenizer_dir, demo_dir, str(tmp_path / "w2.pt"), "8", "120", nproc=2)
     torchrun(worker, tokenizer_dir, demo_dir, str(tmp_path / "w1.pt"), "8", "100000", nproc=0)
     two, one = torch.load(tmp_path / "w2.pt"), torch.load(tmp_path / "w1.pt")
-    assert len(one["grads"]) == 7  # the recipe on retrieval and clustering, each option on retrieval
+    assert len(one["grads"]) == 8  # the recipe on retrieval and clustering, each option on retrieval
     for key in one["grads"]:
         assert two["losses"][key] == pytest.approx(one["losses"][key], rel=1e-5), key
         for name, g in one["grads"][key].items():
