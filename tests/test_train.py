@@ -324,3 +324,26 @@ def test_lora_export_is_a_plain_qwen3_with_the_adapter_embeddings(tokenizer, tmp
                                atol=1e-5, rtol=1e-5)
     base = M.tiny_backbone(tokenizer, seed=0)  # the adapters changed the embeddings
     assert (M.encode(base, tokenizer, texts) - M.encode(loaded, tokenizer, texts)).abs().max() > 1e-3
+
+
+def test_k_clustering_sets_the_hard_negatives_of_clustering_data_only(small_demo_dir,
+                                                                      tokenizer):
+    """--k-clustering: 7 in every preset (F2LLM v1), 9 is F2LLM v2's (arguments.py
+    num_hard_neg_clustering); it changes the clustering batches' negatives per query and
+    nothing else, and a k the data cannot give fails naming the file."""
+    assert all(train.parse_config(["--size", s]).k_clustering == 7 for s in train.PRESETS)
+    assert train.parse_config(["--size", "4b", "--k-clustering", "9"]).k_clustering == 9
+    memo = small_demo_dir + "_tokens"  # the shared test cache: files scanned and tokenized once
+    default = {s.name: s.k for s in D.load_sources(small_demo_dir, memo_folder=memo)}
+    nine = D.load_sources(small_demo_dir, memo_folder=memo, k_clustering=9)
+    assert {s.task_type for s in nine} >= {"retrieval", "clustering", "classification"}
+    for s in nine:
+        assert s.k == (9 if s.task_type == "clustering" else default[s.name]), s.name
+    clustering = [s for s in nine if s.task_type == "clustering"]
+    cache = D.TokenCache(memo, tokenizer, 128)
+    cache.build(clustering, log=lambda *a: None)
+    cache.open(clustering)
+    batch = next(D.BatchStream(clustering, 4, seed=0))
+    assert [len(n) for n in batch.negatives] == [9] * 4
+    with pytest.raises(D.DataError, match="negative_25"):
+        D.load_sources(small_demo_dir, memo_folder=memo, k_clustering=25)
