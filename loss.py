@@ -64,7 +64,8 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 def hard_negative_loss(query, positive, negatives, temperature: float = TEMPERATURE):
-    """query (b, D), positive (b, D), negatives (b, k, D) -> scalar."""
+    """query (b, D), positive (b, D), negatives (b, k, D), raw or unit (normalised here) ->
+    scalar."""
     candidates = F.normalize(torch.cat([positive[:, None], negatives], dim=1).float(),
                              dim=-1)  # (b, 1 + k, D)
     logits = torch.einsum("bd,bcd->bc", F.normalize(query.float(), dim=-1),
@@ -143,13 +144,13 @@ def distillation_loss(student, teacher, b: int, k: int, in_batch: bool, mode: st
                       temperature: float = TEMPERATURE, gather: str = "autograd"):
     """student (S, D) raw last-token states with grad, teacher (S, D_t) raw states of the same
     sequences, no grad -> scalar. Rows are [b queries; b positives; b * k negatives].
-    v2: F2LLM v2's term (utils.py, accelerate_train): F.mse_loss(queries) + F.mse_loss(positives)
-      + F.mse_loss(negatives) of the RAW states, each a mean over elements, the teacher cut to
+    v2: F2LLM v2's term (its utils.py, accelerate_train): F.mse_loss(queries) +
+      F.mse_loss(positives) + F.mse_loss(negatives) of the RAW states, each a mean over elements, the teacher cut to
       its first D components (D_t >= D), not renormalised. It matches norms as well as
       directions, at the scale of the hidden states.
     unit: the same three groups on unit vectors (the cut teacher renormalised), each the mean
       over sequences of ||s - t||^2 = 2 - 2 cos: D times the element mean, so that weight 1
-      is on the scale of the contrastive loss (README, --kd-mode).
+      is on the scale of the contrastive loss (measured in docs/differences.md).
     kl: KL(teacher || student) of the softmax over each query's candidates (candidate_logits),
       both at the training temperature, averaged over queries."""
     groups = [slice(0, b), slice(b, 2 * b)] + ([slice(2 * b, None)] if k else [])
