@@ -145,9 +145,9 @@ def distillation_loss(student, teacher, b: int, k: int, in_batch: bool, mode: st
     """student (S, D) raw last-token states with grad, teacher (S, D_t) raw states of the same
     sequences, no grad -> scalar. Rows are [b queries; b positives; b * k negatives].
     v2: F2LLM v2's term (its utils.py, accelerate_train): F.mse_loss(queries) +
-      F.mse_loss(positives) + F.mse_loss(negatives) of the RAW states, each a mean over elements, the teacher cut to
-      its first D components (D_t >= D), not renormalised. It matches norms as well as
-      directions, at the scale of the hidden states.
+      F.mse_loss(positives) + F.mse_loss(negatives) of the RAW states, each a mean over
+      elements, the teacher cut to its first D components (D_t >= D), not renormalised. It
+      matches norms as well as directions, at the scale of the hidden states.
     unit: the same three groups on unit vectors (the cut teacher renormalised), each the mean
       over sequences of ||s - t||^2 = 2 - 2 cos: D times the element mean, so that weight 1
       is on the scale of the contrastive loss (measured in docs/differences.md).
