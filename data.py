@@ -286,7 +286,8 @@ def _first(rows: np.ndarray, few: int = 5) -> str:
 
 def load_sources(folder: str, seed: int = 0, val_fraction: float = 0.01,
                  memo_folder: str | None = None, task_table: str = TASK_TABLE,
-                 strict: bool = False, max_bad_fraction: float = 0.01) -> list[Source]:
+                 strict: bool = False, max_bad_fraction: float = 0.01,
+                 k_clustering: int = K_BY_TYPE["clustering"]) -> list[Source]:
     """Check every source file in `folder` (keeping each file's scan in `memo_folder`, if
     given) against the task types of `task_table`. Rows that cannot train are left out of both
     splits (`Source.skipped`; strict: an error). Raises DataError on any problem."""
@@ -309,7 +310,7 @@ def load_sources(folder: str, seed: int = 0, val_fraction: float = 0.01,
             raise DataError(f"{path}: source {name!r} is not in {task_table}; add a line "
                             f"'{name},<retrieval|clustering|classification>' to "
                             f"{os.path.join(folder, 'task_types.csv')} (header: dataset,task_type)")
-        k = K_BY_TYPE[types[name]]
+        k = k_clustering if types[name] == "clustering" else K_BY_TYPE[types[name]]
         columns, n_candidates, empty = _check_file(path, k, memo_folder)
         skipped = _skipped_rows(path, k, n_candidates, empty, strict, max_bad_fraction)
         rows = np.random.default_rng([seed,

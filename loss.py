@@ -7,12 +7,14 @@
 - `f2llm_loss`: the recipe's total on one rank's reps [queries; positives; negatives]:
   hard-negative (k >= 1) + in-batch (retrieval only).
 - `matryoshka`: F2LLM v2's Matryoshka loss: a loss summed over nested prefixes of the reps.
-- `distillation_loss`: a teacher's cached reps of the same sequences -> "mse" (F2LLM v2's
-  embedding distillation, on unit vectors) or "kl" (score distillation over each query's
-  candidates, as FlagEmbedding and Tevatron offer).
+- `distillation_loss`: a teacher's cached states of the same sequences -> "v2" (F2LLM v2's
+  MSE on the raw last-token states), "unit" (squared distance of the unit vectors) or "kl"
+  (score distillation over each query's candidates, as FlagEmbedding and Tevatron offer).
 - gather="detached" reproduces the official code's in-batch gather, which carries no gradient:
   on more than one process no positive gets an in-batch gradient, not even its own rank's.
-Embeddings come in L2-normalised, so q @ p is the cosine; logits are fp32 / temperature.
+The losses take the raw pooled states the cached step holds and L2-normalise them, as F2LLM
+v2's utils.py does (unit vectors pass unchanged), so q @ p is the cosine; logits are fp32 /
+temperature. Only distillation mode "v2" compares the raw states themselves.
 Each loss is the mean over this rank's queries; DDP's gradient average over ranks then
 makes the gradient that of the mean over the global batch (DESIGN I1).
 """
@@ -62,10 +64,12 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 def hard_negative_loss(query, positive, negatives, temperature: float = TEMPERATURE):
-    """query (b, D), positive (b, D), negatives (b, k, D) -> scalar."""
-    candidates = torch.cat([positive[:, None], negatives], dim=1)  # (b, 1 + k, D)
-    logits = torch.einsum("bd,bcd->bc", query.float(),
-                          candidates.float()) / temperature  # (b, 1 + k)
+    """query (b, D), positive (b, D), negatives (b, k, D), raw or unit (normalised here) ->
+    scalar."""
+    candidates = F.normalize(torch.cat([positive[:, None], negatives], dim=1).float(),
+                             dim=-1)  # (b, 1 + k, D)
+    logits = torch.einsum("bd,bcd->bc", F.normalize(query.float(), dim=-1),
+                          candidates) / temperature  # (b, 1 + k)
     labels = torch.zeros(len(query), dtype=torch.long, device=query.device)
     return F.cross_entropy(logits, labels)
 
@@ -75,8 +79,8 @@ def in_batch_loss(query, positive, temperature: float = TEMPERATURE, gather: str
     all ranks laid out [rank 0, rank 1, ...]; query i of rank r has label r * b + i.
     gather: "autograd" (the recipe) or "detached" (the official code's, an ablation)."""
     gathered = gather_with_grad if gather == "autograd" else gather_detached
-    all_positives = gathered(positive.float())  # (world * b, D)
-    logits = query.float() @ all_positives.T / temperature  # (b, world * b)
+    all_positives = gathered(F.normalize(positive.float(), dim=-1))  # (world * b, D)
+    logits = F.normalize(query.float(), dim=-1) @ all_positives.T / temperature  # (b, world * b)
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     labels = rank * len(query) + torch.arange(len(query), device=query.device)
     return F.cross_entropy(logits, labels)
@@ -113,7 +117,7 @@ def matryoshka(loss_fn, reps, dims: list[int]):
     return tuple(total)
 
 
-KD_MODES = ("mse", "kl")
+KD_MODES = ("v2", "unit", "kl")
 
 
 def candidate_logits(reps, b: int, k: int, in_batch: bool, temperature: float,
@@ -121,8 +125,9 @@ def candidate_logits(reps, b: int, k: int, in_batch: bool, temperature: float,
     """One rank's reps [queries; positives; negatives] -> (b, 1 + k [+ world * b - 1]) logits
     of each query against its positive (column 0), its k hard negatives and, with in_batch,
     the other positives of the global batch (its own positive is not repeated)."""
-    query, positive = reps[:b].float(), reps[b:2 * b].float()  # (b, D) each
-    negatives = reps[2 * b:].float().view(b, k, reps.shape[1])  # (b, k, D)
+    reps = F.normalize(reps.float(), dim=-1)  # (S, D)
+    query, positive = reps[:b], reps[b:2 * b]  # (b, D) each
+    negatives = reps[2 * b:].view(b, k, reps.shape[1])  # (b, k, D)
     candidates = torch.cat([positive[:, None], negatives], dim=1)  # (b, 1 + k, D)
     logits = torch.einsum("bd,bcd->bc", query, candidates) / temperature  # (b, 1 + k)
     if not in_batch:
@@ -137,17 +142,27 @@ def candidate_logits(reps, b: int, k: int, in_batch: bool, temperature: float,
 
 def distillation_loss(student, teacher, b: int, k: int, in_batch: bool, mode: str,
                       temperature: float = TEMPERATURE, gather: str = "autograd"):
-    """student (S, D) unit reps with grad, teacher (S, D_t) unit reps of the same sequences,
-    no grad -> scalar.
-    mse: F2LLM v2's sum of three mean squared errors (queries, positives, negatives), the
-      teacher cut to its first D components (D_t >= D) and renormalised, as `evaluate.py
-      --dim` scores a truncated model. On unit vectors, where v2 uses raw hidden states.
+    """student (S, D) raw last-token states with grad, teacher (S, D_t) raw states of the same
+    sequences, no grad -> scalar. Rows are [b queries; b positives; b * k negatives].
+    v2: F2LLM v2's term (its utils.py, accelerate_train): F.mse_loss(queries) +
+      F.mse_loss(positives) + F.mse_loss(negatives) of the RAW states, each a mean over
+      elements, the teacher cut to its first D components (D_t >= D), not renormalised. It
+      matches norms as well as directions, at the scale of the hidden states.
+    unit: the same three groups on unit vectors (the cut teacher renormalised), each the mean
+      over sequences of ||s - t||^2 = 2 - 2 cos: D times the element mean, so that weight 1
+      is on the scale of the contrastive loss (measured in docs/differences.md).
     kl: KL(teacher || student) of the softmax over each query's candidates (candidate_logits),
       both at the training temperature, averaged over queries."""
-    if mode == "mse":
-        target = F.normalize(teacher[:, :student.shape[1]].float(), dim=-1)  # (S, D)
-        groups = [slice(0, b), slice(b, 2 * b)] + ([slice(2 * b, None)] if k else [])
+    groups = [slice(0, b), slice(b, 2 * b)] + ([slice(2 * b, None)] if k else [])
+    if mode == "v2":
+        target = teacher[:, :student.shape[1]].float()  # (S, D), not renormalised
         return sum(F.mse_loss(student[g].float(), target[g]) for g in groups)
+    if mode == "unit":
+        s = F.normalize(student.float(), dim=-1)  # (S, D)
+        t = F.normalize(teacher[:, :student.shape[1]].float(), dim=-1)  # (S, D)
+        return sum(((s[g] - t[g]) ** 2).sum(-1).mean() for g in groups)
+    if mode != "kl":
+        raise ValueError(f"distillation mode {mode!r}: use one of {KD_MODES}")
     s = candidate_logits(student, b, k, in_batch, temperature, gather)
     t = candidate_logits(teacher.float(), b, k, in_batch, temperature, "detached")
     return F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), log_target=True,

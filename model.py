@@ -386,15 +386,17 @@ def pack(seqs: list[list[int]], width: int | None = None, pin: bool = False) -> 
     return packed
 
 
-def embed_packed(backbone, packed: Packed) -> torch.Tensor:
-    """A packed chunk -> (n, D) fp32 unit vectors, at each sequence's last token (its EOS)."""
+def embed_packed(backbone, packed: Packed, unit: bool = True) -> torch.Tensor:
+    """A packed chunk -> (n, D) fp32 states at each sequence's last token (its EOS): unit
+    vectors, or with unit=False the raw hidden states (the cached step's, see train.py)."""
     varlen = {}
     if packed.cu_seqlens is not None:  # passed down to every layer: no layer syncs the host
         varlen = dict(cu_seq_lens_q=packed.cu_seqlens, cu_seq_lens_k=packed.cu_seqlens,
                       max_length_q=packed.longest, max_length_k=packed.longest)
     hidden = backbone(input_ids=packed.input_ids, position_ids=packed.position_ids,
                       use_cache=False, **varlen).last_hidden_state  # (R, W, D)
-    return F.normalize(hidden.flatten(0, 1)[packed.last].float(), dim=-1)
+    pooled = hidden.flatten(0, 1)[packed.last].float()  # (n, D)
+    return F.normalize(pooled, dim=-1) if unit else pooled
 
 
 def uses_varlen(backbone) -> bool:

@@ -73,7 +73,8 @@ class Recipe:
     lora_rank: int = 0  # LoRA adapters of this rank on every linear layer; 0 = full finetuning
     teacher: str = ""  # distil from this model (a folder or hub id model.py loads); "" = none
     kd_weight: float = 1.0  # weight of the distillation term in the loss (with --teacher)
-    kd_mode: str = "mse"  # mse (F2LLM v2's, on unit vectors) | kl (scores over the candidates)
+    kd_mode: str = "v2"  # v2 (F2LLM v2's MSE of raw states) | unit (of unit vectors) | kl (scores)
+    k_clustering: int = 7  # hard negatives per clustering query (F2LLM v1: 7; v2: 9)
 
 
 @dataclass
@@ -166,8 +167,14 @@ def check_config(cfg: Config, world: int) -> None:
         fail(f"--demo-negatives {cfg.demo_negatives}: use mined or random")
     if cfg.in_batch_gather not in ("autograd", "detached"):
         fail(f"--in-batch-gather {cfg.in_batch_gather}: use autograd or detached")
+    if cfg.kd_mode == "mse":
+        fail("--kd-mode mse is now two modes: v2 (F2LLM v2's MSE of the raw states) or unit "
+             "(the squared distance of the unit vectors: what mse computed, times D)")
     if cfg.kd_mode not in KD_MODES:
-        fail(f"--kd-mode {cfg.kd_mode}: use {' or '.join(KD_MODES)}")
+        fail(f"--kd-mode {cfg.kd_mode}: use {', '.join(KD_MODES)}")
+    if cfg.k_clustering < 1:
+        fail(f"--k-clustering must be >= 1 (hard negatives per clustering query), "
+             f"got {cfg.k_clustering}")
     if cfg.teacher and not cfg.kd_weight > 0:
         fail(f"--kd-weight must be positive with --teacher, got {cfg.kd_weight}")
     if cfg.lora_rank < 0:
@@ -326,7 +333,8 @@ def cached_step(model, seqs: list[list[int]], loss_fn, chunk_tokens: int, bf16: 
                 ddp=None, chunk_size: int = 0, clock=lambda phase: None) -> dict:
     """DESIGN §4: pass 1 (no grad) -> loss on cached reps -> pass 2 (grad, chunk by chunk).
 
-    seqs: this rank's id lists; loss_fn(reps (S, D) fp32) -> (loss, *terms). Chunks hold at
+    seqs: this rank's id lists; loss_fn(reps (S, D) fp32: the RAW last-token states, which the
+    loss normalises; v2's distillation needs them raw) -> (loss, *terms). Chunks hold at
     most chunk_tokens tokens, packed (model.pack). One autocast region per pass, so autocast
     casts each weight to bf16 once per pass, not once per chunk. Leaves in .grad the gradient
     of the GLOBAL batch's loss (DDP averages over ranks at the last chunk: one all-reduce).
@@ -336,13 +344,13 @@ def cached_step(model, seqs: list[list[int]], loss_fn, chunk_tokens: int, bf16: 
     device = next(model.parameters()).device
     packs, rows = packed_chunks(model, seqs, chunk_tokens, chunk_size)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
-    # 1. pass 1, no grad: cache the reps of all S sequences, and each chunk's RNG state
+    # 1. pass 1, no grad: cache the raw pooled states of all S sequences, each chunk's RNG state
     reps = torch.empty(len(seqs), model.config.hidden_size, device=device)  # (S, D) fp32
     states = []
     with torch.no_grad(), autocast():
         for i, packed in enumerate(packs):
             states.append(rng_state(device))
-            reps[rows[i]] = M.embed_packed(model, packed)
+            reps[rows[i]] = M.embed_packed(model, packed, unit=False)
     clock("pass 1")
     # 2. loss on the cached reps, in fp32: d loss / d reps, including other ranks' queries' terms
     reps.requires_grad_(True)
@@ -357,7 +365,8 @@ def cached_step(model, seqs: list[list[int]], loss_fn, chunk_tokens: int, bf16: 
             sync = ddp is None or i == len(packs) - 1
             no_sync = contextlib.nullcontext() if sync else ddp.no_sync()
             with no_sync, restored_rng(states[i], device):
-                (M.embed_packed(net, packed) * reps.grad[rows[i]]).sum().backward()
+                raw = M.embed_packed(net, packed, unit=False)  # (n, D), with grad
+                (raw * reps.grad[rows[i]]).sum().backward()
     clock("pass 2")
     losses = torch.stack([loss.detach(), *(t.detach() for t in terms)])  # (1 + terms,)
     values = losses.tolist()  # one host sync
@@ -386,11 +395,12 @@ def optimizer_step(optimizer, scheduler, trained, grad_clip: float, losses: torc
 
 
 def step_loss(batch: D.Batch, temperature: float, mrl: bool = False, gather: str = "autograd",
-              teacher_reps=None, kd_mode: str = "mse", kd_weight: float = 1.0,
+              teacher_reps=None, kd_mode: str = "v2", kd_weight: float = 1.0,
               in_batch: bool = True):
-    """The recipe's loss of one rank's batch, as a function of its reps (S, D): F2LLM's total,
-    or with mrl its Matryoshka sum over nested dims, plus kd_weight x the distillation term
-    when the teacher's reps of the same sequences are given (all on the cached reps: no
+    """The recipe's loss of one rank's batch, as a function of its pooled states (S, D), raw
+    or unit: F2LLM's total, or with mrl its Matryoshka sum over nested dims, plus kd_weight x
+    the distillation term when the teacher's raw states of the same sequences are given, on
+    every task type and at the full dimension only, as F2LLM v2 (all on the cached states: no
     extra memory). in_batch=False drops the in-batch term (an ablation).
     -> (total, hard, in-batch[, distillation])."""
     b, k = len(batch.queries), len(batch.negatives[0]) if batch.negatives else 0
@@ -413,15 +423,15 @@ def step_loss(batch: D.Batch, temperature: float, mrl: bool = False, gather: str
 
 @torch.no_grad()
 def embed_chunks(model, seqs: list[list[int]], chunk_tokens: int, chunk_size: int = 0,
-                 bf16: bool = False):
-    """The no-grad pass on its own: seqs -> (S, D) fp32 unit reps, one packed chunk in memory
-    at a time (validation, and a teacher's reps of the step's sequences)."""
+                 bf16: bool = False, unit: bool = True):
+    """The no-grad pass on its own: seqs -> (S, D) fp32 unit reps (unit=False: raw states),
+    one packed chunk in memory at a time (validation, and a teacher's states of the step)."""
     device = next(model.parameters()).device
     packs, rows = packed_chunks(model, seqs, chunk_tokens, chunk_size)
     reps = torch.empty(len(seqs), model.config.hidden_size, device=device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for packed, r in zip(packs, rows):
-            reps[r] = M.embed_packed(model, packed)
+            reps[r] = M.embed_packed(model, packed, unit)
     return reps
 
 
@@ -517,7 +527,7 @@ def setup_data(cfg: Config, rank: int, world: int, say):
     try:  # every rank streams the files through the checks (once: cache_folder keeps the result)
         sources = D.load_sources(data_folder, cfg.seed, cfg.val_fraction, cache_folder,
                                  D.DATA_SETS[cfg.data_set][1], cfg.strict_data,
-                                 cfg.max_bad_fraction)
+                                 cfg.max_bad_fraction, cfg.k_clustering)
         stream = D.BatchStream(sources, cfg.batch_size, cfg.seed, cfg.source_sampling)
     except D.DataError as e:
         raise SystemExit(f"train.py: data error: {e}")
@@ -572,10 +582,11 @@ def setup_teacher(cfg: Config, device, bf16: bool, student_dim: int, say):
     teacher, tokenizer = M.load_backbone(cfg.teacher, M.attention_implementation(device, bf16),
                                          dtype=torch.bfloat16 if bf16 else torch.float32)
     dim = teacher.config.hidden_size
-    if cfg.kd_mode == "mse" and dim < student_dim:
+    if cfg.kd_mode != "kl" and dim < student_dim:
         raise SystemExit(f"train.py: error: --teacher {cfg.teacher} embeds in {dim} dimensions, "
-                         f"fewer than the student's {student_dim}: --kd-mode mse compares the "
-                         f"first {student_dim}; use --kd-mode kl, which compares scores")
+                         f"fewer than the student's {student_dim}: --kd-mode {cfg.kd_mode} "
+                         f"compares the first {student_dim}; use --kd-mode kl, which compares "
+                         f"scores")
     teacher.requires_grad_(False)
     say(f"teacher: {cfg.teacher}, {sum(p.numel() for p in teacher.parameters()):,} parameters, "
         f"dim {dim}, --kd-mode {cfg.kd_mode} x {cfg.kd_weight}")
@@ -702,7 +713,8 @@ def main(argv=None):
         data_state = stream.state_dict()  # after this batch: a checkpoint of this step resumes here
         pending = prefetch.submit(draw)
         teacher_reps = None if teacher is None else embed_chunks(  # the teacher's no-grad pass
-            teacher, (batch.teacher or batch).sequences(), cfg.chunk_tokens, cfg.chunk_size, bf16)
+            teacher, (batch.teacher or batch).sequences(), cfg.chunk_tokens, cfg.chunk_size, bf16,
+            unit=False)  # raw states: the loss normalises them where its mode needs it
         loss_fn = step_loss(batch, cfg.temperature, cfg.mrl, cfg.in_batch_gather, teacher_reps,
                             cfg.kd_mode, cfg.kd_weight, cfg.in_batch)
         m = cached_step(backbone, seqs, loss_fn, cfg.chunk_tokens, bf16, ddp, cfg.chunk_size)

@@ -1,6 +1,6 @@
 """One cached step on the first retrieval and the first clustering batch of the demo sample,
 for the recipe and each option (Matryoshka, LoRA, the official detached gather, distillation
-from another tiny model in both modes); saves the
+from another tiny model in each mode); saves the
 trained parameters' gradients (rank 0) and, per rank, what DDP all-reduced. Run with `python`
 (world 1) or `torchrun` (world N): tests/test_distributed.py compares the two (I1) and counts
 the all-reduces (one per bucket per step)."""
@@ -9,6 +9,7 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -16,11 +17,11 @@ import data as D  # noqa: E402
 import model as M  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from loss import hard_negative_loss, in_batch_loss  # noqa: E402
+from loss import f2llm_loss, hard_negative_loss, in_batch_loss  # noqa: E402
 import train  # noqa: E402
 
 
-OPTIONS = ["recipe", "mrl", "lora", "detached", "kd-mse", "kd-kl"]
+OPTIONS = ["recipe", "mrl", "lora", "detached", "kd-v2", "kd-unit", "kd-kl"]
 
 
 def official_reference_loss(batch):
@@ -34,6 +35,20 @@ def official_reference_loss(batch):
         in_batch = in_batch_loss(q,
                                  p.detach()) if batch.task_type == "retrieval" else torch.zeros(())
         return hard + in_batch, hard, in_batch
+    return loss_fn
+
+
+def official_kd_loss(batch, teacher_states):
+    """F2LLM v2's loss with a teacher, written for ONE process from its utils.py: the recipe +
+    F.mse_loss of the raw query, positive and negative states, the teacher cut to D."""
+    b, k = len(batch.queries), len(batch.negatives[0])
+
+    def loss_fn(states):
+        total, hard, in_batch = f2llm_loss(states, b, k, batch.task_type == "retrieval")
+        t = teacher_states[:, :states.shape[1]]
+        kd = sum(F.mse_loss(states[g], t[g]) for g in (slice(0, b), slice(b, 2 * b),
+                                                        slice(2 * b, None)))
+        return total + kd, hard, in_batch, kd
     return loss_fn
 
 
@@ -71,9 +86,11 @@ def step_gradients(tokenizer_dir, demo_dir, batch_size, chunk_tokens, max_length
             if option == "detached" and world == 1:
                 loss_fn = official_reference_loss(batch)
             elif option.startswith("kd-"):  # the teacher embeds this rank's sequences, no grad
-                teacher_reps = train.embed_chunks(teacher, batch.sequences(), chunk_tokens)
-                loss_fn = train.step_loss(batch, 0.05, teacher_reps=teacher_reps,
-                                          kd_mode=option[3:], kd_weight=1)
+                teacher_states = train.embed_chunks(teacher, batch.sequences(), chunk_tokens,
+                                                    unit=False)
+                loss_fn = official_kd_loss(batch, teacher_states) if (
+                    option == "kd-v2" and world == 1) else train.step_loss(
+                    batch, 0.05, teacher_reps=teacher_states, kd_mode=option[3:], kd_weight=1)
             else:
                 loss_fn = train.step_loss(batch, 0.05, mrl=option == "mrl",
                                           gather="detached" if option == "detached" else "autograd")

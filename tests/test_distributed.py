@@ -38,14 +38,15 @@ def test_I1_two_ranks_give_the_one_process_gradients_with_one_allreduce_per_step
         tmp_path, tokenizer_dir, demo_dir, one_process):
     """One step, batch 8: world=2 (b=4 each, several packed chunks) == world=1 (b=8, one chunk),
     retrieval and clustering for the recipe, retrieval with Matryoshka, with LoRA (adapter
-    gradients), with distillation (mse and kl) and with the official code's detached gather, whose 2-rank gradients equal a 1-process step
-    in which no positive gets an in-batch gradient. DESIGN §4: one all-reduce per step (per
+    gradients), with distillation (each mode; v2's 2-rank gradients equal a 1-process step written from
+    v2's formula on the raw states) and with the official code's detached gather, whose 2-rank
+    gradients equal a 1-process step in which no positive gets an in-batch gradient. DESIGN §4: one all-reduce per step (per
     bucket), not per chunk."""
     worker = os.path.join(HERE, "dist_worker.py")
     torchrun(worker, tokenizer_dir, demo_dir, str(tmp_path / "w2.pt"), "8", "120", nproc=2,
              env={"F2LLM_FORCE_VARLEN": "0"})
     two, one = torch.load(tmp_path / "w2.pt"), one_process[0]
-    assert len(one["grads"]) == 7  # the recipe on retrieval and clustering, each option on retrieval
+    assert len(one["grads"]) == 8  # the recipe on retrieval and clustering, each option on retrieval
     for key in one["grads"]:
         assert two["losses"][key] == pytest.approx(one["losses"][key], rel=1e-5), key
         for name, g in one["grads"][key].items():
@@ -77,9 +78,9 @@ def test_I1_on_the_cuda_attention_path_matches_one_sdpa_process(tmp_path, tokeni
     process on sdpa rows (float32 rounding), with one all-reduce per bucket per step."""
     worker = os.path.join(HERE, "dist_worker.py")
     torchrun(worker, tokenizer_dir, demo_dir, str(tmp_path / "v2.pt"), "8", "120",
-             "recipe,kd-mse", nproc=2, env={"F2LLM_FORCE_VARLEN": "1"})
+             "recipe,kd-v2", nproc=2, env={"F2LLM_FORCE_VARLEN": "1"})
     two, (one, sdpa) = torch.load(tmp_path / "v2.pt"), one_process
-    assert sorted(two["grads"]) == ["kd-mse/retrieval", "recipe/clustering", "recipe/retrieval"]
+    assert sorted(two["grads"]) == ["kd-v2/retrieval", "recipe/clustering", "recipe/retrieval"]
     for key in two["grads"]:
         assert two["losses"][key] == pytest.approx(one["losses"][key], rel=1e-5), key
         for name, g in one["grads"][key].items():

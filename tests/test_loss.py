@@ -92,35 +92,72 @@ def test_matryoshka_matches_a_naive_loop():
         f2llm_loss(reps, b, k, True)[0].item()  # one dim = the plain loss
 
 
-def test_mse_distillation_is_v2s_three_means_on_the_cut_teacher():
-    """F2LLM v2: mse(queries) + mse(positives) + mse(negatives), each a mean over elements,
-    the teacher cut to the student's dimension; here on unit vectors (cut, renormalised)."""
+def test_v2_distillation_is_v2s_three_means_on_the_raw_cut_teacher():
+    """F2LLM v2 (utils.py, accelerate_train): F.mse_loss(q_s, q_t[..., :d]) + the same for
+    positives and negatives, on RAW states: a plain loop over elements of each group, the
+    teacher cut to the student's dimension and NOT renormalised; k = 0 leaves two groups."""
     torch.manual_seed(4)
     b, k, d, dt = 3, 2, 8, 12
-    student, teacher = _unit(b * (2 + k), d), _unit(b * (2 + k), dt)
-    cut = F.normalize(teacher[:, :d], dim=-1)
-    expected = sum(((student[rows] - cut[rows]) ** 2).mean()
-                   for rows in (slice(0, b), slice(b, 2 * b), slice(2 * b, None)))
-    assert torch.allclose(distillation_loss(student, teacher, b, k, True, "mse"), expected)
-    pairs = distillation_loss(student[:2 * b], teacher[:2 * b], b, 0, False, "mse")  # k = 0
-    assert torch.allclose(pairs, ((student[:b] - cut[:b]) ** 2).mean()
-                          + ((student[b:2 * b] - cut[b:2 * b]) ** 2).mean())
-    assert distillation_loss(cut, teacher, b, k, True, "mse").item() < 1e-12
+    student, teacher = 5 * torch.randn(b * (2 + k), d), 9 * torch.randn(b * (2 + k), dt)
+
+    def group_mse(rows):
+        errors = [(float(student[i, j]) - float(teacher[i, j])) ** 2
+                  for i in rows for j in range(d)]
+        return sum(errors) / len(errors)
+    q, p, n = range(b), range(b, 2 * b), range(2 * b, b * (2 + k))
+    got = distillation_loss(student, teacher, b, k, True, "v2")
+    assert abs(got.item() - (group_mse(q) + group_mse(p) + group_mse(n))) < 1e-3
+    pairs = distillation_loss(student[:2 * b], teacher[:2 * b], b, 0, False, "v2")
+    assert abs(pairs.item() - (group_mse(q) + group_mse(p))) < 1e-3
+    assert distillation_loss(teacher[:, :d], teacher, b, k, True, "v2").item() == 0
+    # v2 matches norms too: the same directions at half the norm are far from the teacher
+    assert distillation_loss(teacher[:, :d] / 2, teacher, b, k, True, "v2").item() > 1
+
+
+def test_unit_distillation_is_the_squared_distance_of_unit_vectors():
+    """unit: per sequence ||s / |s| - t_d / |t_d| ||^2 = 2 - 2 cos (D x the element mean), its
+    mean over the sequences of each group, summed over the three groups; blind to norms."""
+    torch.manual_seed(6)
+    b, k, d, dt = 3, 2, 8, 12
+    student, teacher = 5 * torch.randn(b * (2 + k), d), 9 * torch.randn(b * (2 + k), dt)
+    cos = [float(F.cosine_similarity(student[i], teacher[i, :d], dim=0))
+           for i in range(len(student))]
+    groups = (range(b), range(b, 2 * b), range(2 * b, b * (2 + k)))
+    expected = sum(sum(2 - 2 * cos[i] for i in g) / len(g) for g in groups)
+    got = distillation_loss(student, teacher, b, k, True, "unit")
+    assert abs(got.item() - expected) < 1e-4
+    assert distillation_loss(teacher[:, :d] / 2, teacher, b, k, True, "unit").item() < 1e-10
+
+
+def test_contrastive_loss_normalises_raw_states():
+    """The cached step hands the losses raw states: f2llm_loss normalises them (as v2's
+    hard_loss and inbatch_loss do), so raw states and their unit vectors give one loss."""
+    torch.manual_seed(7)
+    b, k, d = 4, 3, 8
+    raw = 7 * torch.randn(b * (2 + k), d)
+    unit = F.normalize(raw, dim=-1)
+    for in_batch in (False, True):
+        torch.testing.assert_close(f2llm_loss(raw, b, k, in_batch)[0],
+                                   f2llm_loss(unit, b, k, in_batch)[0])
+    assert abs(f2llm_loss(raw, b, k, True)[0].item() - _naive_f2llm(unit, b, k)) < 1e-4
 
 
 def test_kl_distillation_matches_a_loop_over_each_querys_candidates():
-    """KL(teacher || student) over [positive, hard negatives] and, for retrieval, the other
-    queries' positives, both at the temperature; the teacher may have another dimension."""
+    """KL(teacher || student) of the cosines over [positive, hard negatives] and, for
+    retrieval, the other queries' positives, both at the temperature; raw states of another
+    dimension for the teacher."""
     torch.manual_seed(5)
     b, k, d, dt, t = 4, 2, 8, 12, 0.05
-    student, teacher = _unit(b * (2 + k), d), _unit(b * (2 + k), dt)
+    student, teacher = 3 * torch.randn(b * (2 + k), d), 5 * torch.randn(b * (2 + k), dt)  # raw
     for in_batch in (False, True):
         expected = 0.0
         for i in range(b):
             candidates = [b + i] + [2 * b + i * k + j for j in range(k)]
             candidates += [b + j for j in range(b) if j != i] if in_batch else []
-            s = torch.stack([student[i] @ student[c] / t for c in candidates]).log_softmax(0)
-            p = torch.stack([teacher[i] @ teacher[c] / t for c in candidates]).log_softmax(0)
+            s = torch.stack([F.cosine_similarity(student[i], student[c], dim=0) / t
+                             for c in candidates]).log_softmax(0)
+            p = torch.stack([F.cosine_similarity(teacher[i], teacher[c], dim=0) / t
+                             for c in candidates]).log_softmax(0)
             expected += float((p.exp() * (p - s)).sum())
         got = distillation_loss(student, teacher, b, k, in_batch, "kl", t)
         assert abs(got.item() - expected / b) < 1e-5, in_batch

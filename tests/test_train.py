@@ -164,7 +164,9 @@ def test_tiny_recipe_end_to_end(trained_run):
     (["--chunk-tokens", "0"], "--chunk-tokens must be positive"),
     (["--data", "/nonexistent/folder"], "--data /nonexistent/folder: no such folder"),
     (["--resume"], "--resume: no checkpoint in"),
-    (["--kd-mode", "l2"], "--kd-mode l2: use mse or kl"),
+    (["--kd-mode", "l2"], "--kd-mode l2: use v2, unit, kl"),
+    (["--kd-mode", "mse"], "--kd-mode mse is now two modes: v2"),
+    (["--k-clustering", "0"], "--k-clustering must be >= 1"),
     (["--demo-negatives", "best"], "--demo-negatives best: use mined or random"),
 ])
 def test_bad_command_lines(tmp_path, capsys, argv, message):
@@ -231,31 +233,60 @@ def test_no_in_batch_drops_only_the_in_batch_term(backbone, tokenizer, small_dem
     assert alone["terms"][0] == recipe["terms"][0] == pytest.approx(alone["loss"])
 
 
-@pytest.mark.parametrize("mode, attn", [("mse", "sdpa"), ("kl", M.VARLEN)], indirect=["attn"])
+def _raw_states(backbone, seqs, pad_id):
+    """One plain padded forward: (S, D) raw last-token states (no packing, no normalisation)."""
+    ids, lengths = M.pad(seqs, pad_id)
+    mask = M.mask_from_lengths(lengths, ids.shape[1])
+    with M.padded_attention(backbone):  # a varlen backbone builds no mask for padded rows
+        hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    return M.last_token_pool(hidden, mask).float()
+
+
+def _official_kd(student, teacher, b, k, mode, t=0.05):
+    """Each distillation mode from its formula. v2 (F2LLM v2's utils.py accelerate_train):
+    F.mse_loss of the raw query, positive and negative states, the teacher cut to D."""
+    d = student.shape[1]
+    groups = [slice(0, b), slice(b, 2 * b), slice(2 * b, None)]
+    if mode == "v2":
+        return sum(M.F.mse_loss(student[g], teacher[g, :d]) for g in groups)
+    s, c = M.F.normalize(student, dim=-1), M.F.normalize(teacher[:, :d], dim=-1)
+    if mode == "unit":
+        return sum(((s[g] - c[g]) ** 2).sum(-1).mean() for g in groups)
+    from loss import distillation_loss  # kl: its own loop test is in tests/test_loss.py
+    return distillation_loss(student, teacher, b, k, True, "kl", t)
+
+
+@pytest.mark.parametrize("mode, attn", [("v2", "sdpa"), ("v2", M.VARLEN), ("unit", "sdpa"),
+                                        ("kl", M.VARLEN)], indirect=["attn"])
 def test_distillation_keeps_I2_with_the_naive_gradient(tokenizer, small_demo_dir, mode, attn):
-    """With a teacher's reps of the same sequences (another tiny model, no grad), token
+    """With a teacher's raw states of the same sequences (another tiny model, no grad), token
     budgets from one row per chunk to all-in-one give the gradients of one plain padded
-    forward of F2LLM's loss + kd_weight x the distillation term, which does change them.
-    kl runs student and teacher on the CUDA layout (varlen rows forced on this CPU)."""
-    from loss import distillation_loss, f2llm_loss
+    forward of F2LLM's loss + kd_weight x the mode's term written from its formula (v2: on the
+    RAW states, which the cached step must therefore cache), and the term changes them. On
+    the varlen cases student and teacher run the CUDA layout (varlen rows forced on this CPU)."""
+    from loss import f2llm_loss
     backbone = M.tiny_backbone(tokenizer, seed=0, attn=attn)
     batch, seqs = _rank_batch(small_demo_dir, tokenizer, "retrieval")
     b, k = len(batch.queries), len(batch.negatives[0])
     teacher = M.tiny_backbone(tokenizer, seed=1, attn=attn)
-    teacher_reps = train.embed_chunks(teacher, seqs, 200)  # the teacher's own packed pass
-    ids, lengths = M.pad(seqs, tokenizer.pad_token_id)
+    teacher_states = train.embed_chunks(teacher, seqs, 200, unit=False)  # its own packed pass
     with torch.no_grad():
-        torch.testing.assert_close(teacher_reps, M.embed(teacher, ids, lengths))
-    reps = M.embed(backbone, ids, lengths)
-    kd = distillation_loss(reps, teacher_reps, b, k, True, mode)
-    naive = f2llm_loss(reps, b, k, True)[0] + 10 * kd
+        torch.testing.assert_close(teacher_states,
+                                   _raw_states(teacher, seqs, tokenizer.pad_token_id))
+    norms = teacher_states.norm(dim=-1)
+    assert (norms - 1).abs().min() > 0.5  # raw, not unit: a normalised cache would fail v2
+    states = _raw_states(backbone, seqs, tokenizer.pad_token_id)
+    kd = _official_kd(states, teacher_states, b, k, mode)
+    naive = f2llm_loss(M.F.normalize(states, dim=-1), b, k, True)[0] + 10 * kd
     naive.backward()
     direct = {n: p.grad.clone() for n, p in backbone.named_parameters()}
     backbone.zero_grad(set_to_none=True)
-    loss_fn = train.step_loss(batch, 0.05, teacher_reps=teacher_reps, kd_mode=mode, kd_weight=10)
+    loss_fn = train.step_loss(batch, 0.05, teacher_reps=teacher_states, kd_mode=mode,
+                              kd_weight=10)
     for chunk_tokens in (1, 10**6):
         m, grads = _grads(backbone, seqs, loss_fn, chunk_tokens)
-        assert m["loss"] == pytest.approx(naive.item(), rel=1e-5) and m["terms"][2] > 0
+        assert m["loss"] == pytest.approx(naive.item(), rel=1e-5)
+        assert m["terms"][2] == pytest.approx(kd.item(), rel=1e-5) and m["terms"][2] > 0
         _close(grads, direct, f"{mode} {chunk_tokens}")
     assert all(p.grad is None for p in teacher.parameters())
     recipe = _grads(backbone, seqs, train.step_loss(batch, 0.05), 10**6)[1]
@@ -315,3 +346,26 @@ def test_lora_export_is_a_plain_qwen3_with_the_adapter_embeddings(tokenizer, tmp
                                atol=1e-5, rtol=1e-5)
     base = M.tiny_backbone(tokenizer, seed=0)  # the adapters changed the embeddings
     assert (M.encode(base, tokenizer, texts) - M.encode(loaded, tokenizer, texts)).abs().max() > 1e-3
+
+
+def test_k_clustering_sets_the_hard_negatives_of_clustering_data_only(small_demo_dir,
+                                                                      tokenizer):
+    """--k-clustering: 7 in every preset (F2LLM v1), 9 is F2LLM v2's (arguments.py
+    num_hard_neg_clustering); it changes the clustering batches' negatives per query and
+    nothing else, and a k the data cannot give fails naming the file."""
+    assert all(train.parse_config(["--size", s]).k_clustering == 7 for s in train.PRESETS)
+    assert train.parse_config(["--size", "4b", "--k-clustering", "9"]).k_clustering == 9
+    memo = small_demo_dir + "_tokens"  # the shared test cache: files scanned and tokenized once
+    default = {s.name: s.k for s in D.load_sources(small_demo_dir, memo_folder=memo)}
+    nine = D.load_sources(small_demo_dir, memo_folder=memo, k_clustering=9)
+    assert {s.task_type for s in nine} >= {"retrieval", "clustering", "classification"}
+    for s in nine:
+        assert s.k == (9 if s.task_type == "clustering" else default[s.name]), s.name
+    clustering = [s for s in nine if s.task_type == "clustering"]
+    cache = D.TokenCache(memo, tokenizer, 128)
+    cache.build(clustering, log=lambda *a: None)
+    cache.open(clustering)
+    batch = next(D.BatchStream(clustering, 4, seed=0))
+    assert [len(n) for n in batch.negatives] == [9] * 4
+    with pytest.raises(D.DataError, match="negative_25"):
+        D.load_sources(small_demo_dir, memo_folder=memo, k_clustering=25)
