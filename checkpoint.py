@@ -93,8 +93,8 @@ def save(out: str, step: int, model, optimizer, scheduler, data_state: dict, con
         os.makedirs(tmp)
     _barrier()
     # save_distributed: one file per rank; DCP's last collective returns once all are written
-    dcp.save(tensors(model, optimizer), storage_writer=HuggingFaceStorageWriter(
-        tmp, save_distributed=True))
+    dcp.save(tensors(model, optimizer), no_dist=not dist.is_initialized(),
+             storage_writer=HuggingFaceStorageWriter(tmp, save_distributed=True))
     _barrier()
     if rank == 0:
         shards = {f: os.path.getsize(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))
@@ -193,7 +193,7 @@ def restore(path: str, model, optimizer, scheduler, config: dict, math_fields: d
                                   f"this model's is {tensor.dtype} {list(tensor.shape)}: another "
                                   f"model; resume with the run's own flags or start anew")
     # DCP reads what is asked, by the checkpoint's key names, into these very tensors
-    dcp.load({checkpoint_keys[k]: v for k, v in state.items()},
+    dcp.load({checkpoint_keys[k]: v for k, v in state.items()}, no_dist=not dist.is_initialized(),
              storage_reader=HuggingFaceStorageReader(path))
     for p, s in moments.items():
         adamw.state[p] = s
