@@ -1,7 +1,7 @@
 """The run folder's checkpoints: save, latest, resume, pruning, metrics.jsonl cut back on resume.
 
     OUT/checkpoints/step_00001000/
-        shard-0000{r}-model-00001-of-00001.safetensors   rank r-1's part of the tensors
+        shard-0000{r}-model-0000{i}-of-00008.safetensors   rank r-1's part, in 8 files
         meta.json     step, world, scheduler, data position, config, each shard's size
         tokenizer files
 
@@ -25,6 +25,9 @@ from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceSt
 
 FORMAT = "f2llm-dcp-safetensors-1"  # meta.json's "format": what this file reads
 ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")
+# files per rank: safetensors serialises a whole file in memory (and DCP stages a file's GPU
+# tensors on the host first), so a rank's save holds about 1/FILES of its part at a time
+FILES = 8
 
 
 class CheckpointError(ValueError):
@@ -79,6 +82,24 @@ def tensors(model, optimizer) -> dict:
     return state
 
 
+def file_of_each_key(model, world: int) -> dict[str, int]:
+    """key -> file index 1..FILES: the weights and their AdamW moments, in model order, cut
+    into FILES runs of about equal size (a rank writes its keys of each run to its own file).
+    The same on every rank (DCP's coordinator hands its copy to all), so it names every key."""
+    keys = [(f"{kind}.{name}", w.numel()) for name, w in model.state_dict().items()
+            for kind in ("model", "optim_exp_avg", "optim_exp_avg_sq")]
+    total, before, index = sum(n for _, n in keys), 0, {}
+    for key, numel in keys:
+        index[key] = 1 + before * FILES // total
+        before += numel
+    for name in model.state_dict():  # the AdamW keys' real names; step goes with exp_avg
+        index[f"optim.{name}.exp_avg"] = index[f"optim.{name}.step"] = index.pop(
+            f"optim_exp_avg.{name}")
+        index[f"optim.{name}.exp_avg_sq"] = index.pop(f"optim_exp_avg_sq.{name}")
+    index.update({f"rng.{r}.{d}": 1 for r in range(world) for d in ("cpu", "cuda")})
+    return index
+
+
 def save(out: str, step: int, model, optimizer, scheduler, data_state: dict, config: dict,
          tokenizer, keep: int) -> str:
     """Every rank calls this: each writes its part of checkpoints/step_N.tmp, rank 0 adds
@@ -94,7 +115,8 @@ def save(out: str, step: int, model, optimizer, scheduler, data_state: dict, con
     _barrier()
     # save_distributed: one file per rank; DCP's last collective returns once all are written
     dcp.save(tensors(model, optimizer), no_dist=not dist.is_initialized(),
-             storage_writer=HuggingFaceStorageWriter(tmp, save_distributed=True))
+             storage_writer=HuggingFaceStorageWriter(
+                 tmp, fqn_to_index_mapping=file_of_each_key(model, world), save_distributed=True))
     _barrier()
     if rank == 0:
         shards = {f: os.path.getsize(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))
@@ -103,7 +125,8 @@ def save(out: str, step: int, model, optimizer, scheduler, data_state: dict, con
                     data=data_state, config=config, shards=shards)
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         os.replace(tmp, final)
         done = sorted(d for d in os.listdir(folder) if d.startswith("step_"))
         old = [d for d in done if d.endswith(".tmp")] + [d for d in done
