@@ -501,7 +501,8 @@ def restore(cfg: Config, backbone, optimizer, scheduler, stream, say) -> int:
     except checkpoint.CheckpointError as e:
         raise SystemExit(f"train.py: error: {e}")
     stream.load_state_dict(meta["data"])
-    say(f"resumed from {path} at step {meta['step']} (saved by {meta['world']} ranks)")
+    ranks = f"{meta['world']} rank" + "s" * (meta["world"] > 1)
+    say(f"resumed from {path} at step {meta['step']} (saved by {ranks})")
     return meta["step"]
 
 

@@ -120,7 +120,7 @@ def test_resume_on_another_world_size_lands_where_that_world_lands(tmp_path, sma
         torch.testing.assert_close(weights(out)[name], w, rtol=1e-3, atol=1e-4)
     out = from_step_6(uninterrupted / "one", tmp_path / "one_to_two")
     proc = run(args(small_demo_dir, out) + ["--resume"], nproc=2, fault=["reads", "0", "0"])
-    assert "step_00000006 at step 6 (saved by 1 ranks)" in proc.stdout
+    assert "step_00000006 at step 6 (saved by 1 rank)" in proc.stdout
     for name, w in weights(uninterrupted / "two").items():
         torch.testing.assert_close(weights(out)[name], w, rtol=1e-3, atol=1e-4)
     reads = [set(json.loads((out / f"reads.{r}.json").read_text())) for r in (0, 1)]
