@@ -14,9 +14,11 @@ live (no second copy of anything), and reads nothing else. Nothing is unpickled:
 are safetensors, everything else is JSON. A save goes to step_N.tmp/ and is renamed by rank
 0 once every rank has written: a crash mid-save leaves the previous checkpoint the latest.
 """
+import contextlib
 import json
 import os
 import shutil
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -41,6 +43,14 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def _one_process_quietly():
+    """DCP warns at every call without a process group; one process is a case we mean."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def latest(out: str) -> str | None:
@@ -113,10 +123,13 @@ def save(out: str, step: int, model, optimizer, scheduler, data_state: dict, con
         shutil.rmtree(tmp, ignore_errors=True)  # a save of this step that never finished
         os.makedirs(tmp)
     _barrier()
-    # save_distributed: one file per rank; DCP's last collective returns once all are written
-    dcp.save(tensors(model, optimizer), no_dist=not dist.is_initialized(),
-             storage_writer=HuggingFaceStorageWriter(
-                 tmp, fqn_to_index_mapping=file_of_each_key(model, world), save_distributed=True))
+    # save_distributed: files of their own per rank; DCP's last collective returns once every
+    # rank has written (and fsynced) its files
+    with _one_process_quietly():
+        dcp.save(tensors(model, optimizer), no_dist=not dist.is_initialized(),
+                 storage_writer=HuggingFaceStorageWriter(
+                     tmp, fqn_to_index_mapping=file_of_each_key(model, world),
+                     save_distributed=True))
     _barrier()
     if rank == 0:
         shards = {f: os.path.getsize(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))
@@ -211,13 +224,15 @@ def restore(path: str, model, optimizer, scheduler, config: dict, math_fields: d
             raise CheckpointError(f"{path} holds no {key}: it was written for another model or "
                                   f"--lora-rank; resume with the run's own flags or start anew")
         md = saved[checkpoint_keys[key]]
-        if tuple(md.size) != tuple(tensor.shape) or md.properties.dtype != tensor.dtype:
-            raise CheckpointError(f"{path}: {key} is {md.properties.dtype} {list(md.size)}, "
-                                  f"this model's is {tensor.dtype} {list(tensor.shape)}: another "
-                                  f"model; resume with the run's own flags or start anew")
+        if tuple(md.size) != tuple(tensor.shape):  # a dtype may differ (bf16 frozen weights
+            # on GPU from a CPU run): the copy casts
+            raise CheckpointError(f"{path}: {key} is {list(md.size)}, this model's is "
+                                  f"{list(tensor.shape)}: another model; resume with the run's "
+                                  f"own flags or start anew")
     # DCP reads what is asked, by the checkpoint's key names, into these very tensors
-    dcp.load({checkpoint_keys[k]: v for k, v in state.items()}, no_dist=not dist.is_initialized(),
-             storage_reader=HuggingFaceStorageReader(path))
+    with _one_process_quietly():
+        dcp.load({checkpoint_keys[k]: v for k, v in state.items()},
+                 no_dist=not dist.is_initialized(), storage_reader=HuggingFaceStorageReader(path))
     for p, s in moments.items():
         adamw.state[p] = s
     scheduler.load_state_dict(meta["scheduler"])

@@ -119,6 +119,14 @@ def test_bad_checkpoints_are_refused_naming_the_file(saved, tokenizer):
 def test_a_checkpoint_of_another_config_or_model_is_refused(saved, tokenizer):
     path, _, _ = saved
     assert "lr was 0.001, now 0.01" in refusal(path, tokenizer, {**MATH, "lr": 0.01})
+    from transformers import AutoModel
+    config = M.tiny_config(len(tokenizer))
+    config.intermediate_size *= 2  # another model under the same flags
+    wider = AutoModel.from_config(config)
+    optimizer = torch.optim.AdamW(wider.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    with pytest.raises(checkpoint.CheckpointError, match="mlp.gate_proj.weight is .* this model"):
+        checkpoint.restore(path, wider, optimizer, scheduler, MATH, MATH)
     # the same flags but other tensors (meta.json edited, as by another version): named
     meta = json.load(open(os.path.join(path, "meta.json")))
     meta["config"]["lora_rank"] = 4
