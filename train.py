@@ -16,7 +16,6 @@ import math
 import inspect
 import os
 import re
-import shutil
 import socket
 import sys
 import textwrap
@@ -30,6 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoTokenizer
 
+import checkpoint
 import data as D
 import demo
 import model as M
@@ -189,9 +189,9 @@ def check_config(cfg: Config, world: int) -> None:
         fail(f"--max-bad-fraction must be in [0, 1), got {cfg.max_bad_fraction}")
     if cfg.tokenize_workers < 0:
         fail(f"--tokenize-workers must be >= 0 (0 = one per core), got {cfg.tokenize_workers}")
-    if cfg.resume and not latest_checkpoint(cfg.out):
+    if cfg.resume and not checkpoint.latest(cfg.out):
         fail(f"--resume: no checkpoint in {cfg.out}/checkpoints; start without --resume")
-    if not cfg.resume and latest_checkpoint(cfg.out):
+    if not cfg.resume and checkpoint.latest(cfg.out):
         fail(f"--out {cfg.out} already holds checkpoints; add --resume to continue that run "
              f"or choose another --out")
 
@@ -461,38 +461,6 @@ def lr_lambda(cfg: Config, total_steps: int):
     return f
 
 
-# ---------------------------------------------------------------------------- checkpoints
-def latest_checkpoint(out: str) -> str | None:
-    folder = os.path.join(out, "checkpoints")
-    if not os.path.isdir(folder):
-        return None
-    steps = sorted(d for d in os.listdir(folder)
-                   if d.startswith("step_") and not d.endswith(".tmp"))
-    return os.path.join(folder, steps[-1]) if steps else None
-
-
-def save_checkpoint(out, step, backbone, optimizer, scheduler, data_state, cfg, tokenizer, rank):
-    """Rank 0 writes checkpoints/step_N.tmp, then renames it: a crash mid-save leaves the
-    previous checkpoint as the latest. ZeRO shards are gathered to rank 0 first."""
-    if hasattr(optimizer, "consolidate_state_dict"):
-        optimizer.consolidate_state_dict(to=0)
-    if rank == 0:
-        final = os.path.join(out, "checkpoints", f"step_{step:08d}")
-        tmp = final + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        torch.save(dict(step=step, model=backbone.state_dict(), optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), data=data_state,
-                        rng=torch.get_rng_state(), config=dataclasses.asdict(cfg)),
-                   os.path.join(tmp, "state.pt"))
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, final)
-        old = sorted(os.listdir(os.path.join(out, "checkpoints")))[:-cfg.keep_checkpoints]
-        for name in old:
-            shutil.rmtree(os.path.join(out, "checkpoints", name), ignore_errors=True)
-    barrier()
-
-
 # ---------------------------------------------------------------------------- main
 def dry_run(cfg: Config, world: int) -> dict:
     """Plan a run of a real size without weights (plan.py): parameters, batch arithmetic,
@@ -628,37 +596,22 @@ def setup_optimizer(cfg: Config, backbone, world: int, total_steps: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
 
 
-def restore(cfg: Config, device, backbone, optimizer, scheduler, stream, say) -> int:
-    """Continue from the latest checkpoint: the step it reached (0 for a new run)."""
+def restore(cfg: Config, backbone, optimizer, scheduler, stream, say) -> int:
+    """Continue from the latest checkpoint (checkpoint.py): the step it reached (0 for a new
+    run)."""
     if not cfg.resume:
         return 0
-    path = latest_checkpoint(cfg.out)
-    state = torch.load(os.path.join(path, "state.pt"), map_location=device, weights_only=False)
-    diff = {k: (state["config"].get(k), getattr(cfg, k)) for k in MATH_FIELDS
-            if state["config"].get(k, Config.__dataclass_fields__[k].default) != getattr(cfg, k)}
-    if diff:
-        raise SystemExit(f"train.py: error: --resume with a different config than {path}: "
-                         + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
-    backbone.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    stream.load_state_dict(state["data"])
-    torch.set_rng_state(state["rng"])
-    say(f"resumed from {path} at step {state['step']}")
-    return state["step"]
-
-
-def open_metrics(cfg: Config, step: int, rank: int) -> str:
-    """metrics.jsonl, cut back to the resumed step."""
-    path = os.path.join(cfg.out, "metrics.jsonl")
-    if rank == 0:
-        keep = []
-        if cfg.resume and os.path.exists(path):
-            with open(path) as f:
-                keep = [line for line in f if json.loads(line)["step"] <= step]
-        with open(path, "w") as f:
-            f.writelines(keep)
-    return path
+    path = checkpoint.latest(cfg.out)
+    math_fields = {k: Config.__dataclass_fields__[k].default for k in MATH_FIELDS}
+    try:
+        meta = checkpoint.restore(path, backbone, optimizer, scheduler, dataclasses.asdict(cfg),
+                                  math_fields)
+    except checkpoint.CheckpointError as e:
+        raise SystemExit(f"train.py: error: {e}")
+    stream.load_state_dict(meta["data"])
+    ranks = f"{meta['world']} rank" + "s" * (meta["world"] > 1)
+    say(f"resumed from {path} at step {meta['step']} (saved by {ranks})")
+    return meta["step"]
 
 
 def main(argv=None):
@@ -667,7 +620,7 @@ def main(argv=None):
         return dry_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     allocator_note = use_expandable_segments()  # before CUDA starts
     rank, world, device = setup_distributed()
-    if restarted_by_torchrun() and latest_checkpoint(cfg.out):
+    if restarted_by_torchrun() and checkpoint.latest(cfg.out):
         cfg.resume = True
     check_config(cfg, world)
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -696,8 +649,8 @@ def main(argv=None):
         + (", DETACHED in-batch gather (the official code's)"
            if cfg.in_batch_gather == "detached" else ""))
     optimizer, scheduler = setup_optimizer(cfg, backbone, world, total_steps)
-    step = restore(cfg, device, backbone, optimizer, scheduler, stream, say)
-    metrics_path = open_metrics(cfg, step, rank)
+    step = restore(cfg, backbone, optimizer, scheduler, stream, say)
+    metrics_path = checkpoint.open_metrics(cfg.out, step, rank, cfg.resume)
 
     # --- the loop; the next batch is drawn in a thread while a step computes
     def draw():
@@ -761,8 +714,8 @@ def main(argv=None):
             if validating:
                 plot_curves(metrics_path, os.path.join(cfg.out, "curves.png"))
         if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
-            save_checkpoint(cfg.out, step, backbone, optimizer, scheduler, data_state, cfg,
-                            tokenizer, rank)
+            checkpoint.save(cfg.out, step, backbone, optimizer, scheduler, data_state,
+                            dataclasses.asdict(cfg), tokenizer, cfg.keep_checkpoints)
     prefetch.shutdown(cancel_futures=True)
 
     # --- final export (rank 0; LoRA merged into the weights; written to a temporary name,

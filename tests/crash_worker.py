@@ -1,17 +1,25 @@
 """train.py with one fault injected: `python crash_worker.py FAULT STEP RANK -- train.py args`.
 
 FAULT is `kill` (SIGKILL this process in STEP, before its update, on the first attempt only,
-so a torchrun restart runs clean), `save` (the disk fills up while writing the checkpoint of
-STEP) or `nan` (the backbone's output, hence the loss, of STEP is NaN, on every rank).
+so a torchrun restart runs clean), `killsave` (SIGKILL it while it writes its part of the
+checkpoint of STEP, first attempt only), `save` (the disk fills up while writing the checkpoint
+of STEP), `nan` (the backbone's output, hence the loss, of STEP is NaN, on every rank) or
+`reads` (record the keys each rank asks torch.distributed.checkpoint.load for, in
+OUT/reads.{rank}.json; STEP and RANK unused).
 
-Only public torch entry points are hooked (torch.save, clip_grad_norm_, the global module
-forward hook), never train.py's own names: train.py may rename its internals freely."""
+Only public entry points are hooked (clip_grad_norm_, the global module forward hook, the
+safetensors serialisation DCP writes each rank's file with, dcp.load), never train.py's or
+checkpoint.py's own names: they may rename their internals freely."""
 import os
 import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import json  # noqa: E402
+
+import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
+import torch.distributed.checkpoint as dcp  # noqa: E402
 
 import train  # noqa: E402
 
@@ -20,7 +28,8 @@ argv = sys.argv[sys.argv.index("--") + 1:]
 rank = int(os.environ.get("RANK", "0"))
 first_attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0
 steps_computed = 0  # train.py clips the gradient once per step, skipped steps included
-real_clip, real_save = torch.nn.utils.clip_grad_norm_, torch.save
+real_clip, real_load = torch.nn.utils.clip_grad_norm_, dcp.load
+real_serialise = safetensors.torch.save
 
 
 def clip_grad_norm_(*args, **kwargs):
@@ -31,12 +40,23 @@ def clip_grad_norm_(*args, **kwargs):
     return real_clip(*args, **kwargs)
 
 
-def save(obj, path, *args, **kwargs):
-    if fault == "save" and isinstance(obj, dict) and obj.get("step") == at_step:
-        with open(path, "wb") as f:
-            f.write(b"\0" * 1000)  # a partial file, then the disk is full
-        raise OSError(28, "No space left on device", str(path))
-    return real_save(obj, path, *args, **kwargs)
+def serialise(*args, **kwargs):
+    """DCP serialises a rank's tensors with its shard file already open (empty so far): the
+    checkpoint of step STEP is written after STEP's clip."""
+    if steps_computed == at_step and rank == at_rank:
+        if fault == "save":
+            raise OSError(28, "No space left on device")
+        if fault == "killsave" and first_attempt:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_serialise(*args, **kwargs)
+
+
+def load(state_dict, *args, **kwargs):
+    if fault == "reads":
+        out = argv[argv.index("--out") + 1]
+        with open(os.path.join(out, f"reads.{rank}.json"), "w") as f:
+            json.dump(sorted(state_dict), f)
+    return real_load(state_dict, *args, **kwargs)
 
 
 def nan_output(module, inputs, output):
@@ -47,6 +67,7 @@ def nan_output(module, inputs, output):
     return output
 
 
-torch.nn.utils.clip_grad_norm_, torch.save = clip_grad_norm_, save
+torch.nn.utils.clip_grad_norm_, dcp.load = clip_grad_norm_, load
+safetensors.torch.save = serialise
 torch.nn.modules.module.register_module_forward_hook(nan_output)
 train.main(argv)

@@ -1,6 +1,9 @@
 """I5 exact resume and crash safety, with real processes: SIGKILL at a step then --resume,
-a torchrun restart after a rank dies, a full disk during a save, a NaN loss."""
+a torchrun restart after a rank dies, a rank killed while it writes a checkpoint, a full disk
+during a save, a resume on another world size, a NaN loss."""
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -86,13 +89,49 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, small_demo_dir, uninterr
     assert len(steps) == 7  # the steps after the checkpoint are logged once, not twice
 
 
-def test_torchrun_restart_resumes_without_a_flag(tmp_path, small_demo_dir, uninterrupted):
-    """Rank 1 dies at step 5 on the first attempt; --max-restarts 1 restarts both ranks,
-    which continue from the checkpoint of step 4 and end bit-identical."""
+def test_torchrun_restart_after_a_kill_during_a_save(tmp_path, small_demo_dir, uninterrupted):
+    """Rank 1 is SIGKILLed on the first attempt while it writes its part of step 4's checkpoint
+    (DCP; rank 0 may have written its own): step_4 stays a .tmp, --max-restarts 1 restarts both
+    ranks, which continue, without a flag, from step 2 and end bit-identical."""
     out = tmp_path / "run"
-    proc = run(args(small_demo_dir, out), nproc=2, restarts=1, fault=["kill", "5", "1"])
-    assert "resumed from" in proc.stdout and "step_00000004" in proc.stdout
+    proc = run(args(small_demo_dir, out), nproc=2, restarts=1, fault=["killsave", "4", "1"])
+    assert "resumed from" in proc.stdout and "step_00000002 at step 2" in proc.stdout
     assert_identical(weights(out), weights(uninterrupted / "two"))
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_00000006", "step_00000007"]
+
+
+def from_step_6(run_folder, to):
+    """A copy of a finished run as it was after the checkpoint of step 6."""
+    shutil.copytree(run_folder, to)
+    shutil.rmtree(to / "checkpoints" / "step_00000007")
+    shutil.rmtree(to / "final")
+    return to
+
+
+def test_resume_on_another_world_size_lands_where_that_world_lands(tmp_path, small_demo_dir,
+                                                                   uninterrupted):
+    """Item 4: the checkpoint of 2 ranks (each holding half the AdamW state) resumed by 1, and
+    of 1 resumed by 2, end where an uninterrupted run of the new world ends (I1's float32
+    tolerance). On 2 ranks each parameter's state is read by exactly one rank, its owner."""
+    out = from_step_6(uninterrupted / "two", tmp_path / "two_to_one")
+    proc = run(args(small_demo_dir, out) + ["--resume"])
+    assert "step_00000006 at step 6 (saved by 2 ranks)" in proc.stdout
+    for name, w in weights(uninterrupted / "one").items():
+        torch.testing.assert_close(weights(out)[name], w, rtol=1e-3, atol=1e-4)
+    out = from_step_6(uninterrupted / "one", tmp_path / "one_to_two")
+    proc = run(args(small_demo_dir, out) + ["--resume"], nproc=2, fault=["reads", "0", "0"])
+    assert "step_00000006 at step 6 (saved by 1 rank)" in proc.stdout
+    for name, w in weights(uninterrupted / "two").items():
+        torch.testing.assert_close(weights(out)[name], w, rtol=1e-3, atol=1e-4)
+    reads = [set(json.loads((out / f"reads.{r}.json").read_text())) for r in (0, 1)]
+    optim = [{k for k in keys if k.startswith("optim.")} for keys in reads]
+    model = {"model." + name for name in weights(out)}  # the export names the same weights
+    # rank 1 had no twin in the saved world: it takes rank 0's RNG (every rank seeds alike)
+    assert reads[0] - optim[0] == reads[1] - optim[1] == model | {"rng.0.cpu"}
+    assert optim[0] and optim[1] and not optim[0] & optim[1]
+    assert {k[len("optim."):] for k in optim[0] | optim[1]} == {
+        f"{name}.{state}" for name in weights(out) for state in ("step", "exp_avg", "exp_avg_sq")}
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 7
 
 
 def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, small_demo_dir, uninterrupted):
