@@ -1,7 +1,7 @@
 """data.py: single-source batches of token ids identical on every rank, k by task type,
-deterministic per seed, every row in every epoch, both sampling rules, resumable position;
-the token cache (EOS rule, keyed by data/tokenizer/length, crash-safe, memory-mapped); bad
-files fail naming file, row, column."""
+deterministic per seed, every row in every epoch, both sampling rules, resumable position; bad
+files fail naming file, row, column. tokens.py: the token cache (EOS rule, keyed by
+data/tokenizer/length, crash-safe, memory-mapped)."""
 import collections
 import csv
 import hashlib
