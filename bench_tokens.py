@@ -19,6 +19,7 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"  # before the tokenizer is loaded
 from transformers import AutoTokenizer  # noqa: E402
 
 import data as D  # noqa: E402
+import tokens as T
 
 
 def children_cpu() -> float:
@@ -31,7 +32,7 @@ def build_once(sources, tokenizer, max_length: int, workers: int):
     tokens) of one build. The CPU seconds do not depend on what else runs on the machine:
     the builder's are the serial part, the workers' the parallel part and its overhead."""
     with tempfile.TemporaryDirectory() as folder:
-        cache = D.TokenCache(folder, tokenizer, max_length)
+        cache = T.TokenCache(folder, tokenizer, max_length)
         t0, cpu0, workers0 = time.perf_counter(), time.process_time(), children_cpu()
         cache.build(sources, log=lambda *a: None, workers=workers, progress_every=1e9)
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0

@@ -34,6 +34,7 @@ import data as D
 import demo
 import model as M
 import plan
+import tokens as T
 from loss import (KD_MODES, TEMPERATURE, distillation_loss, f2llm_loss, matryoshka,
                   matryoshka_dims)
 
@@ -566,9 +567,9 @@ def setup_tokens(cfg: Config, sources, cache_folder: str, tokenizer, say,
     """Tokenized once by local rank 0 into a cache keyed by data, tokenizer and max length;
     every rank memory-maps the same files (one copy in the page cache per node). A teacher
     with a tokenizer of its own gets its own cache files in the same folder."""
-    caches = [(D.TokenCache(cache_folder, tokenizer, cfg.max_length), "tokens")]
+    caches = [(T.TokenCache(cache_folder, tokenizer, cfg.max_length), "tokens")]
     if teacher_tokenizer is not None:
-        teacher_cache = D.TokenCache(cache_folder, teacher_tokenizer, cfg.max_length)
+        teacher_cache = T.TokenCache(cache_folder, teacher_tokenizer, cfg.max_length)
         if teacher_cache.tokenizer_id != caches[0][0].tokenizer_id:  # else: the same ids
             caches.append((teacher_cache, "teacher_tokens"))
         say(f"teacher tokenizer: {'its own' if len(caches) == 2 else 'the same as the student'}")

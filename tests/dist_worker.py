@@ -15,6 +15,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data as D  # noqa: E402
 import model as M  # noqa: E402
+import tokens as T
 from transformers import AutoTokenizer  # noqa: E402
 
 from loss import f2llm_loss, hard_negative_loss, in_batch_loss  # noqa: E402
@@ -60,7 +61,7 @@ def step_gradients(tokenizer_dir, demo_dir, batch_size, chunk_tokens, max_length
     rank, world, device = train.setup_distributed()
     attn = M.attention_implementation(device, bf16=False)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    sources = D.load_tokenized(demo_dir, tokenizer, max_length, demo_dir + "_tokens", seed=0)
+    sources = T.load_tokenized(demo_dir, tokenizer, max_length, demo_dir + "_tokens", seed=0)
     grads, losses, collectives = {}, {}, {}
     teacher = M.tiny_backbone(tokenizer, seed=1, attn=attn)
     for option in options:

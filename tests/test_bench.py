@@ -6,6 +6,7 @@ import torch
 
 import bench
 import model as M
+import train
 
 pytestmark = pytest.mark.slow  # torchrun / real processes / mteb / sentence-transformers
 
@@ -42,7 +43,7 @@ def test_baselines_compute_our_loss_and_gradients(tokenizer, batch, attn):
     assert len(seqs) == 4 * 9
     official = bench.checkpointed(backbone)
     assert all(layer.gradient_checkpointing for layer in official.layers)
-    ours, grads = _grads_of(backbone, lambda: bench.ours_step(backbone, seqs, loss_fn, 200))
+    ours, grads = _grads_of(backbone, lambda: train.cached_step(backbone, seqs, loss_fn, 200))
     count, count_grads = _grads_of(backbone,
                                    lambda: bench.count_chunk_step(backbone, seqs, loss_fn, 3, 0))
     base, base_grads = _grads_of(official, lambda: bench.official_step(official, seqs, loss_fn, 0))
@@ -60,7 +61,8 @@ def test_baselines_compute_our_loss_and_gradients(tokenizer, batch, attn):
 
 def test_weight_casts_counts_one_per_pass_for_ours_and_per_chunk_before(backbone, tokenizer, batch):
     seqs, loss_fn = bench.tokenized(batch, tokenizer, MAX_LENGTH)
-    assert bench.weight_casts(backbone, lambda: bench.ours_step(backbone, seqs, loss_fn, 200, bf16=True)) == 2
+    assert bench.weight_casts(backbone, lambda: train.cached_step(backbone, seqs, loss_fn, 200,
+                                                                  bf16=True)) == 2
     count = bench.weight_casts(backbone, lambda: bench.count_chunk_step(backbone, seqs, loss_fn, 6, 0, bf16=True))
     assert count == 2 * 6  # two passes of 36 / 6 chunks, a cast per chunk
 
@@ -73,7 +75,7 @@ def test_pairs_loss_is_sentence_transformers_cached_mnrl(backbone, tokenizer, ba
     pairs = bench.Texts(batch.queries, batch.positives, [[] for _ in batch.queries])
     M.save_export(backbone, tokenizer, str(tmp_path / "export"), max_length=MAX_LENGTH)
     seqs, loss_fn = bench.tokenized(pairs, tokenizer, MAX_LENGTH)
-    ours = bench.ours_step(backbone, seqs, loss_fn, 100)["loss"]
+    ours = train.cached_step(backbone, seqs, loss_fn, 100)["loss"]
     st = SentenceTransformer(str(tmp_path / "export"), device="cpu")
     st_loss = CachedMultipleNegativesRankingLoss(st, scale=20.0, mini_batch_size=3)
     with torch.no_grad():
@@ -96,3 +98,24 @@ def test_goals_read_the_measurements():
     r["sentence_transformers"]["loss_ours"] = 1.001
     missed = {n for n, g in bench.goals(r).items() if not g["met"]}
     assert missed == {"speedup_vs_official", "loss_diff_vs_st"}
+
+
+def test_the_table_prints_the_goals_it_is_given():
+    """The table's goal column and verdicts come from `goals`: a goal exists in one place."""
+    spread = lambda x: dict(median=x, min=x, max=x, n=1)
+    r = dict(steps=dict(speedup=dict(ours=spread(3.0), count=spread(2.0)),
+                        tokens_per_s=dict(ours=spread(2.0), count=spread(1.0)),
+                        weight_casts_per_step=dict(ours=2, count=12)),
+             sentence_transformers=dict(time_ratio=spread(0.9), loss_ours=1.0, loss_st=1.0),
+             memory_growth=dict(ours=1.1, count=1.5, official=3.0),
+             paper_batch_efficiency={n: spread(0.9) for n in ("rows", "varlen", "count",
+                                                             "official")},
+             encode=dict(speedup=spread(1.2)))
+    r["goals"] = bench.goals(r)
+    rows = {measure.strip(): (goal, met) for measure, _, goal, met in bench.table(r)}
+    assert rows["1. step throughput, ours / official"] == (">= 4", False)
+    assert rows["2. padding efficiency, paper batch: packed rows"] == (">= 0.98", False)
+    assert rows["5. vs ST cached MNRL: loss ours - ST"] == ("abs <= 1e-5", True)
+    assert rows["count chunks | official"] == ("", None)  # a measure without a goal
+    shown = {goal for goal, met in rows.values() if met is not None}
+    assert shown == {g["goal"] for n, g in r["goals"].items() if n != "speedup_vs_count_chunks"}

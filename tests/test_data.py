@@ -1,7 +1,7 @@
 """data.py: single-source batches of token ids identical on every rank, k by task type,
-deterministic per seed, every row in every epoch, both sampling rules, resumable position;
-the token cache (EOS rule, keyed by data/tokenizer/length, crash-safe, memory-mapped); bad
-files fail naming file, row, column."""
+deterministic per seed, every row in every epoch, both sampling rules, resumable position; bad
+files fail naming file, row, column. tokens.py: the token cache (EOS rule, keyed by
+data/tokenizer/length, crash-safe, memory-mapped)."""
 import collections
 import csv
 import hashlib
@@ -23,6 +23,7 @@ from transformers import AutoTokenizer
 import data as D
 import demo
 import model as M
+import tokens as T
 
 MAX_LENGTH = 64
 
@@ -38,7 +39,7 @@ def cache_dir(tmp_path_factory):
 
 
 def _sources(folder, tok, cache_dir, seed=0, **kw):
-    return D.load_tokenized(folder, tok, kw.pop("max_length", MAX_LENGTH), cache_dir, seed=seed, **kw)
+    return T.load_tokenized(folder, tok, kw.pop("max_length", MAX_LENGTH), cache_dir, seed=seed, **kw)
 
 
 def test_batches_single_source_k_and_shards(small_demo_dir, tok, cache_dir):
@@ -237,10 +238,10 @@ def test_a_teacher_with_its_own_tokenizer_reads_the_same_texts(small_demo_dir, t
     folder, and every batch (and each shard of it) holds the same texts in both."""
     sources = _sources(small_demo_dir, tok, cache_dir, max_length=512)
     other = M.train_tokenizer(D.iter_texts(sources), vocab_size=600)
-    teacher_cache = D.TokenCache(cache_dir, other, 512)
+    teacher_cache = T.TokenCache(cache_dir, other, 512)
     teacher_cache.build(sources, log=lambda *a: None)
     teacher_cache.open(sources, attr="teacher_tokens")
-    assert teacher_cache.path(sources[0]) != D.TokenCache(cache_dir, tok, 512).path(sources[0])
+    assert teacher_cache.path(sources[0]) != T.TokenCache(cache_dir, tok, 512).path(sources[0])
     stream = D.BatchStream(sources, 4, seed=0)
     for batch in [next(stream) for _ in range(3)]:
         for shard in (batch, batch.shard(1, 2)):
@@ -266,17 +267,17 @@ def test_cache_is_keyed_by_data_tokenizer_and_length(tmp_path, tok, small_demo_d
         shutil.copy(os.path.join(small_demo_dir, name), folder)
     data_files = _files(folder)
     (source,) = _sources(folder, tok, cache)
-    first = D.TokenCache(cache, tok, MAX_LENGTH).path(source)
+    first = T.TokenCache(cache, tok, MAX_LENGTH).path(source)
     other_tok = M.train_tokenizer(["a few words", "of another text"], vocab_size=300)
-    other = {"length": D.TokenCache(cache, tok, MAX_LENGTH // 2),
-             "tokenizer": D.TokenCache(cache, other_tok, MAX_LENGTH)}
+    other = {"length": T.TokenCache(cache, tok, MAX_LENGTH // 2),
+             "tokenizer": T.TokenCache(cache, other_tok, MAX_LENGTH)}
     for what, c in other.items():
         assert c.path(source) != first and c.problem(source) == "not built", what
         c.build([source], log=lambda *a: None)
     assert len([f for f in os.listdir(cache) if f.endswith(".arrow")]) == 3 and _files(folder) == data_files
     # a file of the other tokenizer under this key's name: refused by open, replaced by build
     shutil.copy(other["tokenizer"].path(source), first)
-    this = D.TokenCache(cache, tok, MAX_LENGTH)
+    this = T.TokenCache(cache, tok, MAX_LENGTH)
     with pytest.raises(D.DataError, match=f"token cache {first}: made for .*delete it"):
         this.open([source])
     this.build([source], log=lambda *a: None)
@@ -295,35 +296,35 @@ def test_half_written_cache_is_rebuilt_and_waiting_ranks_open_it(tmp_path, tok, 
     for name in ("bbc_topic_classification.parquet", "task_types.csv"):
         shutil.copy(os.path.join(small_demo_dir, name), folder)
     (source,) = D.load_sources(folder)
-    real, calls = D.tokenize_rows, []
+    real, calls = T.tokenize_rows, []
 
     def crashing(*args):  # the builder dies after 3 of its 10 row ranges
         calls.append(1)
         if len(calls) == 4:
             raise KeyboardInterrupt
         return real(*args)
-    monkeypatch.setattr(D, "tokenize_rows", crashing)
-    builder = D.TokenCache(cache, tok, MAX_LENGTH, rows_per_batch=16)
+    monkeypatch.setattr(T, "tokenize_rows", crashing)
+    builder = T.TokenCache(cache, tok, MAX_LENGTH, rows_per_batch=16)
     with pytest.raises(KeyboardInterrupt):
         builder.build([source], workers=1)
-    monkeypatch.setattr(D, "tokenize_rows", real)
+    monkeypatch.setattr(T, "tokenize_rows", real)
     assert builder.problem(source) == "not built"  # only the temporary file was written
     assert [f for f in os.listdir(cache) if ".tmp-" in f]
     assert not [f for f in os.listdir(cache) if f.endswith(".lock")]  # released on the way out
     # a rank that waits for the builder opens the files once they are complete
     waiter = D.load_sources(folder)[0]
-    thread = threading.Thread(target=D.TokenCache(cache, tok, MAX_LENGTH).open, args=([waiter],),
+    thread = threading.Thread(target=T.TokenCache(cache, tok, MAX_LENGTH).open, args=([waiter],),
                               kwargs=dict(wait=True))
     thread.start()
-    D.TokenCache(cache, tok, MAX_LENGTH, rows_per_batch=16).build([source], log=lambda *a: None,
+    T.TokenCache(cache, tok, MAX_LENGTH, rows_per_batch=16).build([source], log=lambda *a: None,
                                                                   workers=1)
     thread.join(timeout=30)
     assert waiter.tokens is not None and waiter.tokens.num_rows == source.num_rows
     assert not [f for f in os.listdir(cache) if ".tmp" in f]  # the dead builder's file is gone
     # a cache file cut short (say, a disk that filled up before the rename): refused, then rebuilt
-    cache_obj = D.TokenCache(cache, tok, MAX_LENGTH)
+    cache_obj = T.TokenCache(cache, tok, MAX_LENGTH)
     path = cache_obj.path(source)
-    expected = D.TokenTable(path, MAX_LENGTH, tok.eos_token_id).texts(7, source.columns)
+    expected = T.TokenTable(path, MAX_LENGTH, tok.eos_token_id).texts(7, source.columns)
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
     assert cache_obj.problem(source).startswith("unreadable")
@@ -343,7 +344,7 @@ def test_two_builders_on_one_host_take_turns(tmp_path, tok, small_demo_dir):
         shutil.copy(os.path.join(small_demo_dir, name), folder)
     (source,) = D.load_sources(folder)
     built = []
-    threads = [threading.Thread(target=D.TokenCache(cache, tok, MAX_LENGTH, rows_per_batch=16,
+    threads = [threading.Thread(target=T.TokenCache(cache, tok, MAX_LENGTH, rows_per_batch=16,
                                                     poll_s=0.05).build,
                                 args=([source],), kwargs=dict(log=built.append, workers=1))
                for _ in range(2)]
@@ -351,7 +352,7 @@ def test_two_builders_on_one_host_take_turns(tmp_path, tok, small_demo_dir):
         t.start()
     for t in threads:
         t.join(timeout=60)
-    assert len(built) == 1 and D.TokenCache(cache, tok, MAX_LENGTH).problem(source) is None
+    assert len(built) == 1 and T.TokenCache(cache, tok, MAX_LENGTH).problem(source) is None
 
 
 def test_batches_read_the_memory_map(small_demo_dir, tok, cache_dir):
@@ -512,7 +513,7 @@ def test_worker_pool_build_is_byte_identical_with_a_progress_line(tmp_path, tok,
     _, source = _one_source(tmp_path, small_demo_dir, rows=40)
     files, lines = [], []
     for workers in (1, 2):
-        cache = D.TokenCache(str(tmp_path / f"c{workers}"), tok, MAX_LENGTH, rows_per_batch=8)
+        cache = T.TokenCache(str(tmp_path / f"c{workers}"), tok, MAX_LENGTH, rows_per_batch=8)
         cache.build([source], log=lines.append, workers=workers, progress_every=0)
         files.append(pathlib.Path(cache.path(source)).read_bytes())
     assert files[0] == files[1] and len(files[0]) > 10_000
@@ -526,7 +527,7 @@ def test_one_builder_per_file_and_the_stale_lock_rule(tmp_path, tok, small_demo_
     or held by a dead process of this host, is broken and the file built once; a built file
     is never replaced (its inode stays, a memory map of it stays valid)."""
     folder, source = _one_source(tmp_path, small_demo_dir)
-    cache = D.TokenCache(str(tmp_path / "c"), tok, MAX_LENGTH, stale_after_s=60, poll_s=0.02)
+    cache = T.TokenCache(str(tmp_path / "c"), tok, MAX_LENGTH, stale_after_s=60, poll_s=0.02)
     os.makedirs(cache.folder)
     lock = cache.path(source) + ".lock"
     pathlib.Path(lock).write_text("another-node 12345\n")
@@ -544,12 +545,12 @@ def test_one_builder_per_file_and_the_stale_lock_rule(tmp_path, tok, small_demo_
     other = D.load_sources(folder, seed=1)[0]
     dead = subprocess.Popen(["true"])
     dead.wait()
-    cache2 = D.TokenCache(str(tmp_path / "c"), tok, MAX_LENGTH + 1, poll_s=0.02)
+    cache2 = T.TokenCache(str(tmp_path / "c"), tok, MAX_LENGTH + 1, poll_s=0.02)
     pathlib.Path(cache2.path(other) + ".lock").write_text(f"{socket.gethostname()} {dead.pid}\n")
     cache2.build([other], log=lambda *a: None, workers=1)
     assert cache2.problem(other) is None
     # built files are left alone: same inode, the open map still reads
-    table = D.TokenTable(cache.path(source), MAX_LENGTH, tok.eos_token_id)
+    table = T.TokenTable(cache.path(source), MAX_LENGTH, tok.eos_token_id)
     inode = os.stat(cache.path(source)).st_ino
     cache.build([source], workers=1)
     assert os.stat(cache.path(source)).st_ino == inode and table.texts(3, ["query"])

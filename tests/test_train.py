@@ -11,6 +11,7 @@ from transformers import AutoModel
 
 import data as D
 import model as M
+import tokens as T
 import train
 
 
@@ -29,7 +30,7 @@ def _close(grads, reference, what):
 
 def _rank_batch(small_demo_dir, tokenizer, task_type, size=6, max_length=128):
     """A rank's batch of the demo sample's first rows (one token cache for every test here)."""
-    stream = D.BatchStream(D.load_tokenized(small_demo_dir, tokenizer, max_length,
+    stream = D.BatchStream(T.load_tokenized(small_demo_dir, tokenizer, max_length,
                                             small_demo_dir + "_tokens"),
                            size, seed=0)
     source = {"retrieval": "bbc_headline_retrieval"}.get(task_type, f"bbc_topic_{task_type}")
@@ -296,7 +297,7 @@ def test_distillation_keeps_I2_with_the_naive_gradient(tokenizer, small_demo_dir
 def test_validation_on_the_varlen_path_matches_sdpa(tokenizer, small_demo_dir):
     """train.validate (packed chunks, no grad) gives the same held-out loss on the CUDA layout
     (varlen rows forced on this CPU) as on sdpa rows."""
-    sources = D.load_tokenized(small_demo_dir, tokenizer, 128, small_demo_dir + "_tokens")
+    sources = T.load_tokenized(small_demo_dir, tokenizer, 128, small_demo_dir + "_tokens")
     batches = list(D.ValidationBatches(sources, 6, 1, seed=0))[:4]
     cfg = train.Config(chunk_tokens=200)
     losses = [train.validate(M.tiny_backbone(tokenizer, seed=0, attn=M.attention_implementation(
@@ -362,7 +363,7 @@ def test_k_clustering_sets_the_hard_negatives_of_clustering_data_only(small_demo
     for s in nine:
         assert s.k == (9 if s.task_type == "clustering" else default[s.name]), s.name
     clustering = [s for s in nine if s.task_type == "clustering"]
-    cache = D.TokenCache(memo, tokenizer, 128)
+    cache = T.TokenCache(memo, tokenizer, 128)
     cache.build(clustering, log=lambda *a: None)
     cache.open(clustering)
     batch = next(D.BatchStream(clustering, 4, seed=0))
