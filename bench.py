@@ -91,8 +91,14 @@ def make_batch(pool, tokenizer, queries: int, k: int, max_length: int, seed: int
 
 # ---------------------------------------------------------------------------- the steps
 def ours_step(backbone, seqs, loss_fn, chunk_tokens: int, bf16: bool = False) -> dict:
-    """train.cached_step exactly as train.py runs it (world 1)."""
-    return train.cached_step(backbone, seqs, loss_fn, chunk_tokens, bf16)
+    """train.cached_step exactly as train.py runs it (world 1), with the loop's bookkeeping
+    taken from its chunks."""
+    device = next(backbone.parameters()).device
+    chunks = M.packed_chunks(backbone, seqs, chunk_tokens)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    losses = train.cached_step(backbone, chunks, loss_fn, autocast)
+    return dict(loss=losses[0].item(), chunks=len(chunks), real_tokens=sum(len(s) for s in seqs),
+                computed_tokens=sum(packed.computed_tokens for packed, _ in chunks))
 
 
 def count_chunk_step(backbone, seqs, loss_fn, chunk_size: int, pad_id: int,
