@@ -182,6 +182,10 @@ def test_choice_flags_offer_what_the_code_accepts():
     assert get_args(hints["kd_mode"]) == KD_MODES
     assert set(get_args(hints["data_set"])) == set(D.DATA_SETS)
     assert set(get_args(hints["size"])) == set(train.PRESETS)
+    helps = train.field_help(train.Config)  # flags.py's, mine.py's too: aligned continuations
+    assert helps["kd_mode"] == ("v2: F2LLM v2's MSE of raw states; unit: of unit vectors; "
+                                "kl: of scores")
+    assert helps["source_sampling"] == "how a batch's source is drawn"  # not the block above
 
 
 def test_lr_schedule_warmup_cosine_floor():
