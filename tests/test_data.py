@@ -612,7 +612,7 @@ def test_released_set_downloaded_once_per_node(tmp_path, monkeypatch, small_demo
     import train
     cfg = train.parse_config(["--size", "0.6b", "--out", str(tmp_path / "run"),
                               "--data-set", "v2", "--val-fraction", "0.5"])
-    sources, _, _ = train.setup_data(cfg, 0, 1, lambda *a: None)
+    sources, _, _ = train.setup_data(cfg, 0, 1)
     assert calls[-1] == ("codefuse-ai/F2LLM-v2", "dataset") and len(sources) == 4
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert {s: r["usable"] for s, r in report.items()} == {s.name: 150 for s in sources}
