@@ -238,15 +238,15 @@ def setup_data(cfg: Config, rank: int, world: int):
         stream = D.BatchStream(sources, cfg.batch_size, cfg.seed, cfg.source_sampling)
     except D.DataError as e:
         raise SystemExit(f"train.py: data error: {e}")
-    print0(f"data: {len(sources)} sources in {data_folder}, {stream.batches_per_epoch} batches per "
-        f"epoch (the last of each source filled from its start), sources drawn by the "
-        f"{cfg.source_sampling} rule, {sum(len(s.val_rows) for s in sources)} rows held out")
+    print0(f"data: {len(sources)} sources in {data_folder}, {stream.batches_per_epoch} batches "
+           f"per epoch (the last of each source filled from its start), sources drawn by the "
+           f"{cfg.source_sampling} rule, {sum(len(s.val_rows) for s in sources)} rows held out")
     report = D.data_report(sources)
     for s, n in zip(sources, stream.source_batches):
         skipped = "".join(f", skipped {r['count']} ({why}: rows {r['first_rows'][:5]})"
                           for why, r in report[s.name]["skipped"].items())
         print0(f"  {s.name:32s} {s.task_type:14s} k={s.k} train={len(s.train_rows)} "
-            f"val={len(s.val_rows)} batches/epoch={n}{skipped}")
+               f"val={len(s.val_rows)} batches/epoch={n}{skipped}")
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "data_report.json"), "w") as f:
@@ -276,8 +276,12 @@ def setup_model(cfg: Config, rank: int, device, bf16: bool, sources):
     trainable = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
     lora = f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else ""
     print0(f"model: {cfg.model}, {sum(p.numel() for p in backbone.parameters()):,} parameters "
-        f"({trainable:,} trained{lora}), dim {backbone.config.hidden_size}, attention {attn} "
-        f"(packed rows, {attn_note})")
+           f"({trainable:,} trained{lora}), dim {backbone.config.hidden_size}, attention {attn} "
+           f"(packed rows, {attn_note})")
+    print0(f"precision: {'bf16 autocast, fp32 master weights' if bf16 else 'fp32'}"
+           + (", Matryoshka loss" if cfg.mrl else "")
+           + (", DETACHED in-batch gather (the official code's)"
+              if cfg.in_batch_gather == "detached" else ""))
     return backbone, tokenizer
 
 
@@ -295,8 +299,8 @@ def setup_teacher(cfg: Config, device, bf16: bool, student_dim: int):
                          f"compares the first {student_dim}; use --kd-mode kl, which compares "
                          f"scores")
     teacher.requires_grad_(False)
-    print0(f"teacher: {cfg.teacher}, {sum(p.numel() for p in teacher.parameters()):,} parameters, "
-        f"dim {dim}, --kd-mode {cfg.kd_mode} x {cfg.kd_weight}")
+    print0(f"teacher: {cfg.teacher}, {sum(p.numel() for p in teacher.parameters()):,} "
+           f"parameters, dim {dim}, --kd-mode {cfg.kd_mode} x {cfg.kd_weight}")
     return teacher.to(device).eval(), tokenizer
 
 
@@ -353,6 +357,15 @@ def restore(cfg: Config, backbone, optimizer, scheduler, stream) -> int:
     return meta["step"]
 
 
+def batch_plan(cfg: Config, world: int, sources, epochs: float, total_steps: int) -> str:
+    """The batch arithmetic, printed at start (derived numbers never go back into the config)."""
+    b = cfg.batch_size // world
+    cap = f" and <= {cfg.chunk_size} sequences" if cfg.chunk_size else ""
+    return (f"batch: {cfg.batch_size} queries/step = {world} ranks x {b}; per rank up to "
+            f"{b * (2 + max(s.k for s in sources))} sequences (b x (2 + k)) in packed chunks of <= "
+            f"{cfg.chunk_tokens} tokens{cap}; {total_steps} steps ({epochs:.2f} epochs)")
+
+
 def log_step(record: dict, total_steps: int, eta_s: float) -> str:
     """The step's log line (rank 0 prints it; metrics.jsonl holds the record)."""
     kd = f", kd {record['kd']:.4f}" if "kd" in record else ""
@@ -390,11 +403,7 @@ def main(argv=None):
         print0(allocator_note)
     sources, stream, cache_folder = setup_data(cfg, rank, world)
     total_steps = cfg.steps or cfg.epochs * stream.batches_per_epoch
-    cap = f" and <= {cfg.chunk_size} sequences" if cfg.chunk_size else ""
-    print0(f"batch: {cfg.batch_size} queries/step = {world} ranks x {cfg.batch_size // world}; "
-           f"per rank up to {cfg.batch_size // world * (2 + max(s.k for s in sources))} sequences"
-           f" (b x (2 + k)) in packed chunks of <= {cfg.chunk_tokens} tokens{cap}; {total_steps} "
-           f"steps ({total_steps / stream.batches_per_epoch:.2f} epochs)")
+    print0(batch_plan(cfg, world, sources, total_steps / stream.batches_per_epoch, total_steps))
     os.makedirs(cfg.out, exist_ok=True)
     if rank == 0:
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
@@ -406,10 +415,6 @@ def main(argv=None):
     setup_tokens(cfg, sources, cache_folder, tokenizer, teacher_tokenizer)
     val_batches = D.ValidationBatches(sources, cfg.batch_size, world, cfg.seed)  # lazily built
     ddp = wrap_ddp(backbone, device) if world > 1 else None
-    print0(f"precision: {'bf16 autocast, fp32 master weights' if bf16 else 'fp32'}"
-           + (", Matryoshka loss" if cfg.mrl else "")
-           + (", DETACHED in-batch gather (the official code's)"
-              if cfg.in_batch_gather == "detached" else ""))
     optimizer, scheduler = setup_optimizer(cfg, backbone, world, total_steps)
     step = restore(cfg, backbone, optimizer, scheduler, stream)
     metrics_path = checkpoint.open_metrics(cfg.out, step, rank, cfg.resume)
