@@ -420,8 +420,8 @@ def main(argv=None):
     metrics_path = checkpoint.open_metrics(cfg.out, step, rank, cfg.resume)
 
     # --- the loop; the next batch is drawn in a thread while a step computes
-    prefetch = ThreadPoolExecutor(max_workers=1)
-    pending = prefetch.submit(lambda: next(stream).shard(rank, world))
+    draw, prefetch = lambda: next(stream).shard(rank, world), ThreadPoolExecutor(max_workers=1)
+    pending = prefetch.submit(draw)
     trained = [p for p in backbone.parameters() if p.requires_grad]
     chunk = lambda net, seqs: M.packed_chunks(net, seqs, cfg.chunk_tokens, cfg.chunk_size)
     bad_steps, warned_truncation, t_start, step_start = 0, False, time.time(), step
@@ -429,7 +429,7 @@ def main(argv=None):
         t0 = time.time()
         batch = pending.result()
         data_state = stream.state_dict()  # after this batch: a checkpoint of this step resumes here
-        pending = prefetch.submit(lambda: next(stream).shard(rank, world))
+        pending = prefetch.submit(draw)
         teacher_reps = None if teacher is None else embed_chunks(  # its raw states, no grad
             teacher, chunk(teacher, (batch.teacher or batch).sequences()), autocast)
         seqs = batch.sequences()
