@@ -156,21 +156,17 @@ def test_one_bf16_cast_per_weight_per_pass(backbone, tokenizer, small_demo_dir):
 def test_the_step_copied_alone_gives_the_same_gradients(backbone, tokenizer, small_demo_dir):
     """The copy-paste promise: the step's four functions, their source copied into a namespace
     holding only torch, contextlib and model.py, give train.cached_step's loss and gradients
-    bit for bit (and the padded reference's): nothing else of train.py is needed."""
+    bit for bit: nothing else of train.py is needed."""
     names = ["rng_state", "restored_rng", "embed_chunks", "cached_step"]
     namespace = {"torch": torch, "contextlib": contextlib, "M": M}
     exec("\n".join(inspect.getsource(getattr(train, n)) for n in names), namespace)
     assert namespace["cached_step"] is not train.cached_step
     batch, seqs = _rank_batch(small_demo_dir, tokenizer, "retrieval")
     loss_fn = train.step_loss(batch, RECIPE)
-    m, copied = _grads(backbone, seqs, loss_fn, 200, step=namespace["cached_step"])
-    m_train, grads = _grads(backbone, seqs, loss_fn, 200)
-    assert m["chunks"] > 2 and m["loss"] == m_train["loss"]
-    assert all(torch.equal(copied[n], g) for n, g in grads.items())
-    loss, direct = _padded_reference(backbone, seqs, tokenizer.pad_token_id,
-                                     lambda states: loss_fn(states)[0])
-    assert m["loss"] == pytest.approx(loss.item(), rel=1e-5)
-    _close(copied, direct, "the copied step")
+    m, copied = _grads(backbone, seqs, loss_fn, 300, step=namespace["cached_step"])
+    m_train, grads = _grads(backbone, seqs, loss_fn, 300)  # its I2 tests: the tests above
+    assert m["chunks"] >= 2 and m["loss"] == m_train["loss"]
+    assert grads and all(torch.equal(copied[n], g) for n, g in grads.items())
 
 
 def test_choice_flags_offer_what_the_code_accepts():
