@@ -91,6 +91,17 @@ def make_batch(pool, tokenizer, queries: int, k: int, max_length: int, seed: int
 
 
 # ---------------------------------------------------------------------------- the steps
+def ours_step(backbone, seqs, loss_fn, chunk_tokens: int, bf16: bool = False) -> dict:
+    """train.cached_step exactly as train.py runs it (world 1), with the loop's bookkeeping
+    taken from its chunks."""
+    device = next(backbone.parameters()).device
+    chunks = M.packed_chunks(backbone, seqs, chunk_tokens)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    losses = train.cached_step(backbone, chunks, loss_fn, autocast)
+    return dict(loss=losses[0].item(), chunks=len(chunks), real_tokens=sum(len(s) for s in seqs),
+                computed_tokens=sum(packed.computed_tokens for packed, _ in chunks))
+
+
 def count_chunk_step(backbone, seqs, loss_fn, chunk_size: int, pad_id: int,
                      bf16: bool = False) -> dict:
     """The step before packing: length-sorted chunks of chunk_size sequences, each padded to
@@ -234,7 +245,7 @@ def memory_probe(args):
                                tokenizer.pad_token_id) if step == "official" else
                  count_chunk_step(net, seqs, loss_fn, args.chunk_size,
                                   tokenizer.pad_token_id) if step == "count"
-                 else train.cached_step(net, seqs, loss_fn, args.chunk_tokens))
+                 else ours_step(net, seqs, loss_fn, args.chunk_tokens))
             out[f"{step}_x{scale}"] = dict(step_mib=(rss_kib("VmHWM") - before) / 1024,
                                            before_mib=before / 1024,
                                            sequences=len(seqs),
@@ -272,7 +283,7 @@ def bench_steps(args, backbone, tokenizer, pool) -> dict:
             net.zero_grad(set_to_none=True)
         return go
     steps = {"ours": (backbone,
-                      lambda: train.cached_step(backbone, seqs, loss_fn, args.chunk_tokens)),
+                      lambda: ours_step(backbone, seqs, loss_fn, args.chunk_tokens)),
              "count": (backbone,
                        lambda: count_chunk_step(backbone, seqs, loss_fn, args.chunk_size, pad)),
              "official": (official, lambda: official_step(official, seqs, loss_fn, pad))}
@@ -280,7 +291,7 @@ def bench_steps(args, backbone, tokenizer, pool) -> dict:
                    args.repeats)
     real = info["ours"]["real_tokens"]
     casts = {name: weight_casts(backbone, lambda: step(True)) for name, step in (
-        ("ours", lambda bf16: train.cached_step(backbone, seqs, loss_fn, args.chunk_tokens, bf16)),
+        ("ours", lambda bf16: ours_step(backbone, seqs, loss_fn, args.chunk_tokens, bf16)),
         ("count",
          lambda bf16: count_chunk_step(backbone, seqs, loss_fn, args.chunk_size, pad, bf16)))}
     return dict(sequences=len(seqs), real_tokens=real,
@@ -327,7 +338,7 @@ def bench_sentence_transformers(args, backbone, tokenizer, pool, st) -> dict:
 
     def ours():  # tokenizing is timed for both: CachedMNRL tokenizes too
         seqs, loss_fn = tokenized(pairs, tokenizer, 8192)  # the export truncates at 8192 too
-        loss["ours"] = train.cached_step(backbone, seqs, loss_fn, args.chunk_tokens)["loss"]
+        loss["ours"] = ours_step(backbone, seqs, loss_fn, args.chunk_tokens)["loss"]
         backbone.zero_grad(set_to_none=True)
 
     def theirs():

@@ -80,6 +80,23 @@ class Clock:
         return {p: t1 - t0 for (_, t0), (p, t1) in zip(t, t[1:])}
 
 
+class TimedChunks(list):
+    """The step's chunks, marking the clock as each pass over them ends ('pass 1', 'pass 2')
+    and as the second begins ('loss': the loss and its backward are done): the phases are
+    timed from outside the step, which has no hook for it."""
+
+    def __init__(self, chunks, clock):
+        super().__init__(chunks)
+        self.clock, self.passes = clock, 0
+
+    def __iter__(self):
+        if self.passes == 1:
+            self.clock("loss")
+        yield from super().__iter__()
+        self.passes += 1
+        self.clock(f"pass {self.passes}")
+
+
 def smoke_config(config):
     """The same code with tiny shapes: 2 layers of width 64, a 500-token vocabulary."""
     config = plan.config_like(config, 2, vocab_size=500)
@@ -150,6 +167,7 @@ def why_not(size: str, config, chunk_tokens: int, sequences: int, gpu_bytes: int
 
 def check_size(size, config, device, attn, steps, b, k, max_length, chunk_tokens, run_old):
     cuda = device.type == "cuda"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)  # reused per pass
     allocated = (lambda: torch.cuda.memory_allocated(device)) if cuda else (lambda: 0)
     before = allocated()
     backbone = build(config, device, attn)
@@ -169,18 +187,18 @@ def check_size(size, config, device, attn, steps, b, k, max_length, chunk_tokens
         clock("start")
 
         def run(out):  # the loop's step: the cached step, then clip, step, zero_grad
-            out["m"] = m = train.cached_step(backbone, seqs, loss_fn, chunk_tokens, cuda,
-                                             ddp=ddp, clock=clock)
-            _, out["norm"], _ = train.optimizer_step(optimizer, scheduler, trained,
-                                                     cfg.grad_clip, m["losses"], ddp)
+            chunks = TimedChunks(M.packed_chunks(backbone, seqs, chunk_tokens), clock)
+            step_losses = train.cached_step(ddp, chunks, loss_fn, autocast)
+            out["losses"], out["norm"], _ = train.optimizer_step(
+                optimizer, scheduler, trained, cfg.grad_clip, step_losses, ddp)
+            out["chunks"] = len(chunks)
         out = {}
         if step == 1:
             syncs = host_syncs(device, lambda: run(out))
         else:
             run(out)
-        m = out["m"]
         norms.append(out["norm"])
-        losses.append(m["loss"])
+        losses.append(out["losses"][0])
         clock("optimizer")
         split = clock.split()
         if cuda:
@@ -193,8 +211,8 @@ def check_size(size, config, device, attn, steps, b, k, max_length, chunk_tokens
         if step:
             times.append(sum(split.values()))
             splits.append(split)
-            tokens += m["real_tokens"]
-            chunks = m["chunks"]
+            tokens += sum(len(s) for s in seqs)
+            chunks = out["chunks"]
     counts = plan.parameter_counts(config)
     n = counts["all"] - counts["embedding"]
     r = dict(size=size, layers=config.num_hidden_layers, b=b, k=k, chunk_tokens=chunk_tokens,

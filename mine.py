@@ -23,10 +23,8 @@ Importing this file does nothing.
 import argparse
 import csv
 import dataclasses
-import inspect
 import json
 import os
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +35,7 @@ import pyarrow.parquet as pq
 
 from data import DataError, instruct, read_table
 from demo import DEMO_NEGATIVES, bbc_articles
+from flags import field_help
 
 
 @dataclass(frozen=True)
@@ -306,24 +305,6 @@ def register_source(folder: str, name: str, task_type: str) -> None:
         f.write("dataset,task_type\n" + "".join(f"{n},{t}\n"
                                                 for n, t in {**types, name: task_type}.items()))
     os.replace(path + ".tmp", path)
-
-
-def field_help(cls) -> dict[str, str]:
-    """Each field's trailing comment in the dataclass sources (base classes first): its flag's
-    help. A comment line whose '#' stands in the same column as the one above continues it."""
-    helps, field, column = {}, None, -1
-    lines = [line for c in cls.__mro__[::-1] if dataclasses.is_dataclass(c)
-             for line in inspect.getsource(c).splitlines()]
-    for line in lines:
-        m = re.match(r"\s+(\w+): [^#]*=[^#]*(#)\s*(.*)", line)
-        if m:
-            field, column = m[1], m.start(2)
-            helps[field] = m[3]
-        elif field and line[:column].isspace() and line[column:column + 1] == "#":
-            helps[field] += " " + line[column + 1:].strip()
-        else:
-            field = None
-    return helps
 
 
 def float_or_none(text: str) -> float | None:

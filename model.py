@@ -6,12 +6,12 @@ Contract:
 - `tokenize(tokenizer, texts, max_length)` gives id lists that END WITH EOS: texts are cut
   to max_length - 1 tokens and EOS is appended as an id, so truncation never deletes it.
 - `setup_attention(device, bf16)` chooses and registers the attention of packed chunks.
-- `make_chunks` + `pack` + `embed_packed`: sequences concatenated into rows with position
-  ids restarting per sequence, attention kept inside each sequence (flash-attn or torch
-  varlen on CUDA, block-diagonal sdpa masks otherwise), pooled at each sequence's EOS: no
-  padding is computed. `embed(backbone, input_ids, lengths)` is the padded reference (on
-  either attention): fp32 unit vectors at each row's last real token, masks built from
-  lengths (DESIGN I3).
+- `make_chunks` + `pack` (the two: `packed_chunks`) + `embed_packed`: sequences
+  concatenated into rows with position ids restarting per sequence, attention kept inside
+  each sequence (flash-attn or torch varlen on CUDA, block-diagonal sdpa masks otherwise),
+  pooled at each sequence's EOS: no padding is computed. `embed(backbone, input_ids,
+  lengths)` is the padded reference (on either attention): fp32 unit vectors at each row's
+  last real token, masks built from lengths (DESIGN I3).
 - `encode(backbone, tokenizer, texts)` embeds raw texts in packed chunks.
 - `save_export(...)` writes a folder that AutoModel, SentenceTransformer and mteb's F2LLM
   loader all load with last-token pooling, normalisation and an EOS-appending tokenizer.
@@ -384,6 +384,21 @@ def pack(seqs: list[list[int]], width: int | None = None, pin: bool = False) -> 
                           (packed.input_ids, packed.position_ids, packed.last, packed.cu_seqlens)),
                         packed.longest)
     return packed
+
+
+def packed_chunks(model, seqs: list[list[int]], chunk_tokens: int, chunk_size: int = 0):
+    """seqs -> the step's chunks on the model's device: [(Packed, rows (n,)), ...], chunk i
+    packing the sequences rows into at most chunk_tokens tokens (make_chunks, pack), copied
+    with pinned, non-blocking transfers. The row width follows the model's attention."""
+    device = next(model.parameters()).device
+    width = row_width(model, seqs)
+    cuda = device.type == "cuda"
+    chunks = []
+    for c in make_chunks([len(s) for s in seqs], chunk_tokens, chunk_size, width):
+        rows = torch.tensor(c)
+        chunks.append((pack([seqs[i] for i in c], width, pin=cuda).to(device),
+                       (rows.pin_memory() if cuda else rows).to(device, non_blocking=True)))
+    return chunks
 
 
 def embed_packed(backbone, packed: Packed, unit: bool = True) -> torch.Tensor:

@@ -4,29 +4,23 @@
     torchrun --nproc_per_node 8 train.py --size 4b       # the paper's run
     python train.py --size 4b --dry-run --nproc 8        # plan it, no weights
 
-Reads in the order things happen: config -> distributed setup -> data -> model ->
-optimizer and schedule -> the cached-negatives step (DESIGN §4) -> the loop (log,
-validate, checkpoint) -> the final export in OUT/final.
+Reads in the order things happen: the command line (config.py's fields) -> the processes
+(parallel.py) -> data -> model -> optimizer and schedule -> the cached-negatives step
+(DESIGN §4) -> the loop (log, validate, checkpoint, curves.py's figure) -> the final export
+in OUT/final.
 """
 import argparse
 import contextlib
 import dataclasses
 import json
 import math
-import inspect
 import os
-import re
 import socket
 import sys
-import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoTokenizer
 
 import checkpoint
@@ -35,104 +29,37 @@ import demo
 import model as M
 import plan
 import tokens as T
-from loss import (KD_MODES, TEMPERATURE, distillation_loss, f2llm_loss, matryoshka,
-                  matryoshka_dims)
+from config import MATH_FIELDS, PRESETS, Config, Recipe, check_config, presets_text
+from curves import plot_curves
+from flags import choices, field_help
+from loss import distillation_loss, f2llm_loss, matryoshka, matryoshka_dims
+from parallel import (
+    all_means,
+    barrier,
+    print0,
+    restarted_by_torchrun,
+    setup_distributed,
+    teardown,
+    use_expandable_segments,
+    wait_for_every_rank,
+    wrap_ddp,
+    zero_grads,
+)
 
 
-# ---------------------------------------------------------------------------- config
-# Every field has a default that runs as it is: the tiny preset. PRESETS below hold what each
-# real size changes; a flag given on the command line wins over both.
-@dataclass
-class Recipe:
-    """The fields that change the math: resuming with a different value is refused."""
-    size: str = "tiny"  # preset of DESIGN §2: tiny, 0.6b, 1.7b, 4b (PRESETS)
-    model: str = "tiny"  # HF id or local folder; tiny = a small Qwen3 built from a config
-    data: str = ""  # folder of {source}.parquet / .jsonl; "" = released set (tiny: demo sample)
-    data_set: str = "v1"  # released set and task types: v1 (F2LLM, 62 sources) | v2 (502)
-    strict_data: bool = False  # a row that cannot train (empty text, < k negatives) is an error
-    demo_negatives: str = "mined"  # tiny's demo sample: mined (the paper's rule) | random
-    steps: int = 0  # optimizer steps; 0 = `epochs` passes over the data
-    epochs: int = 1  # passes over the data when --steps is 0
-    batch_size: int = 32  # GLOBAL queries per step (all ranks)
-    lr: float = 1e-3  # peak learning rate
-    min_lr: float = 1e-5  # floor of the cosine schedule
-    warmup_steps: int = 10  # linear warmup, in optimizer steps
-    weight_decay: float = 0.01  # AdamW weight decay
-    beta2: float = 0.98  # AdamW betas (0.9, beta2)
-    grad_clip: float = 1.0  # clip the global gradient norm to this
-    temperature: float = TEMPERATURE  # softmax temperature of both losses
-    max_length: int = 128  # tokens per text including EOS
-    val_fraction: float = 0.02  # held out per source
-    # official: the official code's draw (sources run dry at random times); remaining: by
-    # batches left, so every stretch of an epoch stays mixed (data.source_order)
-    source_sampling: str = "remaining"  # official | remaining: how each batch's source is drawn
-    seed: int = 0  # model init, data order, negatives sampled, validation split
-    precision: str = "auto"  # bf16 (autocast, fp32 master weights) | fp32; auto = bf16 on GPU
-    mrl: bool = False  # F2LLM v2's Matryoshka loss over nested dims (loss.matryoshka_dims)
-    in_batch: bool = True  # the in-batch term on retrieval data; --no-in-batch: hard negatives only
-    in_batch_gather: str = "autograd"  # autograd (the recipe) | detached (the official code's)
-    lora_rank: int = 0  # LoRA adapters of this rank on every linear layer; 0 = full finetuning
-    teacher: str = ""  # distil from this model (a folder or hub id model.py loads); "" = none
-    kd_weight: float = 1.0  # weight of the distillation term in the loss (with --teacher)
-    kd_mode: str = "v2"  # v2 (F2LLM v2's MSE of raw states) | unit (of unit vectors) | kl (scores)
-    k_clustering: int = 7  # hard negatives per clustering query (F2LLM v1: 7; v2: 9)
-
-
-@dataclass
-class Config(Recipe):
-    """The recipe, and how this run executes it: memory, logging, files, planning."""
-    out: str = ""  # run folder; "" = out/{size}
-    chunk_tokens: int = 4096  # real tokens per packed forward: memory only, never the math
-    chunk_size: int = 0  # also cap the sequences per forward; 0 = no cap
-    token_cache: str = ""  # tokenized data (shared by runs of one tokenizer); "" = OUT/token_cache
-    max_bad_fraction: float = 0.01  # a source with more of its rows skipped is an error
-    tokenize_workers: int = 0  # processes tokenizing a cache file on each node; 0 = one per core
-    eval_every: int = 25  # steps between validation losses; 0 = only at the end
-    save_every: int = 50  # steps between resumable checkpoints; 0 = only at the end
-    keep_checkpoints: int = 2  # the newest N checkpoints are kept
-    max_bad_steps: int = 5  # stop after this many non-finite steps in a row
-    shard_optimizer: bool = True  # ZeroRedundancyOptimizer across ranks when world > 1
-    resume: bool = False  # continue from the latest checkpoint in `out` (automatic on restarts)
-    dry_run: bool = False  # print the plan of the run and exit, no weights, no download
-    json: bool = False  # dry run only: print the plan as one JSON object
-    nproc: int = 0  # dry run only: GPUs per node to plan for (0 = this world size)
-    nodes: int = 1  # dry run only: nodes to plan for
-
-
-MATH_FIELDS = [f.name for f in dataclasses.fields(Recipe)]
-
-# The paper's run (DESIGN §2), shared by the real sizes: 2 epochs of 512 queries per step.
-PAPER = dict(epochs=2, batch_size=512, max_length=1024, min_lr=1e-7, warmup_steps=500,
-             val_fraction=0.01, source_sampling="official", eval_every=500, save_every=1000)
-# chunk_tokens: the largest multiple of 256 whose memory plan fits 72 GiB of an 80 GB GPU at 64
-# queries per GPU (plan.chunk_tokens_that_fit; a test checks)
-PRESETS = {
-    "tiny": {},  # the defaults above
-    "0.6b": dict(PAPER, model="Qwen/Qwen3-0.6B", lr=1e-5, chunk_tokens=28672),
-    "1.7b": dict(PAPER, model="Qwen/Qwen3-1.7B", lr=9e-6, chunk_tokens=14336),
-    "4b": dict(PAPER, model="Qwen/Qwen3-4B", lr=8e-6, chunk_tokens=3840),
-}
-
-
-def field_help(cls) -> dict[str, str]:
-    """Each field's trailing comment in the dataclass sources: the flag's help text in -h."""
-    lines = [line for c in cls.__mro__[::-1] if dataclasses.is_dataclass(c)
-             for line in inspect.getsource(c).splitlines()]
-    found = (re.match(r"\s+(\w+): [^#]*=[^#]*#\s*(.*)", line) for line in lines)
-    return {m[1]: m[2] for m in found if m}
-
-
-def presets_text() -> str:
-    """-h's epilog: what each --size changes."""
-    paper = textwrap.fill(", ".join(f"{k}={v}" for k, v in PAPER.items()), 88,
-                          initial_indent="  ", subsequent_indent="  ")
-    return ("presets (--size): tiny is the defaults above; 0.6b, 1.7b and 4b run the paper's "
-            "recipe,\n" + paper + "\n" + "\n".join(
-                f"  {size:5s} " + ", ".join(f"{k}={v}" for k, v in p.items() if k not in PAPER)
-                for size, p in PRESETS.items() if p))
+# ---------------------------------------------------------------------------- command line
+def kd_mode_flag(text: str) -> str:
+    """--kd-mode's type: the mode this flag once had gets its own message."""
+    if text == "mse":
+        raise argparse.ArgumentTypeError(
+            "mse is now two modes: v2 (F2LLM v2's MSE of the raw states) or unit (the squared "
+            "distance of the unit vectors: what mse computed, times D)")
+    return text
 
 
 def parse_config(argv=None) -> Config:
+    """Config's fields as flags: help from each field's comment, a Literal field's values as
+    argparse choices (a bad value fails naming the flag and the choices)."""
     parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, epilog=presets_text(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     helps = field_help(Config)
@@ -141,168 +68,17 @@ def parse_config(argv=None) -> Config:
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
         else:
-            parser.add_argument(flag, type=f.type, default=None, help=help,
-                                choices=list(PRESETS) if f.name == "size" else None)
+            values = choices(f.type)
+            kind = kd_mode_flag if f.name == "kd_mode" else str if values else f.type
+            parser.add_argument(flag, type=kind, default=None, help=help, choices=values)
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     cfg = Config(**{**PRESETS[args.get("size", Config.size)], **args})
     cfg.out = cfg.out or os.path.join("out", cfg.size)
     return cfg
 
 
-def check_config(cfg: Config, world: int) -> None:
-    """Errors a user can cause, before anything is loaded or written."""
-    def fail(msg):
-        raise SystemExit(f"train.py: error: {msg}")
-    if cfg.batch_size % world:
-        fail(f"--batch-size {cfg.batch_size} is not divisible by the world size {world}; "
-             f"use a multiple of {world}")
-    if cfg.chunk_size < 0:
-        fail(f"--chunk-size must be >= 0 (0 = no cap), got {cfg.chunk_size}")
-    for name in ["batch_size", "chunk_tokens", "lr", "max_length", "keep_checkpoints",
-                 "max_bad_steps"]:
-        if getattr(cfg, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if cfg.max_length < 2:
-        fail("--max-length must leave room for one token and the EOS")
-    if cfg.demo_negatives not in ("mined", "random"):
-        fail(f"--demo-negatives {cfg.demo_negatives}: use mined or random")
-    if cfg.in_batch_gather not in ("autograd", "detached"):
-        fail(f"--in-batch-gather {cfg.in_batch_gather}: use autograd or detached")
-    if cfg.kd_mode == "mse":
-        fail("--kd-mode mse is now two modes: v2 (F2LLM v2's MSE of the raw states) or unit "
-             "(the squared distance of the unit vectors: what mse computed, times D)")
-    if cfg.kd_mode not in KD_MODES:
-        fail(f"--kd-mode {cfg.kd_mode}: use {', '.join(KD_MODES)}")
-    if cfg.k_clustering < 1:
-        fail(f"--k-clustering must be >= 1 (hard negatives per clustering query), "
-             f"got {cfg.k_clustering}")
-    if cfg.teacher and not cfg.kd_weight > 0:
-        fail(f"--kd-weight must be positive with --teacher, got {cfg.kd_weight}")
-    if cfg.lora_rank < 0:
-        fail(f"--lora-rank must be >= 0 (0 = full finetuning), got {cfg.lora_rank}")
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        fail(f"--precision {cfg.precision}: use auto, bf16 or fp32")
-    if cfg.data and not os.path.isdir(cfg.data):
-        fail(f"--data {cfg.data}: no such folder")
-    if cfg.data_set not in D.DATA_SETS:
-        fail(f"--data-set {cfg.data_set}: use one of {', '.join(D.DATA_SETS)}")
-    if not 0 <= cfg.max_bad_fraction < 1:
-        fail(f"--max-bad-fraction must be in [0, 1), got {cfg.max_bad_fraction}")
-    if cfg.tokenize_workers < 0:
-        fail(f"--tokenize-workers must be >= 0 (0 = one per core), got {cfg.tokenize_workers}")
-    if cfg.resume and not checkpoint.latest(cfg.out):
-        fail(f"--resume: no checkpoint in {cfg.out}/checkpoints; start without --resume")
-    if not cfg.resume and checkpoint.latest(cfg.out):
-        fail(f"--out {cfg.out} already holds checkpoints; add --resume to continue that run "
-             f"or choose another --out")
-
-
-def restarted_by_torchrun() -> bool:
-    """torchrun --max-restarts N restarts every rank after a failure: continue, no flag needed."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-
-
-# ---------------------------------------------------------------------------- distributed
-def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE: nccl on GPU, gloo on CPU; plain python = one process."""
-    if "RANK" not in os.environ:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return 0, 1, device
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    # torchrun restarts reuse one rendezvous store, so the keys of a failed attempt (the gloo
-    # addresses of dead ranks) would be read by the new ranks: one key prefix per attempt
-    store, rank, world = next(dist.rendezvous("env://", timeout=timedelta(minutes=30)))
-    store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store,
-                            rank=rank, world_size=world)
-    return rank, world, device
-
-
-def wrap_ddp(backbone, device, **kwargs) -> DDP:
-    """gradient_as_bucket_view: the gradients live in DDP's buckets, saving one model-sized
-    copy. broadcast_buffers=False: Qwen3's only buffer (rotary frequencies) is a constant, and
-    a broadcast per forward would be one collective per chunk (ranks may differ in chunks).
-    DDP points a .grad at its bucket only if it exists when DDP is built (or at the first
-    synced backward, after the no_sync chunks of step 1 have accumulated into fresh tensors):
-    zero gradients made here make step 1 accumulate in the buckets too; zero_grads keeps them."""
-    for p in backbone.parameters():
-        if p.requires_grad and p.grad is None:
-            p.grad = torch.zeros_like(p)  # copied into the bucket view, then freed
-    return DDP(backbone, device_ids=[device.index] if device.type == "cuda" else None,
-               gradient_as_bucket_view=True, broadcast_buffers=False, **kwargs)
-
-
-def zero_grads(optimizer, ddp=None) -> None:
-    """Between steps: under DDP zero the gradients in place, so every accumulation of pass 2
-    (no_sync chunks included) lands in DDP's bucket views; set_to_none would make the next
-    no_sync chunk allocate fresh gradients beside the buckets (two copies, +4 P bytes)."""
-    optimizer.zero_grad(set_to_none=ddp is None)
-
-
-def use_expandable_segments() -> str | None:
-    """PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless the user set the variable: chunks
-    of varying size then grow and shrink one segment instead of fragmenting cached blocks (the
-    plan leaves 7.65 GiB of an 80 GB card for that). Set before CUDA starts; -> the note."""
-    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ:
-        return None
-    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
-    return ("allocator: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (set by train.py; "
-            "set the variable yourself to choose otherwise)")
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def wait_for_every_rank(tag: str, timeout: timedelta = timedelta(hours=6)) -> None:
-    """A barrier on the rendezvous store, not a collective: a node still downloading or
-    tokenizing may keep the others waiting for longer than NCCL's 10-minute watchdog allows
-    in a collective (DESIGN §8)."""
-    if not dist.is_initialized():
-        return
-    store = dist.distributed_c10d._get_default_store()
-    deadline = time.time() + timeout.total_seconds()
-    store.add(tag, 1)
-    while store.add(tag, 0) < dist.get_world_size():
-        if time.time() > deadline:
-            raise SystemExit(f"train.py: error: waited {timeout} for every rank at {tag!r}")
-        time.sleep(1)
-
-
-def teardown():
-    """Close the process group once every rank is done with it. Without the barrier, a rank
-    that closes its gloo connections while another still holds them (DDP) makes that one abort
-    at exit, 'terminate called without an active exception' (1 run in 5, torch 2.13)."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def all_mean(x: float, device) -> float:
-    if not dist.is_initialized():
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
-
-
-def all_means(values: torch.Tensor) -> list[float]:
-    """(n,) on the device -> the n means over ranks: ONE all-reduce, ONE host sync. In float64,
-    so a value equal on every rank (the gradient norm) comes back exactly."""
-    values = values.detach().double()
-    if dist.is_initialized():
-        dist.all_reduce(values)
-        values /= dist.get_world_size()
-    return values.tolist()
-
-
 # ---------------------------------------------------------------------------- the step
+# Copyable: these four functions need torch and model.py only (a test runs a copy of them).
 def rng_state(device):
     return (torch.get_rng_state(),
             torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
@@ -318,63 +94,47 @@ def restored_rng(state, device):
         yield
 
 
-def packed_chunks(model, seqs: list[list[int]], chunk_tokens: int, chunk_size: int = 0):
-    """seqs -> (packs, rows) on the model's device: chunk i packs the sequences rows[i] into
-    at most chunk_tokens tokens (model.pack), copied with pinned, non-blocking transfers."""
-    device = next(model.parameters()).device
-    width = M.row_width(model, seqs)
-    chunks = M.make_chunks([len(s) for s in seqs], chunk_tokens, chunk_size, width)
-    cuda = device.type == "cuda"
-    packs = [M.pack([seqs[i] for i in c], width, pin=cuda).to(device) for c in chunks]
-    rows = [torch.tensor(c) for c in chunks]
-    return packs, [(r.pin_memory() if cuda else r).to(device, non_blocking=True) for r in rows]
+def embed_chunks(net, chunks, autocast, rng_states=None):
+    """Pass 1, no grad (the step's, validation's and the teacher's): chunks [(Packed, rows), ...]
+    of model.packed_chunks -> (S, D) fp32 RAW last-token states in the batch's order (the
+    losses normalise; v2's distillation needs them raw). One autocast region: each weight is
+    cast to bf16 once, not once per chunk. rng_states, a list, gets each chunk's RNG state."""
+    states, order = [], []
+    with torch.no_grad(), autocast:
+        for packed, rows in chunks:
+            if rng_states is not None:
+                rng_states.append(rng_state(rows.device))
+            states.append(M.embed_packed(net, packed, unit=False))  # (n, D)
+            order.append(rows)
+    return torch.cat(states)[torch.cat(order).argsort()]  # chunk order -> batch order
 
 
-def cached_step(model, seqs: list[list[int]], loss_fn, chunk_tokens: int, bf16: bool = False,
-                ddp=None, chunk_size: int = 0, clock=lambda phase: None) -> dict:
+def cached_step(net, chunks, loss_fn, autocast) -> torch.Tensor:
     """DESIGN §4: pass 1 (no grad) -> loss on cached reps -> pass 2 (grad, chunk by chunk).
 
-    seqs: this rank's id lists; loss_fn(reps (S, D) fp32: the RAW last-token states, which the
-    loss normalises; v2's distillation needs them raw) -> (loss, *terms). Chunks hold at
-    most chunk_tokens tokens, packed (model.pack). One autocast region per pass, so autocast
-    casts each weight to bf16 once per pass, not once per chunk. Leaves in .grad the gradient
-    of the GLOBAL batch's loss (DDP averages over ranks at the last chunk: one all-reduce).
-    A non-finite loss still runs pass 2: its gradient, hence the gradient norm the caller
-    checks, is non-finite too (train.py skips the update). One host sync (the values).
-    clock(phase) is called as each phase ends (gpu_check.py records CUDA events there)."""
-    device = next(model.parameters()).device
-    packs, rows = packed_chunks(model, seqs, chunk_tokens, chunk_size)
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+    net: the backbone, or its DDP wrapper; chunks: model.packed_chunks(...) of this rank's
+    sequences; loss_fn(reps (S, D) fp32 raw states) -> (loss, *terms); autocast: a reusable
+    region (torch.autocast(...)), entered once per pass. Leaves in .grad the gradient of the
+    GLOBAL batch's loss (DDP averages over ranks at the last chunk: one all-reduce). A
+    non-finite loss still runs pass 2: its gradient is non-finite too (the caller skips the
+    update). No host sync. -> (1 + terms,) the loss and its terms, detached, on the device."""
     # 1. pass 1, no grad: cache the raw pooled states of all S sequences, each chunk's RNG state
-    reps = torch.empty(len(seqs), model.config.hidden_size, device=device)  # (S, D) fp32
-    states = []
-    with torch.no_grad(), autocast():
-        for i, packed in enumerate(packs):
-            states.append(rng_state(device))
-            reps[rows[i]] = M.embed_packed(model, packed, unit=False)
-    clock("pass 1")
+    rng_states = []
+    reps = embed_chunks(net, chunks, autocast, rng_states).requires_grad_()  # (S, D) fp32
     # 2. loss on the cached reps, in fp32: d loss / d reps, including other ranks' queries' terms
-    reps.requires_grad_(True)
     loss, *terms = loss_fn(reps)
     loss.backward()
-    clock("loss")
     # 3. pass 2, with grad: replay each chunk (same dropout masks) and push its reps' gradient
-    #    into the weights; every chunk but the last inside no_sync, forward and backward
-    net = ddp or model
-    with autocast():
-        for i, packed in enumerate(packs):
-            sync = ddp is None or i == len(packs) - 1
-            no_sync = contextlib.nullcontext() if sync else ddp.no_sync()
-            with no_sync, restored_rng(states[i], device):
+    #    into the weights; every chunk but the last inside DDP's no_sync, forward and backward
+    no_sync = getattr(net, "no_sync", contextlib.nullcontext)  # a plain module: nothing to sync
+    with autocast:
+        for i, (packed, rows) in enumerate(chunks):
+            last = i == len(chunks) - 1
+            with contextlib.nullcontext() if last else no_sync(), \
+                    restored_rng(rng_states[i], rows.device):
                 raw = M.embed_packed(net, packed, unit=False)  # (n, D), with grad
-                (raw * reps.grad[rows[i]]).sum().backward()
-    clock("pass 2")
-    losses = torch.stack([loss.detach(), *(t.detach() for t in terms)])  # (1 + terms,)
-    values = losses.tolist()  # one host sync
-    return dict(loss=values[0], terms=values[1:], losses=losses, chunks=len(packs),
-                sequences=len(seqs),
-                real_tokens=sum(len(s) for s in seqs),
-                computed_tokens=sum(p.computed_tokens for p in packs))
+                (raw * reps.grad[rows]).sum().backward()
+    return torch.stack([loss, *terms]).detach()
 
 
 def optimizer_step(optimizer, scheduler, trained, grad_clip: float, losses: torch.Tensor,
@@ -395,59 +155,38 @@ def optimizer_step(optimizer, scheduler, trained, grad_clip: float, losses: torc
     return values, grad_norm, applied
 
 
-def step_loss(batch: D.Batch, temperature: float, mrl: bool = False, gather: str = "autograd",
-              teacher_reps=None, kd_mode: str = "v2", kd_weight: float = 1.0,
-              in_batch: bool = True):
+def step_loss(batch: D.Batch, cfg: Recipe, teacher_reps=None):
     """The recipe's loss of one rank's batch, as a function of its pooled states (S, D), raw
-    or unit: F2LLM's total, or with mrl its Matryoshka sum over nested dims, plus kd_weight x
-    the distillation term when the teacher's raw states of the same sequences are given, on
+    or unit: F2LLM's total, or with --mrl its Matryoshka sum over nested dims, plus kd_weight
+    x the distillation term when the teacher's raw states of the same sequences are given, on
     every task type and at the full dimension only, as F2LLM v2 (all on the cached states: no
-    extra memory). in_batch=False drops the in-batch term (an ablation).
+    extra memory). --no-in-batch drops the in-batch term (an ablation).
     -> (total, hard, in-batch[, distillation])."""
     b, k = len(batch.queries), len(batch.negatives[0]) if batch.negatives else 0
-    in_batch = in_batch and batch.task_type in D.IN_BATCH_TYPES
+    in_batch = cfg.in_batch and batch.task_type in D.IN_BATCH_TYPES
+    gather, t = cfg.in_batch_gather, cfg.temperature
+    contrastive = lambda reps: f2llm_loss(reps, b, k, in_batch, t, gather)
 
     def loss_fn(reps):
-        return f2llm_loss(reps, b, k, in_batch, temperature, gather)
-
-    def contrastive(reps):
-        return matryoshka(loss_fn, reps, matryoshka_dims(reps.shape[1])) if mrl else loss_fn(reps)
-    if teacher_reps is None:
-        return contrastive
-
-    def with_teacher(reps):
-        total, hard, in_batch_term = contrastive(reps)
-        kd = distillation_loss(reps, teacher_reps, b, k, in_batch, kd_mode, temperature, gather)
-        return total + kd_weight * kd, hard, in_batch_term, kd
-    return with_teacher
+        total, hard, in_batch_term = matryoshka(contrastive, reps, matryoshka_dims(
+            reps.shape[1])) if cfg.mrl else contrastive(reps)
+        if teacher_reps is None:
+            return total, hard, in_batch_term
+        kd = distillation_loss(reps, teacher_reps, b, k, in_batch, cfg.kd_mode, t, gather)
+        return total + cfg.kd_weight * kd, hard, in_batch_term, kd
+    return loss_fn
 
 
-@torch.no_grad()
-def embed_chunks(model, seqs: list[list[int]], chunk_tokens: int, chunk_size: int = 0,
-                 bf16: bool = False, unit: bool = True):
-    """The no-grad pass on its own: seqs -> (S, D) fp32 unit reps (unit=False: raw states),
-    one packed chunk in memory at a time (validation, and a teacher's states of the step)."""
-    device = next(model.parameters()).device
-    packs, rows = packed_chunks(model, seqs, chunk_tokens, chunk_size)
-    reps = torch.empty(len(seqs), model.config.hidden_size, device=device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        for packed, r in zip(packs, rows):
-            reps[r] = M.embed_packed(model, packed, unit)
-    return reps
-
-
-@torch.no_grad()
-def validate(backbone, batches, rank, world, cfg, device, bf16) -> float:
+def validate(backbone, batches, rank: int, world: int, cfg: Config, autocast) -> float:
     """The contrastive loss (F2LLM's, or its Matryoshka sum) on the held-out batches; without
-    the distillation term, so runs with and without a teacher compare."""
+    the distillation term, so runs with and without a teacher compare. One all-reduce."""
     losses = []
     for global_batch in batches:
         batch = global_batch.shard(rank, world)
-        reps = embed_chunks(backbone, batch.sequences(), cfg.chunk_tokens, cfg.chunk_size, bf16)
-        loss_fn = step_loss(batch, cfg.temperature, cfg.mrl, cfg.in_batch_gather,
-                            in_batch=cfg.in_batch)
-        losses.append(all_mean(loss_fn(reps)[0].item(), device))
-    return sum(losses) / max(len(losses), 1)
+        chunks = M.packed_chunks(backbone, batch.sequences(), cfg.chunk_tokens, cfg.chunk_size)
+        losses.append(step_loss(batch, cfg)(embed_chunks(backbone, chunks, autocast))[0])
+    means = all_means(torch.stack(losses)) if losses else []
+    return sum(means) / max(len(means), 1)
 
 
 # ---------------------------------------------------------------------------- schedule
@@ -478,7 +217,7 @@ def dry_run(cfg: Config, world: int) -> dict:
                         lora_rank=cfg.lora_rank, teacher=cfg.teacher)
 
 
-def setup_data(cfg: Config, rank: int, world: int, say):
+def setup_data(cfg: Config, rank: int, world: int):
     """Check every source file (before any model is loaded) and plan the batch stream."""
     data_folder = cfg.data
     if not data_folder and cfg.size == "tiny":
@@ -500,15 +239,15 @@ def setup_data(cfg: Config, rank: int, world: int, say):
         stream = D.BatchStream(sources, cfg.batch_size, cfg.seed, cfg.source_sampling)
     except D.DataError as e:
         raise SystemExit(f"train.py: data error: {e}")
-    say(f"data: {len(sources)} sources in {data_folder}, {stream.batches_per_epoch} batches per "
-        f"epoch (the last of each source filled from its start), sources drawn by the "
-        f"{cfg.source_sampling} rule, {sum(len(s.val_rows) for s in sources)} rows held out")
+    print0(f"data: {len(sources)} sources in {data_folder}, {stream.batches_per_epoch} batches "
+           f"per epoch (the last of each source filled from its start), sources drawn by the "
+           f"{cfg.source_sampling} rule, {sum(len(s.val_rows) for s in sources)} rows held out")
     report = D.data_report(sources)
     for s, n in zip(sources, stream.source_batches):
         skipped = "".join(f", skipped {r['count']} ({why}: rows {r['first_rows'][:5]})"
                           for why, r in report[s.name]["skipped"].items())
-        say(f"  {s.name:32s} {s.task_type:14s} k={s.k} train={len(s.train_rows)} "
-            f"val={len(s.val_rows)} batches/epoch={n}{skipped}")
+        print0(f"  {s.name:32s} {s.task_type:14s} k={s.k} train={len(s.train_rows)} "
+               f"val={len(s.val_rows)} batches/epoch={n}{skipped}")
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "data_report.json"), "w") as f:
@@ -516,7 +255,7 @@ def setup_data(cfg: Config, rank: int, world: int, say):
     return sources, stream, cache_folder
 
 
-def setup_model(cfg: Config, rank: int, device, bf16: bool, sources, say):
+def setup_model(cfg: Config, rank: int, device, bf16: bool, sources):
     """Backbone and tokenizer (the tiny one built here), LoRA adapters if asked, on device."""
     torch.manual_seed(cfg.seed)
     attn, attn_note = M.setup_attention(device, bf16)
@@ -537,13 +276,17 @@ def setup_model(cfg: Config, rank: int, device, bf16: bool, sources, say):
     backbone.to(device).train()
     trainable = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
     lora = f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else ""
-    say(f"model: {cfg.model}, {sum(p.numel() for p in backbone.parameters()):,} parameters "
-        f"({trainable:,} trained{lora}), dim {backbone.config.hidden_size}, attention {attn} "
-        f"(packed rows, {attn_note})")
+    print0(f"model: {cfg.model}, {sum(p.numel() for p in backbone.parameters()):,} parameters "
+           f"({trainable:,} trained{lora}), dim {backbone.config.hidden_size}, attention {attn} "
+           f"(packed rows, {attn_note})")
+    print0(f"precision: {'bf16 autocast, fp32 master weights' if bf16 else 'fp32'}"
+           + (", Matryoshka loss" if cfg.mrl else "")
+           + (", DETACHED in-batch gather (the official code's)"
+              if cfg.in_batch_gather == "detached" else ""))
     return backbone, tokenizer
 
 
-def setup_teacher(cfg: Config, device, bf16: bool, student_dim: int, say):
+def setup_teacher(cfg: Config, device, bf16: bool, student_dim: int):
     """--teacher: the frozen model whose reps the student distils (bf16 weights on GPU), and
     its tokenizer; (None, None) without one."""
     if not cfg.teacher:
@@ -557,12 +300,12 @@ def setup_teacher(cfg: Config, device, bf16: bool, student_dim: int, say):
                          f"compares the first {student_dim}; use --kd-mode kl, which compares "
                          f"scores")
     teacher.requires_grad_(False)
-    say(f"teacher: {cfg.teacher}, {sum(p.numel() for p in teacher.parameters()):,} parameters, "
-        f"dim {dim}, --kd-mode {cfg.kd_mode} x {cfg.kd_weight}")
+    print0(f"teacher: {cfg.teacher}, {sum(p.numel() for p in teacher.parameters()):,} "
+           f"parameters, dim {dim}, --kd-mode {cfg.kd_mode} x {cfg.kd_weight}")
     return teacher.to(device).eval(), tokenizer
 
 
-def setup_tokens(cfg: Config, sources, cache_folder: str, tokenizer, say,
+def setup_tokens(cfg: Config, sources, cache_folder: str, tokenizer,
                  teacher_tokenizer=None) -> None:
     """Tokenized once by local rank 0 into a cache keyed by data, tokenizer and max length;
     every rank memory-maps the same files (one copy in the page cache per node). A teacher
@@ -572,7 +315,7 @@ def setup_tokens(cfg: Config, sources, cache_folder: str, tokenizer, say,
         teacher_cache = T.TokenCache(cache_folder, teacher_tokenizer, cfg.max_length)
         if teacher_cache.tokenizer_id != caches[0][0].tokenizer_id:  # else: the same ids
             caches.append((teacher_cache, "teacher_tokens"))
-        say(f"teacher tokenizer: {'its own' if len(caches) == 2 else 'the same as the student'}")
+        print0(f"teacher tokenizer: {'its own' if len(caches) == 2 else 'the same as the student'}")
     builder = int(os.environ.get("LOCAL_RANK", "0")) == 0  # one per node; each file by one of them
     try:
         for cache, attr in caches:
@@ -582,7 +325,7 @@ def setup_tokens(cfg: Config, sources, cache_folder: str, tokenizer, say,
     except D.DataError as e:
         raise SystemExit(f"train.py: data error: {e}")
     wait_for_every_rank("data ready")  # the first collective comes next
-    say(f"tokens: {cache_folder}")
+    print0(f"tokens: {cache_folder}")
 
 
 def setup_optimizer(cfg: Config, backbone, world: int, total_steps: int):
@@ -597,7 +340,7 @@ def setup_optimizer(cfg: Config, backbone, world: int, total_steps: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
 
 
-def restore(cfg: Config, backbone, optimizer, scheduler, stream, say) -> int:
+def restore(cfg: Config, backbone, optimizer, scheduler, stream) -> int:
     """Continue from the latest checkpoint (checkpoint.py): the step it reached (0 for a new
     run)."""
     if not cfg.resume:
@@ -611,8 +354,41 @@ def restore(cfg: Config, backbone, optimizer, scheduler, stream, say) -> int:
         raise SystemExit(f"train.py: error: {e}")
     stream.load_state_dict(meta["data"])
     ranks = f"{meta['world']} rank" + "s" * (meta["world"] > 1)
-    say(f"resumed from {path} at step {meta['step']} (saved by {ranks})")
+    print0(f"resumed from {path} at step {meta['step']} (saved by {ranks})")
     return meta["step"]
+
+
+def batch_plan(cfg: Config, world: int, sources, epochs: float, total_steps: int) -> str:
+    """The batch arithmetic, printed at start (derived numbers never go back into the config)."""
+    b = cfg.batch_size // world
+    cap = f" and <= {cfg.chunk_size} sequences" if cfg.chunk_size else ""
+    return (f"batch: {cfg.batch_size} queries/step = {world} ranks x {b}; per rank up to "
+            f"{b * (2 + max(s.k for s in sources))} sequences (b x (2 + k)) in packed chunks of <= "
+            f"{cfg.chunk_tokens} tokens{cap}; {total_steps} steps ({epochs:.2f} epochs)")
+
+
+def log_step(record: dict, total_steps: int, eta_s: float) -> str:
+    """The step's log line (rank 0 prints it; metrics.jsonl holds the record)."""
+    kd = f", kd {record['kd']:.4f}" if "kd" in record else ""
+    val = f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""
+    return (f"step {record['step']}/{total_steps} | loss {record['loss']:.4f} (hard "
+            f"{record['hard']:.4f}, in-batch {record['in_batch']:.4f}{kd}) | lr {record['lr']:.2e}"
+            f" | grad {record['grad_norm']:.3f} | {record['time']:.2f}s, "
+            f"{record['tokens_per_s']:,.0f} tok/s, {record['chunks']} chunks | eta "
+            f"{eta_s / 60:.1f} min{val}")
+
+
+def count_bad_step(applied: bool, bad_steps: int, step: int, cfg: Config) -> int:
+    """Non-finite steps in a row (a skipped update never reaches the weights); too many stop."""
+    if applied:
+        return 0
+    bad_steps += 1
+    print0(f"step {step}: non-finite loss or gradient, update skipped ({bad_steps} in a row)")
+    if bad_steps >= cfg.max_bad_steps:
+        raise SystemExit(f"train.py: error: {bad_steps} non-finite steps in a row "
+                         f"(--max-bad-steps); lower --lr, check the data, or resume from "
+                         f"an earlier checkpoint")
+    return bad_steps
 
 
 def main(argv=None):
@@ -624,91 +400,63 @@ def main(argv=None):
     if restarted_by_torchrun() and checkpoint.latest(cfg.out):
         cfg.resume = True
     check_config(cfg, world)
-    say = print if rank == 0 else (lambda *a, **k: None)
     if allocator_note and device.type == "cuda":
-        say(allocator_note)
-    sources, stream, cache_folder = setup_data(cfg, rank, world, say)
+        print0(allocator_note)
+    sources, stream, cache_folder = setup_data(cfg, rank, world)
     total_steps = cfg.steps or cfg.epochs * stream.batches_per_epoch
-    b = cfg.batch_size // world
-    cap = f" and <= {cfg.chunk_size} sequences" if cfg.chunk_size else ""
-    say(f"batch: {cfg.batch_size} queries/step = {world} ranks x {b}; per rank up to "
-        f"{b * (2 + max(s.k for s in sources))} sequences (b x (2 + k)) in packed chunks of <= "
-        f"{cfg.chunk_tokens} tokens{cap}; {total_steps} steps "
-        f"({total_steps / stream.batches_per_epoch:.2f} epochs)")
+    print0(batch_plan(cfg, world, sources, total_steps / stream.batches_per_epoch, total_steps))
     os.makedirs(cfg.out, exist_ok=True)
     if rank == 0:
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    backbone, tokenizer = setup_model(cfg, rank, device, bf16, sources, say)
-    teacher, teacher_tokenizer = setup_teacher(cfg, device, bf16, backbone.config.hidden_size, say)
-    setup_tokens(cfg, sources, cache_folder, tokenizer, say, teacher_tokenizer)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # one per pass
+    backbone, tokenizer = setup_model(cfg, rank, device, bf16, sources)
+    teacher, teacher_tokenizer = setup_teacher(cfg, device, bf16, backbone.config.hidden_size)
+    setup_tokens(cfg, sources, cache_folder, tokenizer, teacher_tokenizer)
     val_batches = D.ValidationBatches(sources, cfg.batch_size, world, cfg.seed)  # lazily built
     ddp = wrap_ddp(backbone, device) if world > 1 else None
-    say(f"precision: {'bf16 autocast, fp32 master weights' if bf16 else 'fp32'}"
-        + (", Matryoshka loss" if cfg.mrl else "")
-        + (", DETACHED in-batch gather (the official code's)"
-           if cfg.in_batch_gather == "detached" else ""))
     optimizer, scheduler = setup_optimizer(cfg, backbone, world, total_steps)
-    step = restore(cfg, backbone, optimizer, scheduler, stream, say)
+    step = restore(cfg, backbone, optimizer, scheduler, stream)
     metrics_path = checkpoint.open_metrics(cfg.out, step, rank, cfg.resume)
 
     # --- the loop; the next batch is drawn in a thread while a step computes
-    def draw():
-        batch = next(stream).shard(rank, world)
-        return batch, batch.sequences(), batch.truncated
-    prefetch = ThreadPoolExecutor(max_workers=1)
+    draw, prefetch = lambda: next(stream).shard(rank, world), ThreadPoolExecutor(max_workers=1)
     pending = prefetch.submit(draw)
     trained = [p for p in backbone.parameters() if p.requires_grad]
+    chunk = lambda net, seqs: M.packed_chunks(net, seqs, cfg.chunk_tokens, cfg.chunk_size)
     bad_steps, warned_truncation, t_start, step_start = 0, False, time.time(), step
     while step < total_steps:
         t0 = time.time()
-        batch, seqs, truncated = pending.result()
+        batch = pending.result()
         data_state = stream.state_dict()  # after this batch: a checkpoint of this step resumes here
         pending = prefetch.submit(draw)
-        teacher_reps = None if teacher is None else embed_chunks(  # the teacher's no-grad pass
-            teacher, (batch.teacher or batch).sequences(), cfg.chunk_tokens, cfg.chunk_size, bf16,
-            unit=False)  # raw states: the loss normalises them where its mode needs it
-        loss_fn = step_loss(batch, cfg.temperature, cfg.mrl, cfg.in_batch_gather, teacher_reps,
-                            cfg.kd_mode, cfg.kd_weight, cfg.in_batch)
-        m = cached_step(backbone, seqs, loss_fn, cfg.chunk_tokens, bf16, ddp, cfg.chunk_size)
+        teacher_reps = None if teacher is None else embed_chunks(  # its raw states, no grad
+            teacher, chunk(teacher, (batch.teacher or batch).sequences()), autocast)
+        seqs = batch.sequences()
+        chunks = chunk(backbone, seqs)
+        losses = cached_step(ddp or backbone, chunks, step_loss(batch, cfg, teacher_reps), autocast)
         (loss, hard, in_batch, *kd), grad_norm, applied = optimizer_step(
-            optimizer, scheduler, trained, cfg.grad_clip, m["losses"], ddp)
-        if applied:
-            bad_steps = 0
-        else:  # a non-finite loss or gradient never reaches the weights
-            bad_steps += 1
-            say(f"step {step + 1}: non-finite loss or gradient, update skipped "
-                f"({bad_steps} in a row)")
-            if bad_steps >= cfg.max_bad_steps:
-                raise SystemExit(f"train.py: error: {bad_steps} non-finite steps in a row "
-                                 f"(--max-bad-steps); lower --lr, check the data, or resume from "
-                                 f"an earlier checkpoint")
+            optimizer, scheduler, trained, cfg.grad_clip, losses, ddp)
         step += 1
-        if truncated and not warned_truncation:
-            say(f"note: texts longer than --max-length {cfg.max_length} are cut to "
-                f"{cfg.max_length - 1} tokens + EOS; metrics.jsonl counts them per step "
-                f"('truncated')")
+        bad_steps = count_bad_step(applied, bad_steps, step, cfg)
+        if batch.truncated and not warned_truncation:
+            print0(f"note: texts longer than --max-length {cfg.max_length} are cut to "
+                   f"{cfg.max_length - 1} tokens + EOS; metrics.jsonl counts them per step "
+                   f"('truncated')")
             warned_truncation = True
-        dt = time.time() - t0
+        dt, real_tokens = time.time() - t0, sum(len(s) for s in seqs)
         record = dict(step=step, loss=loss, hard=hard, in_batch=in_batch, source=batch.source,
-                      **({"kd": kd[0]} if kd else {}),
-                      lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
-                      seq_per_s=m["sequences"] * world / dt,
-                      tokens_per_s=m["real_tokens"] * world / dt,
-                      real_tokens=m["real_tokens"], computed_tokens=m["computed_tokens"],
-                      chunks=m["chunks"],
-                      truncated=truncated, time=dt)
+                      **({"kd": kd[0]} if kd else {}), lr=scheduler.get_last_lr()[0],
+                      grad_norm=grad_norm, seq_per_s=len(seqs) * world / dt,
+                      tokens_per_s=real_tokens * world / dt, real_tokens=real_tokens,
+                      computed_tokens=sum(packed.computed_tokens for packed, _ in chunks),
+                      chunks=len(chunks), truncated=batch.truncated, time=dt)
         validating = (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps
         if validating:
-            record["val_loss"] = validate(backbone, val_batches, rank, world, cfg, device, bf16)
-        eta = (time.time() - t_start) / (step - step_start) * (total_steps - step)
-        kd_text = f", kd {record['kd']:.4f}" if kd else ""
-        val_text = f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""
-        say(f"step {step}/{total_steps} | loss {record['loss']:.4f} (hard {record['hard']:.4f}, "
-            f"in-batch {record['in_batch']:.4f}{kd_text}) | lr {record['lr']:.2e} | "
-            f"grad {grad_norm:.3f} | {dt:.2f}s, {record['tokens_per_s']:,.0f} tok/s, "
-            f"{m['chunks']} chunks | eta {eta / 60:.1f} min{val_text}")
+            record["val_loss"] = validate(backbone, val_batches, rank, world, cfg, autocast)
+        print0(log_step(record, total_steps,
+                        (time.time() - t_start) / (step - step_start) * (total_steps - step)))
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -719,50 +467,12 @@ def main(argv=None):
                             dataclasses.asdict(cfg), tokenizer, cfg.keep_checkpoints)
     prefetch.shutdown(cancel_futures=True)
 
-    # --- final export (rank 0; LoRA merged into the weights; written to a temporary name,
-    # then moved)
+    # --- final export (rank 0; LoRA merged into the weights; a temporary name, then moved)
     if rank == 0:
         M.save_export(M.unwrap(backbone), tokenizer, os.path.join(cfg.out, "final"),
                       prompts=D.export_prompts())
-        say(f"final export: {os.path.join(cfg.out, 'final')}")
+        print0(f"final export: {os.path.join(cfg.out, 'final')}")
     teardown()
-
-
-def plot_curves(metrics_path: str, png: str) -> None:
-    """OUT/curves.png from metrics.jsonl: training loss per source (smoothed) with the hard,
-    in-batch (and distillation) terms, validation loss, learning rate. Written to a temporary
-    name, then moved."""
-    from matplotlib.figure import Figure  # Agg, no display, no pyplot state
-    with open(metrics_path) as f:
-        records = [json.loads(line) for line in f]
-    fig = Figure(figsize=(15, 4), layout="constrained")
-    loss_ax, val_ax, lr_ax = fig.subplots(1, 3)
-
-    def smooth(xs, beta=0.9):  # exponential moving average, bias-corrected
-        out, m = [], 0.0
-        for i, x in enumerate(xs, start=1):
-            m = beta * m + (1 - beta) * x
-            out.append(m / (1 - beta ** i))
-        return out
-    for source in sorted({r["source"] for r in records}):
-        rows = [r for r in records if r["source"] == source]
-        loss_ax.plot([r["step"] for r in rows], smooth([r["loss"] for r in rows]), label=source)
-    steps = [r["step"] for r in records]
-    loss_ax.plot(steps, smooth([r["hard"] for r in records]), "k--", lw=1, label="hard term (all)")
-    loss_ax.plot(steps, smooth([r["in_batch"] for r in records]), "k:", lw=1,
-                 label="in-batch term (all)")
-    if "kd" in records[-1]:
-        loss_ax.plot(steps, smooth([r.get("kd", 0.0) for r in records]), "k-.", lw=1,
-                     label="distillation term (all)")
-    loss_ax.set(title="training loss (smoothed)", xlabel="step")
-    loss_ax.legend(fontsize=7)
-    val = [r for r in records if "val_loss" in r]
-    val_ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-")
-    val_ax.set(title="validation loss", xlabel="step")
-    lr_ax.plot(steps, [r["lr"] for r in records])
-    lr_ax.set(title="learning rate", xlabel="step")
-    fig.savefig(png + ".tmp.png")
-    os.replace(png + ".tmp.png", png)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from another tiny model in each mode); saves the
 trained parameters' gradients (rank 0) and, per rank, what DDP all-reduced. Run with `python`
 (world 1) or `torchrun` (world N): tests/test_distributed.py compares the two (I1) and counts
 the all-reduces (one per bucket per step)."""
+import contextlib
 import json
 import os
 import sys
@@ -87,23 +88,27 @@ def step_gradients(tokenizer_dir, demo_dir, batch_size, chunk_tokens, max_length
             if option == "detached" and world == 1:
                 loss_fn = official_reference_loss(batch)
             elif option.startswith("kd-"):  # the teacher embeds this rank's sequences, no grad
-                teacher_states = train.embed_chunks(teacher, batch.sequences(), chunk_tokens,
-                                                    unit=False)
+                teacher_states = train.embed_chunks(teacher, M.packed_chunks(
+                    teacher, batch.sequences(), chunk_tokens), contextlib.nullcontext())
                 loss_fn = official_kd_loss(batch, teacher_states) if (
                     option == "kd-v2" and world == 1) else train.step_loss(
-                    batch, 0.05, teacher_reps=teacher_states, kd_mode=option[3:], kd_weight=1)
+                    batch, train.Config(kd_mode=option[3:], kd_weight=1), teacher_states)
             else:
-                loss_fn = train.step_loss(batch, 0.05, mrl=option == "mrl",
-                                          gather="detached" if option == "detached" else "autograd")
+                loss_fn = train.step_loss(batch, train.Config(
+                    mrl=option == "mrl",
+                    in_batch_gather="detached" if option == "detached" else "autograd"))
             reduced.clear()
-            m = train.cached_step(backbone, batch.sequences(), loss_fn, chunk_tokens, ddp=ddp)
+            seqs = batch.sequences()
+            chunks = M.packed_chunks(backbone, seqs, chunk_tokens)
+            step_losses = train.cached_step(ddp or backbone, chunks, loss_fn,
+                                            contextlib.nullcontext())
             key = f"{option}/{task_type}"
             grads[key] = {n: p.grad.clone()
                           for n, p in backbone.named_parameters() if p.requires_grad}
-            losses[key] = train.all_mean(m["loss"], device)
-            collectives[key] = dict(chunks=m["chunks"], allreduces=len(reduced), attention=attn,
-                                    computed_tokens=m["computed_tokens"],
-                                    real_tokens=m["real_tokens"],
+            losses[key] = train.all_means(step_losses[:1])[0]
+            collectives[key] = dict(chunks=len(chunks), allreduces=len(reduced), attention=attn,
+                                    computed_tokens=sum(p.computed_tokens for p, _ in chunks),
+                                    real_tokens=sum(len(s) for s in seqs),
                                     buckets=len({i for i, _ in reduced}),
                                     elements=sum(n for _, n in reduced),
                                     parameters=sum(p.numel() for p in backbone.parameters() if p.requires_grad))

@@ -6,7 +6,6 @@ import torch
 
 import bench
 import model as M
-import train
 
 pytestmark = pytest.mark.slow  # torchrun / real processes / mteb / sentence-transformers
 
@@ -43,7 +42,7 @@ def test_baselines_compute_our_loss_and_gradients(tokenizer, batch, attn):
     assert len(seqs) == 4 * 9
     official = bench.checkpointed(backbone)
     assert all(layer.gradient_checkpointing for layer in official.layers)
-    ours, grads = _grads_of(backbone, lambda: train.cached_step(backbone, seqs, loss_fn, 200))
+    ours, grads = _grads_of(backbone, lambda: bench.ours_step(backbone, seqs, loss_fn, 200))
     count, count_grads = _grads_of(backbone,
                                    lambda: bench.count_chunk_step(backbone, seqs, loss_fn, 3, 0))
     base, base_grads = _grads_of(official, lambda: bench.official_step(official, seqs, loss_fn, 0))
@@ -61,8 +60,9 @@ def test_baselines_compute_our_loss_and_gradients(tokenizer, batch, attn):
 
 def test_weight_casts_counts_one_per_pass_for_ours_and_per_chunk_before(backbone, tokenizer, batch):
     seqs, loss_fn = bench.tokenized(batch, tokenizer, MAX_LENGTH)
-    assert bench.weight_casts(backbone, lambda: train.cached_step(backbone, seqs, loss_fn, 200,
-                                                                  bf16=True)) == 2
+    ours = bench.weight_casts(backbone, lambda: bench.ours_step(backbone, seqs, loss_fn, 200,
+                                                                bf16=True))
+    assert ours == 2
     count = bench.weight_casts(backbone, lambda: bench.count_chunk_step(backbone, seqs, loss_fn, 6, 0, bf16=True))
     assert count == 2 * 6  # two passes of 36 / 6 chunks, a cast per chunk
 
@@ -75,7 +75,7 @@ def test_pairs_loss_is_sentence_transformers_cached_mnrl(backbone, tokenizer, ba
     pairs = bench.Texts(batch.queries, batch.positives, [[] for _ in batch.queries])
     M.save_export(backbone, tokenizer, str(tmp_path / "export"), max_length=MAX_LENGTH)
     seqs, loss_fn = bench.tokenized(pairs, tokenizer, MAX_LENGTH)
-    ours = train.cached_step(backbone, seqs, loss_fn, 100)["loss"]
+    ours = bench.ours_step(backbone, seqs, loss_fn, 100)["loss"]
     st = SentenceTransformer(str(tmp_path / "export"), device="cpu")
     st_loss = CachedMultipleNegativesRankingLoss(st, scale=20.0, mini_batch_size=3)
     with torch.no_grad():

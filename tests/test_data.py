@@ -613,7 +613,7 @@ def test_released_set_downloaded_once_per_node(tmp_path, monkeypatch, small_demo
     import train
     cfg = train.parse_config(["--size", "0.6b", "--out", str(tmp_path / "run"),
                               "--data-set", "v2", "--val-fraction", "0.5"])
-    sources, _, _ = train.setup_data(cfg, 0, 1, lambda *a: None)
+    sources, _, _ = train.setup_data(cfg, 0, 1)
     assert calls[-1] == ("codefuse-ai/F2LLM-v2", "dataset") and len(sources) == 4
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert {s: r["usable"] for s, r in report.items()} == {s.name: 150 for s in sources}
@@ -640,7 +640,6 @@ def test_v2_table_from_the_official_lists_and_an_extra_column_is_ignored(tmp_pat
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--data-set", "v3"], "--data-set v3: use one of v1, v2"),
     (["--max-bad-fraction", "1.5"], "--max-bad-fraction must be in [0, 1), got 1.5"),
     (["--tokenize-workers", "-1"], "--tokenize-workers must be >= 0"),
     (["--strict-data"], "src.parquet, row 3, column 'passage': empty or missing text"),

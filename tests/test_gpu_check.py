@@ -1,6 +1,7 @@
 """gpu_check.py can only be timed on a GPU; its code path runs here with tiny shapes (the CUDA
 attention layout forced on a CPU, DDP in a 1-process gloo group) and must compute what the
 training loop computes. Its skip rule is checked at the real sizes, without weights."""
+import contextlib
 import json
 
 import numpy as np
@@ -30,9 +31,10 @@ def test_cpu_smoke_runs_the_loop_step_on_varlen_rows_inside_ddp(tmp_path):
         config = gpu_check.smoke_config(plan.qwen3_config(r["size"]))
         seqs, loss_fn = gpu_check.batch_of(config, b, k, max_length, seed=0)
         reference = gpu_check.build(config, torch.device("cpu"), "sdpa")
-        m = train.cached_step(reference, seqs, loss_fn, chunk_tokens)
+        chunks = M.packed_chunks(reference, seqs, chunk_tokens)
+        losses = train.cached_step(reference, chunks, loss_fn, contextlib.nullcontext())
         norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0).item()
-        assert r["losses"][0] == pytest.approx(m["loss"], rel=1e-5)
+        assert r["losses"][0] == pytest.approx(losses[0].item(), rel=1e-5)
         assert r["grad_norms"][0] == pytest.approx(norm, rel=1e-4)
         step_1 = plan.length_mix(np.random.default_rng(1), b, k, max_length)
         assert r["chunks_per_step"] == len(M.make_chunks(step_1, chunk_tokens)) > 1

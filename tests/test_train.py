@@ -1,6 +1,8 @@
 """train.py: I2 chunk-size independence, the tiny recipe end to end, the schedule, and bad
 command lines that fail before any model is loaded and write nothing."""
 import collections
+import contextlib
+import inspect
 import json
 import math
 import os
@@ -15,11 +17,44 @@ import tokens as T
 import train
 
 
-def _grads(net, seqs, loss_fn, chunk_tokens, bf16=False):
-    m = train.cached_step(net, seqs, loss_fn, chunk_tokens, bf16)
+def _step(net, seqs, loss_fn, chunk_tokens, bf16=False, step=None):
+    """train.cached_step as the loop runs it; the loop's bookkeeping comes from the chunks."""
+    chunks = M.packed_chunks(net, seqs, chunk_tokens)
+    losses = (step or train.cached_step)(net, chunks, loss_fn, torch.autocast(
+        "cpu", dtype=torch.bfloat16, enabled=bf16))
+    return dict(loss=losses[0].item(), terms=losses[1:].tolist(), chunks=len(chunks),
+                real_tokens=sum(len(s) for s in seqs),
+                computed_tokens=sum(packed.computed_tokens for packed, _ in chunks))
+
+
+def _grads(net, seqs, loss_fn, chunk_tokens, bf16=False, step=None):
+    m = _step(net, seqs, loss_fn, chunk_tokens, bf16, step)
     grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
     net.zero_grad(set_to_none=True)
     return m, grads
+
+
+def _padded_reference(backbone, seqs, pad_id, loss_of_states):
+    """One plain padded forward of the whole batch (no packing, no chunks) and one backward of
+    loss_of_states(raw last-token states (S, D)) -> (loss, the trained parameters' grads)."""
+    loss = loss_of_states(_raw_states(backbone, seqs, pad_id))
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in backbone.named_parameters() if p.requires_grad}
+    backbone.zero_grad(set_to_none=True)
+    return loss, grads
+
+
+def _lora_backbone(tokenizer):
+    """The tiny model with rank-4 adapters, their B made non-zero so the adapters matter."""
+    torch.manual_seed(0)
+    lora = M.add_lora(M.tiny_backbone(tokenizer, seed=0), 4)
+    for name, p in lora.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    return lora
+
+
+RECIPE = train.Config()  # the loss settings of the recipe: temperature 0.05, in-batch, autograd
 
 
 def _close(grads, reference, what):
@@ -45,12 +80,11 @@ def test_chunk_tokens_do_not_change_gradients(tokenizer, small_demo_dir, task_ty
     gradients as one plain padded forward/backward of the whole batch."""
     backbone = M.tiny_backbone(tokenizer, seed=0, attn=attn)
     batch, seqs = _rank_batch(small_demo_dir, tokenizer, task_type)
-    loss_fn = train.step_loss(batch, 0.05)
+    loss_fn = train.step_loss(batch, RECIPE)
     results = {c: _grads(backbone, seqs, loss_fn, c) for c in (1, 300, 10**6)}
     ids, lengths = M.pad(seqs, tokenizer.pad_token_id)
-    loss = loss_fn(M.embed(backbone, ids, lengths))[0]  # padded: sdpa on either backbone
-    loss.backward()
-    direct = {n: p.grad.clone() for n, p in backbone.named_parameters()}
+    loss, direct = _padded_reference(backbone, seqs, tokenizer.pad_token_id,
+                                     lambda states: loss_fn(states)[0])
     varlen = attn == M.VARLEN
     # a chunk per sequence (varlen rows) or per sdpa row as wide as the longest sequence
     rows = [[i] for i in range(len(seqs))] if varlen else M.first_fit(
@@ -76,7 +110,7 @@ def test_I2_under_dropout_pass_2_replays_pass_1_masks(tokenizer, small_demo_dir)
     backbone = AutoModel.from_config(config, attn_implementation="sdpa").train()
     assert [k for k, v in config.to_dict().items() if "dropout" in k and v] == ["attention_dropout"]
     batch, seqs = _rank_batch(small_demo_dir, tokenizer, "retrieval")
-    loss_fn, chunk_tokens = train.step_loss(batch, 0.05), 200
+    loss_fn, chunk_tokens = train.step_loss(batch, RECIPE), 200
     torch.manual_seed(1)
     m, grads = _grads(backbone, seqs, loss_fn, chunk_tokens)
     assert m["chunks"] > 2
@@ -115,9 +149,40 @@ def test_one_bf16_cast_per_weight_per_pass(backbone, tokenizer, small_demo_dir):
             return out
     batch, seqs = _rank_batch(small_demo_dir, tokenizer, "retrieval")
     with CountCasts():
-        m = train.cached_step(backbone, seqs, train.step_loss(batch, 0.05), 300, bf16=True)
+        m = _step(backbone, seqs, train.step_loss(batch, RECIPE), 300, bf16=True)
     assert m["chunks"] >= 4
     assert casts and max(casts.values()) == 2, casts.most_common(3)
+
+
+def test_the_step_copied_alone_gives_the_same_gradients(backbone, tokenizer, small_demo_dir):
+    """The copy-paste promise: the step's four functions, their source copied into a namespace
+    holding only torch, contextlib and model.py, give train.cached_step's loss and gradients
+    bit for bit: nothing else of train.py is needed."""
+    names = ["rng_state", "restored_rng", "embed_chunks", "cached_step"]
+    namespace = {"torch": torch, "contextlib": contextlib, "M": M}
+    exec("\n".join(inspect.getsource(getattr(train, n)) for n in names), namespace)
+    assert namespace["cached_step"] is not train.cached_step
+    batch, seqs = _rank_batch(small_demo_dir, tokenizer, "retrieval")
+    loss_fn = train.step_loss(batch, RECIPE)
+    m, copied = _grads(backbone, seqs, loss_fn, 300, step=namespace["cached_step"])
+    m_train, grads = _grads(backbone, seqs, loss_fn, 300)  # its I2 tests: the tests above
+    assert m["chunks"] >= 2 and m["loss"] == m_train["loss"]
+    assert grads and all(torch.equal(copied[n], g) for n, g in grads.items())
+
+
+def test_choice_flags_offer_what_the_code_accepts():
+    """Each Literal field's choices are exactly the values the code behind it knows."""
+    from typing import get_args
+
+    from loss import KD_MODES
+    hints = train.Config.__annotations__ | train.Recipe.__annotations__
+    assert get_args(hints["kd_mode"]) == KD_MODES
+    assert set(get_args(hints["data_set"])) == set(D.DATA_SETS)
+    assert set(get_args(hints["size"])) == set(train.PRESETS)
+    helps = train.field_help(train.Config)  # flags.py's, mine.py's too: aligned continuations
+    assert helps["kd_mode"] == ("v2: F2LLM v2's MSE of raw states; unit: of unit vectors; "
+                                "kl: of scores")
+    assert helps["source_sampling"] == "how a batch's source is drawn"  # not the block above
 
 
 def test_lr_schedule_warmup_cosine_floor():
@@ -165,10 +230,14 @@ def test_tiny_recipe_end_to_end(trained_run):
     (["--chunk-tokens", "0"], "--chunk-tokens must be positive"),
     (["--data", "/nonexistent/folder"], "--data /nonexistent/folder: no such folder"),
     (["--resume"], "--resume: no checkpoint in"),
-    (["--kd-mode", "l2"], "--kd-mode l2: use v2, unit, kl"),
-    (["--kd-mode", "mse"], "--kd-mode mse is now two modes: v2"),
-    (["--k-clustering", "0"], "--k-clustering must be >= 1"),
-    (["--demo-negatives", "best"], "--demo-negatives best: use mined or random"),
+    (["--kd-mode", "l2"], "argument --kd-mode: invalid choice: 'l2' (choose from"),
+    (["--kd-mode", "mse"], "argument --kd-mode: mse is now two modes: v2"),
+    (["--k-clustering", "0"], "--k-clustering must be positive"),
+    (["--demo-negatives", "best"], "argument --demo-negatives: invalid choice: 'best'"),
+    (["--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
+    (["--in-batch-gather", "none"], "argument --in-batch-gather: invalid choice: 'none'"),
+    (["--source-sampling", "uniform"], "argument --source-sampling: invalid choice"),
+    (["--data-set", "v3"], "argument --data-set: invalid choice: 'v3'"),
 ])
 def test_bad_command_lines(tmp_path, capsys, argv, message):
     out = tmp_path / "out"
@@ -196,30 +265,23 @@ def test_options_keep_I2_mrl_lora_and_one_process_detached_gather(tokenizer, sma
     the adapter gradients of one plain padded forward with the naive Matryoshka sum; only the
     adapters train; with one process the detached gather changes nothing."""
     from loss import f2llm_loss
-    torch.manual_seed(0)
-    backbone = M.add_lora(M.tiny_backbone(tokenizer, seed=0), 4)
-    for name, p in backbone.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
+    backbone = _lora_backbone(tokenizer)
     trained = {n for n, p in backbone.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n for n in trained)
     batch, seqs = _rank_batch(small_demo_dir, tokenizer, "retrieval")
     b, k, d = len(batch.queries), len(batch.negatives[0]), backbone.config.hidden_size
-    ids, lengths = M.pad(seqs, tokenizer.pad_token_id)
-    reps = M.embed(backbone, ids, lengths)
-    naive = sum(f2llm_loss(M.F.normalize(reps[:, :m], dim=-1), b, k,
-                           True)[0] / (n * math.sqrt(d / m))
-                for n, m in enumerate([64, 32, 16, 8], start=1))
-    naive.backward()
-    direct = {n: p.grad.clone() for n, p in backbone.named_parameters() if p.requires_grad}
-    backbone.zero_grad(set_to_none=True)
+    naive, direct = _padded_reference(backbone, seqs, tokenizer.pad_token_id, lambda reps: sum(
+        f2llm_loss(M.F.normalize(reps[:, :m], dim=-1), b, k, True)[0] / (n * math.sqrt(d / m))
+        for n, m in enumerate([64, 32, 16, 8], start=1)))
+    mrl = train.step_loss(batch, train.Config(mrl=True))
     for chunk_tokens in (1, 10**6):
-        m, grads = _grads(backbone, seqs, train.step_loss(batch, 0.05, mrl=True), chunk_tokens)
+        m, grads = _grads(backbone, seqs, mrl, chunk_tokens)
         assert m["loss"] == pytest.approx(naive.item(), rel=1e-5)
         _close({n: g for n, g in grads.items() if n in trained}, direct, f"mrl+lora {chunk_tokens}")
         assert set(grads) == trained  # frozen weights get no gradient at all
-    recipe = _grads(backbone, seqs, train.step_loss(batch, 0.05), 200)
-    detached = _grads(backbone, seqs, train.step_loss(batch, 0.05, gather="detached"), 200)
+    recipe = _grads(backbone, seqs, train.step_loss(batch, RECIPE), 200)
+    detached = _grads(backbone, seqs, train.step_loss(
+        batch, train.Config(in_batch_gather="detached")), 200)
     assert recipe[0]["loss"] == detached[0]["loss"]
     assert all(torch.equal(recipe[1][n], detached[1][n]) for n in trained)
 
@@ -228,8 +290,8 @@ def test_no_in_batch_drops_only_the_in_batch_term(backbone, tokenizer, small_dem
     """--no-in-batch (the ablation): on retrieval data the loss is the hard-negative term
     alone, the same term as the recipe's."""
     batch, seqs = _rank_batch(small_demo_dir, tokenizer, "retrieval")
-    recipe = _grads(backbone, seqs, train.step_loss(batch, 0.05), 10**6)[0]
-    alone = _grads(backbone, seqs, train.step_loss(batch, 0.05, in_batch=False), 10**6)[0]
+    recipe = _grads(backbone, seqs, train.step_loss(batch, RECIPE), 10**6)[0]
+    alone = _grads(backbone, seqs, train.step_loss(batch, train.Config(in_batch=False)), 10**6)[0]
     assert recipe["terms"][1] > 0 and alone["terms"][1] == 0
     assert alone["terms"][0] == recipe["terms"][0] == pytest.approx(alone["loss"])
 
@@ -270,27 +332,28 @@ def test_distillation_keeps_I2_with_the_naive_gradient(tokenizer, small_demo_dir
     batch, seqs = _rank_batch(small_demo_dir, tokenizer, "retrieval")
     b, k = len(batch.queries), len(batch.negatives[0])
     teacher = M.tiny_backbone(tokenizer, seed=1, attn=attn)
-    teacher_states = train.embed_chunks(teacher, seqs, 200, unit=False)  # its own packed pass
+    teacher_states = train.embed_chunks(  # its own packed pass
+        teacher, M.packed_chunks(teacher, seqs, 200), contextlib.nullcontext())
     with torch.no_grad():
         torch.testing.assert_close(teacher_states,
                                    _raw_states(teacher, seqs, tokenizer.pad_token_id))
     norms = teacher_states.norm(dim=-1)
     assert (norms - 1).abs().min() > 0.5  # raw, not unit: a normalised cache would fail v2
-    states = _raw_states(backbone, seqs, tokenizer.pad_token_id)
-    kd = _official_kd(states, teacher_states, b, k, mode)
-    naive = f2llm_loss(M.F.normalize(states, dim=-1), b, k, True)[0] + 10 * kd
-    naive.backward()
-    direct = {n: p.grad.clone() for n, p in backbone.named_parameters()}
-    backbone.zero_grad(set_to_none=True)
-    loss_fn = train.step_loss(batch, 0.05, teacher_reps=teacher_states, kd_mode=mode,
-                              kd_weight=10)
+    terms = {}
+
+    def naive_loss(states):
+        terms["kd"] = _official_kd(states, teacher_states, b, k, mode)
+        return f2llm_loss(M.F.normalize(states, dim=-1), b, k, True)[0] + 10 * terms["kd"]
+    naive, direct = _padded_reference(backbone, seqs, tokenizer.pad_token_id, naive_loss)
+    kd = terms["kd"]
+    loss_fn = train.step_loss(batch, train.Config(kd_mode=mode, kd_weight=10), teacher_states)
     for chunk_tokens in (1, 10**6):
         m, grads = _grads(backbone, seqs, loss_fn, chunk_tokens)
         assert m["loss"] == pytest.approx(naive.item(), rel=1e-5)
         assert m["terms"][2] == pytest.approx(kd.item(), rel=1e-5) and m["terms"][2] > 0
         _close(grads, direct, f"{mode} {chunk_tokens}")
     assert all(p.grad is None for p in teacher.parameters())
-    recipe = _grads(backbone, seqs, train.step_loss(batch, 0.05), 10**6)[1]
+    recipe = _grads(backbone, seqs, train.step_loss(batch, RECIPE), 10**6)[1]
     assert any((recipe[n] - g).abs().max() > 1e-3 * g.abs().max() for n, g in direct.items())
 
 
@@ -301,7 +364,7 @@ def test_validation_on_the_varlen_path_matches_sdpa(tokenizer, small_demo_dir):
     batches = list(D.ValidationBatches(sources, 6, 1, seed=0))[:4]
     cfg = train.Config(chunk_tokens=200)
     losses = [train.validate(M.tiny_backbone(tokenizer, seed=0, attn=M.attention_implementation(
-        torch.device("cpu"), False, forced)), batches, 0, 1, cfg, torch.device("cpu"), False)
+        torch.device("cpu"), False, forced)), batches, 0, 1, cfg, contextlib.nullcontext())
         for forced in (False, True)]
     assert losses[0] > 0 and losses[1] == pytest.approx(losses[0], rel=1e-6)
 
@@ -333,11 +396,7 @@ def test_lora_export_is_a_plain_qwen3_with_the_adapter_embeddings(tokenizer, tmp
     """The final export merges the adapters: AutoModel loads it without peft and embeds as the
     adapter model does."""
     from transformers import AutoModel
-    torch.manual_seed(0)
-    lora = M.add_lora(M.tiny_backbone(tokenizer, seed=0), 4)
-    for name, p in lora.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
+    lora = _lora_backbone(tokenizer)
     M.save_export(M.unwrap(lora), tokenizer, str(tmp_path / "final"))
     assert not (tmp_path / "final" / "adapter_config.json").exists()
     loaded = AutoModel.from_pretrained(tmp_path / "final")

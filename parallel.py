@@ -1,0 +1,113 @@
+"""The processes of a run (torchrun's ranks): the process group, DDP as the cached step needs
+it (gradients in the bucket views, kept there between steps), rank-0 printing, barriers that
+outlast NCCL's watchdog, the one all-reduce of the logged values, and the clean exit. Importing
+this file does nothing; train.py, gpu_check.py and the tests call these."""
+import os
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+def restarted_by_torchrun() -> bool:
+    """torchrun --max-restarts N restarts every rank after a failure: continue, no flag needed."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+def setup_distributed():
+    """torchrun sets RANK/WORLD_SIZE: nccl on GPU, gloo on CPU; plain python = one process."""
+    if "RANK" not in os.environ:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, device
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    # torchrun restarts reuse one rendezvous store, so the keys of a failed attempt (the gloo
+    # addresses of dead ranks) would be read by the new ranks: one key prefix per attempt
+    store, rank, world = next(dist.rendezvous("env://", timeout=timedelta(minutes=30)))
+    store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store,
+                            rank=rank, world_size=world)
+    return rank, world, device
+
+
+def wrap_ddp(backbone, device, **kwargs) -> DDP:
+    """gradient_as_bucket_view: the gradients live in DDP's buckets, saving one model-sized
+    copy. broadcast_buffers=False: Qwen3's only buffer (rotary frequencies) is a constant, and
+    a broadcast per forward would be one collective per chunk (ranks may differ in chunks).
+    DDP points a .grad at its bucket only if it exists when DDP is built (or at the first
+    synced backward, after the no_sync chunks of step 1 have accumulated into fresh tensors):
+    zero gradients made here make step 1 accumulate in the buckets too; zero_grads keeps them."""
+    for p in backbone.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)  # copied into the bucket view, then freed
+    return DDP(backbone, device_ids=[device.index] if device.type == "cuda" else None,
+               gradient_as_bucket_view=True, broadcast_buffers=False, **kwargs)
+
+
+def zero_grads(optimizer, ddp=None) -> None:
+    """Between steps: under DDP zero the gradients in place, so every accumulation of pass 2
+    (no_sync chunks included) lands in DDP's bucket views; set_to_none would make the next
+    no_sync chunk allocate fresh gradients beside the buckets (two copies, +4 P bytes)."""
+    optimizer.zero_grad(set_to_none=ddp is None)
+
+
+def use_expandable_segments() -> str | None:
+    """PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless the user set the variable: chunks
+    of varying size then grow and shrink one segment instead of fragmenting cached blocks (the
+    plan leaves 7.65 GiB of an 80 GB card for that). Set before CUDA starts; -> the note."""
+    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ:
+        return None
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    return ("allocator: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (set by train.py; "
+            "set the variable yourself to choose otherwise)")
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def wait_for_every_rank(tag: str, timeout: timedelta = timedelta(hours=6)) -> None:
+    """A barrier on the rendezvous store, not a collective: a node still downloading or
+    tokenizing may keep the others waiting for longer than NCCL's 10-minute watchdog allows
+    in a collective (DESIGN §8)."""
+    if not dist.is_initialized():
+        return
+    store = dist.distributed_c10d._get_default_store()
+    deadline = time.time() + timeout.total_seconds()
+    store.add(tag, 1)
+    while store.add(tag, 0) < dist.get_world_size():
+        if time.time() > deadline:
+            raise SystemExit(f"train.py: error: waited {timeout} for every rank at {tag!r}")
+        time.sleep(1)
+
+
+def teardown():
+    """Close the process group once every rank is done with it. Without the barrier, a rank
+    that closes its gloo connections while another still holds them (DDP) makes that one abort
+    at exit, 'terminate called without an active exception' (1 run in 5, torch 2.13)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs) -> None:
+    """print on global rank 0 only (torchrun sets RANK; a plain process is rank 0)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(*args, **kwargs)
+
+
+def all_means(values: torch.Tensor) -> list[float]:
+    """(n,) on the device -> the n means over ranks: ONE all-reduce, ONE host sync. In float64,
+    so a value equal on every rank (the gradient norm) comes back exactly."""
+    values = values.detach().double()
+    if dist.is_initialized():
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values.tolist()
