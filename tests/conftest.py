@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -51,12 +50,6 @@ def launch(script, *args, nproc=0, torchrun=("--standalone",), env=None, timeout
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
-
-def together(*calls) -> list:
-    """The results of `calls` (independent launches), run at once: a 1-process run leaves the
-    other core idle, and a launch spends most of its time importing torch."""
-    with ThreadPoolExecutor(len(calls)) as pool:
-        return [future.result() for future in [pool.submit(call) for call in calls]]
 
 
 @pytest.fixture(scope="session")

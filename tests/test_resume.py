@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import free_port, launch, together
+from conftest import free_port, launch
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow  # torchrun / real processes / mteb / sentence-transformers
@@ -43,8 +43,8 @@ def assert_identical(a, b):
 def uninterrupted(tmp_path_factory, small_demo_dir):
     """One process and two processes, 7 steps, no fault."""
     root = tmp_path_factory.mktemp("clean")
-    together(lambda: run(args(small_demo_dir, root / "one")),
-             lambda: run(args(small_demo_dir, root / "two"), nproc=2))
+    run(args(small_demo_dir, root / "one"))
+    run(args(small_demo_dir, root / "two"), nproc=2)
     return root
 
 
@@ -96,15 +96,14 @@ def test_resume_on_another_world_size_lands_where_that_world_lands(tmp_path, sma
     """Item 4: the checkpoint of 2 ranks (each holding half the AdamW state) resumed by 1, and
     of 1 resumed by 2, end where an uninterrupted run of the new world ends (I1's float32
     tolerance). On 2 ranks each parameter's state is read by exactly one rank, its owner."""
-    two_to_one = from_step_6(uninterrupted / "two", tmp_path / "two_to_one")
-    out = from_step_6(uninterrupted / "one", tmp_path / "one_to_two")
-    to_one, to_two = together(
-        lambda: run(args(small_demo_dir, two_to_one) + ["--resume"]),
-        lambda: run(args(small_demo_dir, out) + ["--resume"], nproc=2, fault=["reads", "0", "0"]))
-    assert "step_00000006 at step 6 (saved by 2 ranks)" in to_one.stdout
+    out = from_step_6(uninterrupted / "two", tmp_path / "two_to_one")
+    proc = run(args(small_demo_dir, out) + ["--resume"])
+    assert "step_00000006 at step 6 (saved by 2 ranks)" in proc.stdout
     for name, w in weights(uninterrupted / "one").items():
-        torch.testing.assert_close(weights(two_to_one)[name], w, rtol=1e-3, atol=1e-4)
-    assert "step_00000006 at step 6 (saved by 1 rank)" in to_two.stdout
+        torch.testing.assert_close(weights(out)[name], w, rtol=1e-3, atol=1e-4)
+    out = from_step_6(uninterrupted / "one", tmp_path / "one_to_two")
+    proc = run(args(small_demo_dir, out) + ["--resume"], nproc=2, fault=["reads", "0", "0"])
+    assert "step_00000006 at step 6 (saved by 1 rank)" in proc.stdout
     for name, w in weights(uninterrupted / "two").items():
         torch.testing.assert_close(weights(out)[name], w, rtol=1e-3, atol=1e-4)
     reads = [set(json.loads((out / f"reads.{r}.json").read_text())) for r in (0, 1)]
@@ -131,31 +130,28 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, small_dem
 
 def test_nan_loss_never_reaches_the_weights(tmp_path, small_demo_dir):
     out = tmp_path / "run"
-    proc, stopped = together(
-        lambda: run(args(small_demo_dir, out), nproc=2, fault=["nan", "3", "0"]),
-        lambda: run(args(small_demo_dir, tmp_path / "r2") + ["--max-bad-steps", "1"],
-                    fault=["nan", "3", "0"], check=False))
+    proc = run(args(small_demo_dir, out), nproc=2, fault=["nan", "3", "0"])
     assert "step 3: non-finite loss or gradient, update skipped" in proc.stdout
     for name, w in weights(out).items():
         assert torch.isfinite(w).all(), name
     lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert lrs[2] == lrs[1]  # the skipped step did not advance the schedule either
-    assert stopped.returncode != 0
-    assert "1 non-finite steps in a row (--max-bad-steps)" in stopped.stderr
+    proc = run(args(small_demo_dir, tmp_path / "r2") + ["--max-bad-steps", "1"],
+               fault=["nan", "3", "0"], check=False)
+    assert proc.returncode != 0 and "1 non-finite steps in a row (--max-bad-steps)" in proc.stderr
     assert not os.path.exists(tmp_path / "r2" / "final")
 
 
 def test_resume_with_a_different_config_names_the_difference(tmp_path, small_demo_dir,
                                                              uninterrupted):
     shutil.copytree(uninterrupted / "one", tmp_path / "run")
-    other, fresh = together(
-        lambda: run(args(small_demo_dir, tmp_path / "run")
-                    + ["--resume", "--lr", "0.01", "--lora-rank", "4"], check=False),
-        lambda: run(args(small_demo_dir, tmp_path / "run"), check=False))
-    assert other.returncode != 0 and "lr was 0.001, now 0.01" in other.stderr
+    proc = run(args(small_demo_dir, tmp_path / "run")
+               + ["--resume", "--lr", "0.01", "--lora-rank", "4"], check=False)
+    assert proc.returncode != 0 and "lr was 0.001, now 0.01" in proc.stderr
     # a LoRA resume of a full-finetune run is refused
-    assert "lora_rank was 0, now 4" in other.stderr
-    assert fresh.returncode != 0 and "already holds checkpoints; add --resume" in fresh.stderr
+    assert "lora_rank was 0, now 4" in proc.stderr
+    proc = run(args(small_demo_dir, tmp_path / "run"), check=False)
+    assert proc.returncode != 0 and "already holds checkpoints; add --resume" in proc.stderr
 
 
 def test_lora_with_mrl_sigkill_then_resume_is_bit_identical(tmp_path, small_demo_dir,
@@ -163,10 +159,9 @@ def test_lora_with_mrl_sigkill_then_resume_is_bit_identical(tmp_path, small_demo
     """I5 with the options on: LoRA adapters and the Matryoshka loss resume bit for bit; the
     export is merged (a plain Qwen3)."""
     options = ["--lora-rank", "4", "--mrl", "--steps", "4"]  # checkpoint at 2, killed at 4
+    run(args(small_demo_dir, tmp_path / "clean") + options)
     out = tmp_path / "run"
-    _, proc = together(
-        lambda: run(args(small_demo_dir, tmp_path / "clean") + options),
-        lambda: run(args(small_demo_dir, out) + options, fault=["kill", "4", "0"], check=False))
+    proc = run(args(small_demo_dir, out) + options, fault=["kill", "4", "0"], check=False)
     assert proc.returncode == -9
     run(args(small_demo_dir, out) + options + ["--resume"])
     assert_identical(weights(out), weights(tmp_path / "clean"))
