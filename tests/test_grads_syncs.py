@@ -3,15 +3,11 @@ the gradients (every accumulation of pass 2 lands in DDP's bucket views, from st
 2 host syncs and one metrics all-reduce per step. And the allocator setting train.py makes."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from conftest import launch
 
 import train
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 
 
 @pytest.mark.slow
@@ -24,15 +20,11 @@ def test_ddp_step_accumulates_in_bucket_views_with_two_host_syncs(tmp_path, smal
     the metrics take one all-reduce; inside the forward only transformers' mask builder of the
     CPU's sdpa rows syncs (the CUDA varlen path builds no mask)."""
     out = tmp_path / "watch"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-           os.path.join(HERE, "step_worker.py"), str(out), "--",
-           "--size", "tiny", "--data", small_demo_dir, "--out", str(tmp_path / "run"),
+    launch("tests/step_worker.py", out, "--",
+           "--size", "tiny", "--data", small_demo_dir, "--out", tmp_path / "run",
            "--steps", "3", "--batch-size", "8", "--max-length", "48", "--chunk-tokens", "300",
-           "--eval-every", "0", "--save-every", "0", "--token-cache", small_demo_dir + "_tokens"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+           "--eval-every", "0", "--save-every", "0", "--token-cache", small_demo_dir + "_tokens",
+           nproc=2)
     for rank in (0, 1):
         watch = json.loads((tmp_path / f"watch.rank{rank}.json").read_text())
         per_step = {}

@@ -6,31 +6,20 @@ import os
 import pathlib
 import re
 import shutil
-import socket
 import subprocess
-import sys
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import ENV, ROOT, command, free_port, launch
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow  # four torchrun processes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-       "TOKENIZERS_PARALLELISM": "false"}
-
 
 def _train_args(data, out, *more):
-    return ["train.py", "--size", "tiny", "--data", data, "--out", out, "--steps", "2",
+    return ["--size", "tiny", "--data", data, "--out", out, "--steps", "2",
             "--batch-size", "8", "--max-length", "32", "--eval-every", "0", "--save-every", "0",
             *more]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_nodes_build_each_cache_file_once_and_equal_one_node(tmp_path, small_demo_dir):
@@ -42,22 +31,18 @@ def test_two_nodes_build_each_cache_file_once_and_equal_one_node(tmp_path, small
             pq.write_table(table, os.path.join(data, name))
         else:
             shutil.copy(os.path.join(small_demo_dir, name), data)
-    run = [sys.executable, "-m", "torch.distributed.run"]
     two, one = str(tmp_path / "two_nodes"), str(tmp_path / "one_node")
-    port = _free_port()
-    nodes = [subprocess.Popen(run + ["--nnodes", "2", "--node-rank", str(rank),
-                                     "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
-                                     "--master-port", str(port)] + _train_args(data, two),
+    port = free_port()
+    nodes = [subprocess.Popen(command("train.py", *_train_args(data, two), nproc=1, torchrun=[
+                                  "--nnodes", 2, "--node-rank", rank, "--master-addr",
+                                  "127.0.0.1", "--master-port", port]),
                               cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for rank in (0, 1)]
     logs = [node.communicate(timeout=300)[0] for node in nodes]
     assert all(node.returncode == 0 for node in nodes), logs[0][-3000:] + logs[1][-3000:]
     # the same run on one node, reading the cache the two nodes built (keyed: same ids)
-    proc = subprocess.run(run + ["--standalone", "--nproc-per-node", "2"]
-                          + _train_args(data, one, "--token-cache", f"{two}/token_cache"),
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
-                          check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = launch("train.py", *_train_args(data, one, "--token-cache", f"{two}/token_cache"),
+                  nproc=2)
 
     # every source tokenized exactly once, by one of the two nodes' builders
     built = collections.Counter(re.findall(r"tokenized (\w+) \(not built\)", "".join(logs)))

@@ -4,40 +4,20 @@ during a save, a resume on another world size, a NaN loss."""
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import free_port, launch
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow  # torchrun / real processes / mteb / sentence-transformers
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-       "TOKENIZERS_PARALLELISM": "false"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def run(args, nproc=0, restarts=0, fault=None, check=True):
-    script = [os.path.join(HERE, "crash_worker.py"), *fault, "--",
-              *args] if fault else [os.path.join(ROOT, "train.py"), *args]
+    script = ["tests/crash_worker.py", *fault, "--"] if fault else ["train.py"]
     # the static rendezvous of a multi-node launch (--master-port), on a free port
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--master-port", str(free_port()),
-                "--nproc-per-node", str(nproc), "--max-restarts",
-                str(restarts)] if nproc else [sys.executable]
-    proc = subprocess.run(launcher + script, cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=240)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    rendezvous = ["--master-port", free_port(), "--max-restarts", restarts]
+    return launch(*script, *args, nproc=nproc, torchrun=rendezvous, timeout=240, check=check)
 
 
 def args(small_demo_dir, out):
@@ -82,11 +62,14 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, small_demo_dir, uninterr
     proc = run(args(small_demo_dir, out), fault=["kill", "6", "0"], check=False)
     assert proc.returncode == -9  # killed at step 6, after the checkpoint of step 4
     assert not os.path.exists(out / "final")
-    proc = run(args(small_demo_dir, out) + ["--resume"])
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_00000002", "step_00000004"]
+    # --keep-checkpoints is no math field: it may change at a resume, and prunes the older saves
+    proc = run(args(small_demo_dir, out) + ["--resume", "--keep-checkpoints", "1"])
     assert "resumed from" in proc.stdout and "step_00000004" in proc.stdout
     assert_identical(weights(out), weights(uninterrupted / "one"))
     steps = [line for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(steps) == 7  # the steps after the checkpoint are logged once, not twice
+    assert os.listdir(out / "checkpoints") == ["step_00000007"]
 
 
 def test_torchrun_restart_after_a_kill_during_a_save(tmp_path, small_demo_dir, uninterrupted):
@@ -134,7 +117,8 @@ def test_resume_on_another_world_size_lands_where_that_world_lands(tmp_path, sma
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 7
 
 
-def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, small_demo_dir, uninterrupted):
+def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, small_demo_dir,
+                                                             uninterrupted):
     out = tmp_path / "run"
     proc = run(args(small_demo_dir, out), fault=["save", "4", "0"], check=False)
     assert proc.returncode != 0 and "No space left on device" in proc.stderr
@@ -145,7 +129,6 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, small_dem
 
 
 def test_nan_loss_never_reaches_the_weights(tmp_path, small_demo_dir):
-    import json
     out = tmp_path / "run"
     proc = run(args(small_demo_dir, out), nproc=2, fault=["nan", "3", "0"])
     assert "step 3: non-finite loss or gradient, update skipped" in proc.stdout
@@ -159,17 +142,20 @@ def test_nan_loss_never_reaches_the_weights(tmp_path, small_demo_dir):
     assert not os.path.exists(tmp_path / "r2" / "final")
 
 
-def test_resume_with_a_different_config_names_the_difference(tmp_path, small_demo_dir, uninterrupted):
-    import shutil
+def test_resume_with_a_different_config_names_the_difference(tmp_path, small_demo_dir,
+                                                             uninterrupted):
     shutil.copytree(uninterrupted / "one", tmp_path / "run")
-    proc = run(args(small_demo_dir, tmp_path / "run") + ["--resume", "--lr", "0.01", "--lora-rank", "4"], check=False)
+    proc = run(args(small_demo_dir, tmp_path / "run")
+               + ["--resume", "--lr", "0.01", "--lora-rank", "4"], check=False)
     assert proc.returncode != 0 and "lr was 0.001, now 0.01" in proc.stderr
-    assert "lora_rank was 0, now 4" in proc.stderr  # a LoRA resume of a full-finetune run is refused
+    # a LoRA resume of a full-finetune run is refused
+    assert "lora_rank was 0, now 4" in proc.stderr
     proc = run(args(small_demo_dir, tmp_path / "run"), check=False)
     assert proc.returncode != 0 and "already holds checkpoints; add --resume" in proc.stderr
 
 
-def test_lora_with_mrl_sigkill_then_resume_is_bit_identical(tmp_path, small_demo_dir, uninterrupted):
+def test_lora_with_mrl_sigkill_then_resume_is_bit_identical(tmp_path, small_demo_dir,
+                                                            uninterrupted):
     """I5 with the options on: LoRA adapters and the Matryoshka loss resume bit for bit; the
     export is merged (a plain Qwen3)."""
     options = ["--lora-rank", "4", "--mrl", "--steps", "4"]  # checkpoint at 2, killed at 4
