@@ -109,7 +109,7 @@ def count_chunk_step(backbone, seqs, loss_fn, chunk_size: int, pad_id: int,
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     chunks = [order[i:i + chunk_size] for i in range(0, len(order), chunk_size)]
     device = next(backbone.parameters()).device
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     padded = [tuple(t.to(device) for t in M.pad([seqs[i] for i in rows],
                                                 pad_id)) for rows in chunks]
     reps, states = torch.empty(len(seqs), backbone.config.hidden_size, device=device), []
@@ -461,7 +461,7 @@ def main(argv=None):
     if args.probe:
         return memory_probe(args)
     t0 = time.time()
-    say = lambda msg: print(f"[{time.time() - t0:4.0f}s] {msg}", flush=True)  # noqa: E731
+    say = lambda msg: print(f"[{time.time() - t0:4.0f}s] {msg}", flush=True)
     tokenizer, backbone = build(args)
     pool = text_pool(tokenizer)
     n_params = sum(p.numel() for p in backbone.parameters())

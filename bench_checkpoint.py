@@ -156,7 +156,7 @@ def main(argv=None):
         return
     runs = []
     for world in map(int, args.worlds.split(",")):
-        for turn in range(args.turns):
+        for _turn in range(args.turns):
             for way in ("old", "new"):
                 runs.append(launch(way, world, args.layers))
                 print(json.dumps(runs[-1]), flush=True)

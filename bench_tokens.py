@@ -16,9 +16,9 @@ import time
 
 os.environ["TOKENIZERS_PARALLELISM"] = "false"  # before the tokenizer is loaded
 
-from transformers import AutoTokenizer  # noqa: E402
+from transformers import AutoTokenizer
 
-import data as D  # noqa: E402
+import data as D
 import tokens as T
 
 

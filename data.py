@@ -182,7 +182,7 @@ def _scan(path: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     else:
         f = _parquet(path)
         schema, num_rows = f.schema_arrow, f.metadata.num_rows
-        chunks = lambda column: (b[column] for b in read_batches(path, [column]))  # noqa: E731
+        chunks = lambda column: (b[column] for b in read_batches(path, [column]))
     if num_rows == 0:
         raise DataError(f"{path}: the file has no rows; remove it from the data folder")
     for column in ["query", "passage"]:

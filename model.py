@@ -29,8 +29,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import (AttentionInterface, AutoModel, AutoTokenizer, PreTrainedTokenizerFast,
-                          Qwen3Config)
+from transformers import (
+    AttentionInterface,
+    AutoModel,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+)
 
 # Qwen3's special tokens: pad `<|endoftext|>` is a real, EOS-like token (so masks never come
 # from `ids != pad`); the EOS that ends every sequence is `<|im_end|>`.
@@ -344,7 +349,7 @@ class Packed:
     longest: int
 
     def to(self, device) -> "Packed":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)
         return Packed(move(self.input_ids), move(self.position_ids), move(self.last),
                       move(self.cu_seqlens), self.longest)
 

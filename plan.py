@@ -154,7 +154,7 @@ def saved_bytes(backbone, tokens: int, bf16: bool = True) -> dict:
     return by_dtype
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _per_token(config_json: str, tokens: int, lora_rank: int) -> tuple[float, float]:
     config = Qwen3Config.from_dict(json.loads(config_json))
     AttentionInterface.register(VARLEN_LIKE, _varlen_like_attention)

@@ -210,7 +210,7 @@ def dry_run(cfg: Config, world: int) -> dict:
         try:
             plan.teacher_config(cfg.teacher)
         except ValueError as e:
-            raise SystemExit(f"train.py: error: {e}")
+            raise SystemExit(f"train.py: error: {e}") from None
     return plan.dry_run(cfg.size, cfg.model, cfg.nproc or world, cfg.nodes, cfg.batch_size,
                         cfg.epochs, cfg.steps, cfg.val_fraction, cfg.chunk_tokens, cfg.max_length,
                         shard_optimizer=cfg.shard_optimizer, as_json=cfg.json,
@@ -238,7 +238,7 @@ def setup_data(cfg: Config, rank: int, world: int):
                                  cfg.max_bad_fraction, cfg.k_clustering)
         stream = D.BatchStream(sources, cfg.batch_size, cfg.seed, cfg.source_sampling)
     except D.DataError as e:
-        raise SystemExit(f"train.py: data error: {e}")
+        raise SystemExit(f"train.py: data error: {e}") from None
     print0(f"data: {len(sources)} sources in {data_folder}, {stream.batches_per_epoch} batches "
            f"per epoch (the last of each source filled from its start), sources drawn by the "
            f"{cfg.source_sampling} rule, {sum(len(s.val_rows) for s in sources)} rows held out")
@@ -323,7 +323,7 @@ def setup_tokens(cfg: Config, sources, cache_folder: str, tokenizer,
                 cache.build(sources, workers=cfg.tokenize_workers)
             cache.open(sources, wait=not builder, attr=attr)
     except D.DataError as e:
-        raise SystemExit(f"train.py: data error: {e}")
+        raise SystemExit(f"train.py: data error: {e}") from None
     wait_for_every_rank("data ready")  # the first collective comes next
     print0(f"tokens: {cache_folder}")
 
@@ -351,7 +351,7 @@ def restore(cfg: Config, backbone, optimizer, scheduler, stream) -> int:
         meta = checkpoint.restore(path, backbone, optimizer, scheduler, dataclasses.asdict(cfg),
                                   math_fields)
     except checkpoint.CheckpointError as e:
-        raise SystemExit(f"train.py: error: {e}")
+        raise SystemExit(f"train.py: error: {e}") from None
     stream.load_state_dict(meta["data"])
     ranks = f"{meta['world']} rank" + "s" * (meta["world"] > 1)
     print0(f"resumed from {path} at step {meta['step']} (saved by {ranks})")

@@ -15,10 +15,10 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from transformers import AutoTokenizer  # noqa: E402  (after HF_HUB_OFFLINE)
+from transformers import AutoTokenizer
 
-import demo  # noqa: E402
-import model as M  # noqa: E402
+import demo
+import model as M
 
 # the environment of every launched process: one thread each (2 ranks share the cores), offline
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
@@ -95,6 +95,7 @@ def trained_run(tmp_path_factory, demo_dir):
 
 def _first_rows(folder, path, rows):
     import shutil
+
     import pyarrow.parquet as pq
     for name in os.listdir(folder):
         if name.endswith(".parquet"):

@@ -15,13 +15,13 @@ import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import json  # noqa: E402
+import json
 
-import safetensors.torch  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed.checkpoint as dcp  # noqa: E402
+import safetensors.torch
+import torch
+import torch.distributed.checkpoint as dcp
 
-import train  # noqa: E402
+import train
 
 fault, at_step, at_rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 argv = sys.argv[sys.argv.index("--") + 1:]

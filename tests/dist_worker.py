@@ -14,14 +14,13 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data as D  # noqa: E402
-import model as M  # noqa: E402
+from transformers import AutoTokenizer
+
+import data as D
+import model as M
 import tokens as T
-from transformers import AutoTokenizer  # noqa: E402
-
-from loss import f2llm_loss, hard_negative_loss, in_batch_loss  # noqa: E402
-import train  # noqa: E402
-
+import train
+from loss import f2llm_loss, hard_negative_loss, in_batch_loss
 
 OPTIONS = ["recipe", "mrl", "lora", "detached", "kd-v2", "kd-unit", "kd-kl"]
 

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # noqa: E402
+import train
 
 out, argv = sys.argv[1], sys.argv[sys.argv.index("--") + 1:]
 step = 1  # the step being computed: 1 + clip_grad_norm_ calls so far

@@ -86,7 +86,7 @@ def test_pairs_loss_is_sentence_transformers_cached_mnrl(backbone, tokenizer, ba
 
 def test_goals_read_the_measurements():
     """Each goal's `met` follows its value: a change in a measurement moves the verdict."""
-    spread = lambda x: dict(median=x, min=x, max=x, n=1)  # noqa: E731
+    spread = lambda x: dict(median=x, min=x, max=x, n=1)
     r = dict(steps=dict(speedup=dict(ours=spread(5.0)),
                         tokens_per_s=dict(ours=spread(2.0), count=spread(1.0)),
                         weight_casts_per_step=dict(ours=2)),

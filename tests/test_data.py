@@ -117,7 +117,7 @@ def test_every_row_trains_every_epoch(tmp_path, tok, cache_dir):
     sources = _sources(folder, tok, cache_dir, val_fraction=0)
     stream = D.BatchStream(sources, 32, seed=0)
     assert stream.source_batches == [3, 1] and stream.batches_per_epoch == 4  # large, small
-    for epoch in range(2):
+    for _epoch in range(2):
         for sid, source in enumerate(sources):
             order = np.concatenate([rows for s, rows in stream.plan if s == sid])
             n = source.num_rows
@@ -490,7 +490,7 @@ def test_random_demo_negatives_keep_the_headlines_and_every_other_draw(tmp_path,
         if name in ("bbc_topic_clustering.parquet", "bbc_topic_classification.parquet"):
             assert mined == random, name
         elif name == "bbc_headline_retrieval.parquet":
-            for m, r in zip(mined, random):
+            for _m, r in zip(mined, random):
                 negatives = [r[f"negative_{n}"] for n in range(1, 25)]
                 assert len(negatives) == 24 and r["passage"] not in negatives
                 assert {topic_of[x] for x in negatives} == {topic_of[r["passage"]]}

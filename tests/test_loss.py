@@ -5,8 +5,14 @@ import torch
 import torch.nn.functional as F
 
 import data as D
-from loss import (distillation_loss, f2llm_loss, hard_negative_loss, in_batch_loss, matryoshka,
-                  matryoshka_dims)
+from loss import (
+    distillation_loss,
+    f2llm_loss,
+    hard_negative_loss,
+    in_batch_loss,
+    matryoshka,
+    matryoshka_dims,
+)
 
 
 def _unit(*shape, dtype=torch.float32):

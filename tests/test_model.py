@@ -176,6 +176,7 @@ def test_torch_varlen_kernel_gets_grouped_heads_and_kwargs_fixed_at_registration
     attention is registered, never per call; the embeddings are sdpa's."""
     import functools
     import inspect
+
     import torch.nn.attention.varlen as varlen_module
     calls = []
 

@@ -42,7 +42,7 @@ def test_memory_plan_matches_what_a_real_cpu_step_keeps():
     opt = torch.optim.AdamW(real.parameters(), lr=1e-3)
     real(input_ids=torch.randint(0, 1000, (2, 8))).last_hidden_state.sum().backward()
     opt.step()
-    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
     assert p["weights_fp32"] == nbytes(real.parameters())
     assert p["gradients_fp32"] == nbytes(p_.grad for p_ in real.parameters())
     assert p["adamw_states"] == nbytes(v for s in opt.state.values()
