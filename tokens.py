@@ -208,7 +208,11 @@ class TokenCache:
         tmp, n_tokens = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}", 0
         schema = pa.schema([(c, pa.list_(pa.int32())) for c in source.columns],  # int32: 151k vocab
                            metadata={"f2llm_key": json.dumps(self.key(source))})
-        batches = read_batches(source.path, source.columns, self.rows_per_batch)
+        # ranges of at most rows_per_batch rows, and at least 16 of them per file, so a pool of
+        # workers overlaps on small files too (a file of 710 rows was one range: no speedup);
+        # the size depends on the file only, so the bytes do not depend on the worker count
+        rows = min(self.rows_per_batch, max(64, -(-source.num_rows // 16)))
+        batches = read_batches(source.path, source.columns, rows)
         with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
             for arrays in pool(batches):
                 tokens = sum(len(a.values) for a in arrays)
