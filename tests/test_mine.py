@@ -193,7 +193,7 @@ def test_mine_help_states_each_rule_and_its_default(capsys):
 def test_field_help_reads_each_fields_comment_and_its_aligned_continuation():
     """-h comes from the dataclass's comments: a comment continued on a line whose '#' stands
     under the field's comes back whole; on train.Config, whose block comments stand between
-    fields, it reads exactly what train.py's own field_help reads, so the two can be one."""
+    fields, a field's help is its own comment, never the block comment next to it."""
     import train
     helps = mine.field_help(mine.MiningRule)
     assert list(helps) == [f.name for f in dataclasses.fields(mine.MiningRule)]
@@ -202,7 +202,8 @@ def test_field_help_reads_each_fields_comment_and_its_aligned_continuation():
                                       "short")
     assert helps["range_min"] == "skip the best N candidates, likely unlabelled positives"
     config = mine.field_help(train.Config)
-    assert config == train.field_help(train.Config)
+    assert mine.field_help is train.field_help  # one mechanism (flags.py)
+    assert list(config) == [f.name for f in dataclasses.fields(train.Config)]
     assert config["val_fraction"] == "held out per source"  # not the block comment below it
 
 
