@@ -8,8 +8,8 @@ import textwrap
 from dataclasses import dataclass
 from typing import Literal
 
-import checkpoint
 from loss import TEMPERATURE
+from runtime import checkpoint
 
 
 # Every field has a default that runs as it is: the tiny preset. PRESETS below hold what each

@@ -1,5 +1,5 @@
-"""F2LLM training data: checked sources -> (token ids, cached once by tokens.py) -> one global
-batch per step.
+"""F2LLM training data: checked sources -> (token ids, cached once by runtime/tokens.py) -> one
+global batch per step.
 
 Contract:
 - `download_released_data(data_set, ...)`: the released set (`DATA_SETS`: F2LLM v1 or v2) from
@@ -11,16 +11,16 @@ Contract:
   naming the file, row and column, before any model is loaded. A row that cannot train (an
   empty query or passage, fewer usable negatives than k) is skipped and counted
   (`data_report`), unless `strict`. 1% of each source (`val_fraction`) is held out.
-- tokens.py's `TokenCache` tokenizes each source once and memory-maps it into `source.tokens`;
-  this file does not import it (the batches only call `source.tokens.texts`).
+- runtime/tokens.py's `TokenCache` tokenizes each source once and memory-maps it into
+  `source.tokens`; this file does not import it (the batches only call `source.tokens.texts`).
 - `BatchStream(sources, batch_size, seed, sampling)` yields `Batch`es of token ids, each
   ending with EOS: every batch holds rows of ONE source, every training row is in a batch
   every epoch (the last batch of a source wraps around to the start of its order), and k
   negatives per query are sampled from its candidates. The stream is a pure function of
   (seed, epoch, position), so every rank computes the same global batch and takes its slice
   with `batch.shard(rank, world)`, and `state_dict()` is two integers.
-- `instruct` and `export_prompts`: F2LLM's instruction format (the demo sample is demo.py).
-- Your own data in this layout: mine.py (hard-negative mining, labelled-text conversions).
+- `instruct` and `export_prompts`: F2LLM's instruction format (the demo sample is tiny/demo.py).
+- Your own data in this layout: tools/mine.py (hard-negative mining, labelled-text conversions).
 Importing this file does nothing.
 """
 import csv
@@ -144,7 +144,7 @@ def _not_parquet(path, e) -> DataError:
 
 
 def read_table(path: str) -> pa.Table:
-    """A whole file in memory: for small inputs (mine.py); training streams (`read_batches`)."""
+    """A whole file in memory: for small inputs (tools/mine.py); training streams (read_batches)."""
     if path.endswith(".jsonl"):
         return _read_jsonl(path)
     try:

@@ -11,7 +11,7 @@ Contract:
   max length 8192, last-token pooling, cosine). `--max-length` changes only the length.
 - `--tasks local` runs four mteb tasks built from text that PyPI packages ship (no network):
   BBC headline -> article retrieval on held-out articles, BBC topic clustering and
-  classification, Lee document-similarity STS (local_suite.py).
+  classification, Lee document-similarity STS (tiny/local_suite.py).
 - Prints per task, per task type and the means over tasks and over types, beside the paper's
   numbers for the checkpoint's size (mteb_eng_v2_scores.csv), and writes scores.json,
   checkpoint.json and mteb's own result files to the results folder. A folder that holds
@@ -38,8 +38,8 @@ from transformers import AutoTokenizer
 
 import data as D
 import model as M
-from local_suite import LOCAL_TASKS
 from loss import matryoshka_dims
+from tiny.local_suite import LOCAL_TASKS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAPER_SCORES = os.path.join(HERE, "reference", "mteb_eng_v2_scores.csv")

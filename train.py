@@ -5,8 +5,8 @@
     python train.py --size 4b --dry-run --nproc 8        # plan it, no weights
 
 Reads in the order things happen: the command line (config.py's fields) -> the processes
-(parallel.py) -> data -> model -> optimizer and schedule -> the cached-negatives step
-(DESIGN §4) -> the loop (log, validate, checkpoint, curves.py's figure) -> the final export
+(runtime/parallel.py) -> data -> model -> optimizer and schedule -> the cached-negatives step
+(DESIGN §4) -> the loop (log, validate, checkpoint, runtime/curves.py's figure) -> the final export
 in OUT/final.
 """
 import argparse
@@ -23,17 +23,15 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from transformers import AutoTokenizer
 
-import checkpoint
 import data as D
-import demo
 import model as M
-import plan
-import tokens as T
 from config import MATH_FIELDS, PRESETS, Config, Recipe, check_config, presets_text
-from curves import plot_curves
-from flags import choices, field_help
 from loss import distillation_loss, f2llm_loss, matryoshka, matryoshka_dims
-from parallel import (
+from runtime import checkpoint
+from runtime import tokens as T
+from runtime.curves import plot_curves
+from runtime.flags import choices, field_help
+from runtime.parallel import (
     all_means,
     barrier,
     print0,
@@ -45,6 +43,8 @@ from parallel import (
     wrap_ddp,
     zero_grads,
 )
+from tiny import demo
+from tools import plan
 
 
 # ---------------------------------------------------------------------------- command line
@@ -139,7 +139,7 @@ def cached_step(net, chunks, loss_fn, autocast) -> torch.Tensor:
 
 def optimizer_step(optimizer, scheduler, trained, grad_clip: float, losses: torch.Tensor,
                    ddp=None) -> tuple[list[float], float, bool]:
-    """Step 4 of DESIGN §4, as the loop runs it (gpu_check.py too): clip the global gradient
+    """Step 4 of DESIGN §4, as the loop runs it (tools/gpu_check.py too): clip the global gradient
     norm; the logged values (the step's losses, then the norm) in ONE all-reduce and ONE host
     sync; step optimizer and schedule unless a value is non-finite (a non-finite loss on any
     rank makes the global gradient, and its norm, non-finite, so this one check covers both,
@@ -203,7 +203,7 @@ def lr_lambda(cfg: Config, total_steps: int):
 
 # ---------------------------------------------------------------------------- main
 def dry_run(cfg: Config, world: int) -> dict:
-    """Plan a run of a real size without weights (plan.py): parameters, batch arithmetic,
+    """Plan a run of a real size without weights (tools/plan.py): parameters, batch arithmetic,
     FLOPs, memory per GPU at the chunk's token budget (with --teacher: the teacher's too)."""
     check_config(cfg, (cfg.nproc or world) * cfg.nodes)
     if cfg.teacher:  # its architecture is known (folder or Qwen3 size), before any planning
@@ -341,7 +341,7 @@ def setup_optimizer(cfg: Config, backbone, world: int, total_steps: int):
 
 
 def restore(cfg: Config, backbone, optimizer, scheduler, stream) -> int:
-    """Continue from the latest checkpoint (checkpoint.py): the step it reached (0 for a new
+    """Continue from the latest checkpoint (runtime/checkpoint.py): the step it reached (0 for a new
     run)."""
     if not cfg.resume:
         return 0

@@ -1,9 +1,9 @@
 """Checkpoint save and load: the consolidated way (ZeroRedundancyOptimizer.consolidate_state_dict
-to rank 0, one torch.save; every rank torch.loads the whole file) against checkpoint.py's (every
-rank writes and reads its own part with DCP), as ratios measured side by side.
+to rank 0, one torch.save; every rank torch.loads the whole file) against runtime/checkpoint.py's
+(every rank writes and reads its own part with DCP), as ratios measured side by side.
 
-    python bench_checkpoint.py                    # a random ~100M Qwen3 on CPU, 1 and 2 ranks
-    python bench_checkpoint.py --layers 40        # ~300M
+    python -m bench.checkpoint                    # a random ~100M Qwen3 on CPU, 1 and 2 ranks
+    python -m bench.checkpoint --layers 40        # ~300M
 
 For each world size, old and new run in turns (old, new, old, new, ...), each as its own
 `torchrun` launch of this file with --worker: the worker builds the model, takes one AdamW
@@ -28,8 +28,9 @@ import time
 import torch
 import torch.distributed as dist
 
-import checkpoint
 import train
+from data import HERE
+from runtime import checkpoint
 
 
 def rss_anon_mb() -> float:
@@ -131,9 +132,9 @@ def launch(way: str, world: int, layers: int) -> dict:
     out = tempfile.mkdtemp(prefix=f"bench_ckpt_{way}{world}_")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           str(world), os.path.abspath(__file__), "--worker", way, "--layers", str(layers),
+           str(world), "-m", "bench.checkpoint", "--worker", way, "--layers", str(layers),
            "--out", out]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=HERE)
     shutil.rmtree(out, ignore_errors=True)
     if proc.returncode:
         raise SystemExit(proc.stdout[-2000:] + proc.stderr[-3000:])

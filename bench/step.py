@@ -1,7 +1,7 @@
 """Benchmark the cached-negatives step against the official F2LLM step, the count-chunk step it
 replaced, and sentence-transformers.
 
-    python bench.py                        # CPU, a few minutes; prints one table, writes bench.json
+    python -m bench.step                   # CPU, a few minutes; prints one table, writes bench.json
 
 Every comparison runs in this one process on the same model and the same inputs, after a
 warm-up, over several rounds (ratios are paired per round: median [min-max]):
@@ -44,11 +44,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from transformers import AutoModel, Qwen3Config
 
 import data as D
-import demo
 import model as M
-import plan
 import train
 from loss import TEMPERATURE, f2llm_loss
+from tiny import demo
+from tools import plan
 
 CPU = torch.device("cpu")
 INSTRUCTION = demo.DEMO_INSTRUCTIONS["bbc_headline_retrieval"]
@@ -260,12 +260,12 @@ def bench_memory(args, export) -> dict:
     # glibc serves blocks above its mmap threshold with mmap and unmaps them on free, but the
     # threshold moves up as blocks are freed; fixing it keeps RSS = live tensors + small heap
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    cmd = [sys.executable, os.path.abspath(__file__), "--probe", "--export", export,
+    cmd = [sys.executable, "-m", "bench.step", "--probe", "--export", export,
            *sum(([f"--{k.replace('_', '-')}", str(getattr(args, k))] for k in
                  ("memory_queries", "chunk_size", "chunk_tokens", "max_length", "k", "seed")), [])]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=D.HERE)
     if res.returncode:
-        raise SystemExit(f"bench.py: the memory probe failed:\n{res.stderr[-3000:]}")
+        raise SystemExit(f"bench/step.py: the memory probe failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -474,7 +474,7 @@ def main(argv=None):
                           threads=torch.get_num_threads(),
                           load_average_at_start=os.getloadavg()),  # other users of the CPUs
              commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                   text=True, cwd=os.path.dirname(os.path.abspath(__file__))
+                                   text=True, cwd=D.HERE
                                    ).stdout.strip(),
              args=vars(args), parameters=n_params)
     r["steps"] = bench_steps(args, backbone, tokenizer, pool)

@@ -2,7 +2,7 @@
 it leaves (docs/data.md). Builds in turns (1, N, 1, N, ...), each into a fresh folder, on the
 same data; the tokenizer's own thread pool is off in both, so the cores are the workers'.
 
-    python bench_tokens.py DATA TOKENIZER [--workers 2] [--rounds 3] [--max-length 1024]
+    python -m bench.tokens DATA TOKENIZER [--workers 2] [--rounds 3] [--max-length 1024]
 
 DATA: a folder in the released layout (e.g. ../shared/tools/make_scale_data.py OUT 50);
 TOKENIZER: a Hugging Face tokenizer folder (e.g. ../shared/tools/qwen3_tokenizer.py OUT).
@@ -19,7 +19,7 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"  # before the tokenizer is loaded
 from transformers import AutoTokenizer
 
 import data as D
-import tokens as T
+from runtime import tokens as T
 
 
 def children_cpu() -> float:

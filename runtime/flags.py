@@ -1,4 +1,4 @@
-"""Command-line flags from a typed dataclass, for the scripts (train.py, mine.py): each
+"""Command-line flags from a typed dataclass, for the scripts (train.py, tools/mine.py): each
 field's trailing comment is its flag's help, and a `typing.Literal` type its choices, so
 argparse rejects a bad value naming the flag and the choices. Importing this file does
 nothing."""

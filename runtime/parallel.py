@@ -1,7 +1,7 @@
 """The processes of a run (torchrun's ranks): the process group, DDP as the cached step needs
 it (gradients in the bucket views, kept there between steps), rank-0 printing, barriers that
 outlast NCCL's watchdog, the one all-reduce of the logged values, and the clean exit. Importing
-this file does nothing; train.py, gpu_check.py and the tests call these."""
+this file does nothing; train.py, tools/gpu_check.py and the tests call these."""
 import os
 import time
 from datetime import timedelta

@@ -17,8 +17,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from transformers import AutoTokenizer
 
-import demo
 import model as M
+from tiny import demo
 
 # the environment of every launched process: one thread each (2 ranks share the cores), offline
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",

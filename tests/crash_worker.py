@@ -9,7 +9,7 @@ OUT/reads.{rank}.json; STEP and RANK unused).
 
 Only public entry points are hooked (clip_grad_norm_, the global module forward hook, the
 safetensors serialisation DCP writes each rank's file with, dcp.load), never train.py's or
-checkpoint.py's own names: they may rename their internals freely."""
+runtime/checkpoint.py's own names: they may rename their internals freely."""
 import os
 import signal
 import sys

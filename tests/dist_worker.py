@@ -18,9 +18,9 @@ from transformers import AutoTokenizer
 
 import data as D
 import model as M
-import tokens as T
 import train
 from loss import f2llm_loss, hard_negative_loss, in_batch_loss
+from runtime import tokens as T
 
 OPTIONS = ["recipe", "mrl", "lora", "detached", "kd-v2", "kd-unit", "kd-kl"]
 

@@ -1,11 +1,11 @@
-"""bench.py measures what it claims: its baselines (the official padded step, the count-chunk
+"""bench/step.py measures what it claims: its baselines (the official padded step, the count-chunk
 step) compute the same loss and gradients as train.cached_step, the pairs-only loss is
 sentence-transformers' CachedMultipleNegativesRankingLoss, and the cast counter counts."""
 import pytest
 import torch
 
-import bench
 import model as M
+from bench import step as bench
 
 pytestmark = pytest.mark.slow  # torchrun / real processes / mteb / sentence-transformers
 

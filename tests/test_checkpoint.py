@@ -1,4 +1,4 @@
-"""checkpoint.py in one process: a resume loads in place and unpickles nothing, pruning keeps
+"""runtime/checkpoint.py in one process: a resume loads in place and unpickles nothing, pruning keeps
 the newest --keep-checkpoints, and a checkpoint that is incomplete, truncated, of the old
 pickled format or of another model is refused with a message naming the file."""
 import json
@@ -8,8 +8,8 @@ import pickle
 import pytest
 import torch
 
-import checkpoint
 import model as M
+from runtime import checkpoint
 
 MATH = {"lr": 1e-3, "lora_rank": 0}  # math fields and their defaults, as train.py passes them
 

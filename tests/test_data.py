@@ -1,6 +1,6 @@
 """data.py: single-source batches of token ids identical on every rank, k by task type,
 deterministic per seed, every row in every epoch, both sampling rules, resumable position; bad
-files fail naming file, row, column. tokens.py: the token cache (EOS rule, keyed by
+files fail naming file, row, column. runtime/tokens.py: the token cache (EOS rule, keyed by
 data/tokenizer/length, crash-safe, memory-mapped)."""
 import collections
 import csv
@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import data as D
-import demo
 import model as M
-import tokens as T
+from runtime import tokens as T
+from tiny import demo
 
 MAX_LENGTH = 64
 

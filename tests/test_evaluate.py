@@ -15,9 +15,9 @@ from torch.utils.data import DataLoader
 from transformers import AutoModel, AutoTokenizer
 
 import data as D
-import demo
 import evaluate
 import model as M
+from tiny import demo
 
 pytestmark = pytest.mark.slow  # torchrun / real processes / mteb / sentence-transformers
 

@@ -1,4 +1,4 @@
-"""gpu_check.py can only be timed on a GPU; its code path runs here with tiny shapes (the CUDA
+"""tools/gpu_check.py can only be timed on a GPU; its code path runs here with tiny shapes (the CUDA
 attention layout forced on a CPU, DDP in a 1-process gloo group) and must compute what the
 training loop computes. Its skip rule is checked at the real sizes, without weights."""
 import contextlib
@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-import gpu_check
 import model as M
-import plan
 import train
+from tools import gpu_check, plan
 
 pytestmark = pytest.mark.slow  # two sizes of the smoke run, a few seconds each
 

@@ -1,4 +1,4 @@
-"""mine.py: the paper's margin rule on hand-built score matrices, positive and
+"""tools/mine.py: the paper's margin rule on hand-built score matrices, positive and
 duplicate exclusion, the classification / clustering conversions, the command line, and
 mine -> load_sources -> train end to end with the trained tiny model."""
 import dataclasses
@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import data as D
-import demo
-import mine
+from tiny import demo
+from tools import mine
 
 OFF = dict(range_min=0, max_score=None, relative_margin=None)  # every rule switched off
 
@@ -202,14 +202,14 @@ def test_field_help_reads_each_fields_comment_and_its_aligned_continuation():
                                       "short")
     assert helps["range_min"] == "skip the best N candidates, likely unlabelled positives"
     config = mine.field_help(train.Config)
-    assert mine.field_help is train.field_help  # one mechanism (flags.py)
+    assert mine.field_help is train.field_help  # one mechanism (runtime/flags.py)
     assert list(config) == [f.name for f in dataclasses.fields(train.Config)]
     assert config["val_fraction"] == "held out per source"  # not the block comment below it
 
 
 @pytest.mark.slow
 def test_mine_bbc_with_trained_tiny_model_then_train(trained_run, tmp_path, capsys):
-    """The whole path: pairs -> `mine.py mine` with the trained tiny export -> load_sources ->
+    """The whole path: pairs -> `tools/mine.py mine` with the trained tiny export -> load_sources ->
     a few steps of train.py on the result."""
     import train
     arts = [a for a in demo.bbc_articles() if not a["heldout"]][::8][:200]
@@ -262,7 +262,7 @@ def test_a_sentence_transformer_folder_is_embedded_with_its_own_pooling(trained_
 
 @pytest.mark.slow
 def test_shipped_demo_negatives_obey_the_paper_rule_under_the_model_that_mined_them():
-    """bbc_demo_negatives.csv (from `python mine.py demo --model <all-MiniLM-L6-v2>`), re-scored
+    """bbc_demo_negatives.csv (from `python -m tools.mine demo --model <all-MiniLM-L6-v2>`), re-scored
     on a sample of its rows: 24 distinct negatives, never the article itself, best first, each
     below 0.8 and below 0.95 x the headline's score with its own article."""
     import csv
@@ -283,7 +283,7 @@ def test_shipped_demo_negatives_obey_the_paper_rule_under_the_model_that_mined_t
 
 @pytest.mark.slow
 def test_mine_demo_writes_what_the_demo_sample_reads(trained_run, tmp_path, capsys):
-    """`python mine.py demo` with the trained tiny export (margin rules off, so every headline
+    """`python -m tools.mine demo` with the trained tiny export (margin rules off, so every headline
     has a row) -> write_demo_sample -> load_sources; each retrieval row's negatives are the
     bodies listed. A file naming an article outside the training part is refused with its line."""
     import csv

@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModel
 
 import model as M
-import plan
 import train
+from tools import plan
 
 
 @pytest.mark.parametrize("size", ["0.6b", "1.7b", "4b"])

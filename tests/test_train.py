@@ -13,8 +13,8 @@ from transformers import AutoModel
 
 import data as D
 import model as M
-import tokens as T
 import train
+from runtime import tokens as T
 
 
 def _step(net, seqs, loss_fn, chunk_tokens, bf16=False, step=None):
@@ -179,7 +179,7 @@ def test_choice_flags_offer_what_the_code_accepts():
     assert get_args(hints["kd_mode"]) == KD_MODES
     assert set(get_args(hints["data_set"])) == set(D.DATA_SETS)
     assert set(get_args(hints["size"])) == set(train.PRESETS)
-    helps = train.field_help(train.Config)  # flags.py's, mine.py's too: aligned continuations
+    helps = train.field_help(train.Config)  # runtime/flags.py's, tools/mine.py's too: aligned continuations
     assert helps["kd_mode"] == ("v2: F2LLM v2's MSE of raw states; unit: of unit vectors; "
                                 "kl: of scores")
     assert helps["source_sampling"] == "how a batch's source is drawn"  # not the block above

@@ -4,7 +4,7 @@
   each topic is held out: evaluation uses those, training (and the tokenizer) never sees them.
 - `write_demo_sample(folder)`: four sources in the released layout (train.py writes them to
   OUT/data for --size tiny): headline -> article retrieval with negatives mined under the
-  paper's rule (reference/bbc_demo_negatives.csv, `python mine.py demo`), inverse-cloze
+  paper's rule (reference/bbc_demo_negatives.csv, `python -m tools.mine demo`), inverse-cloze
   sentence -> article retrieval, topic clustering, topic classification.
 Importing this file does nothing.
 """
@@ -68,7 +68,7 @@ def read_demo_negatives(path: str, by_id: dict) -> list[list[str]]:
     """The demo's mined negatives: rows of [article id, its negatives' ids, best first]."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file; it ships with the repository, or rebuild "
-                        f"it with python mine.py demo --model MODEL")
+                        f"it with python -m tools.mine demo --model MODEL")
     with open(path, newline="") as f:
         rows = csv.reader(f)
         header = next(rows)  # article, negative_1, ..
@@ -79,7 +79,7 @@ def read_demo_negatives(path: str, by_id: dict) -> list[list[str]]:
                 raise DataError(f"{path}, line {line}: " + (
                     f"{unknown[0]!r} is not a training article of BBC News" if unknown else
                     f"{len(row)} fields, the header has {len(header)}") +
-                    "; rebuild the file with python mine.py demo")
+                    "; rebuild the file with python -m tools.mine demo")
             out.append(row)
     return out
 
@@ -89,7 +89,7 @@ def write_demo_sample(folder: str, seed: int = 0, negatives: str = "mined",
     """The tiny preset's training data in the released layout, from the training part of
     BBC News:
     - headline -> article retrieval, with the hard negatives mined for it under the paper's
-      rule (negatives="mined": reference/bbc_demo_negatives.csv, written by `python mine.py
+      rule (negatives="mined": reference/bbc_demo_negatives.csv, written by `python -m tools.mine
       demo`; a headline without a row is left out), or 24 random articles of its topic
       (negatives="random", the ablation), or those of another CSV of that layout;
     - inverse-cloze retrieval (Lee et al. 2019): `sentence_queries` of each article's first

@@ -18,7 +18,7 @@ from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
 from mteb.abstasks.sts import AbsTaskSTS
 from mteb.abstasks.task_metadata import TaskMetadata
 
-import demo
+from tiny import demo
 
 
 def _metadata(name, type_, main_score, prompt, description, path):

@@ -3,8 +3,8 @@ memory plan? One script, no network, nothing beyond torch, transformers, numpy a
 (no flash-attn or mteb needed; torch >= 2.10 for its varlen attention); about 5 minutes on
 one H200.
 
-    python gpu_check.py                 # on a GPU machine; writes gpu_check.json
-    python gpu_check.py --cpu-smoke     # the same code path on a CPU with tiny shapes (tests)
+    python -m tools.gpu_check                 # on a GPU machine; writes gpu_check.json
+    python -m tools.gpu_check --cpu-smoke     # the same code path on a CPU with tiny shapes (tests)
 
 Each size runs as ONE RANK of the paper's run: the step inside DDP (a 1-process group, NCCL;
 gloo on the CPU smoke), so the gradients live in DDP's buckets as on a rank of 8, with the
@@ -33,11 +33,11 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModel
 
-import bench
 import model as M
-import plan
 import train
+from bench import step as bench
 from loss import f2llm_loss
+from tools import plan
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12,
                    "B200": 2250e12}  # dense, per card
@@ -309,7 +309,7 @@ def main(argv=None):
     if unknown := [s for s in sizes if s not in ("0.6b", "1.7b", "4b")]:
         parser.error(f"--sizes: unknown {','.join(unknown)}; use some of 0.6b,1.7b,4b")
     if not args.cpu_smoke and not torch.cuda.is_available():
-        raise SystemExit("gpu_check.py: no CUDA device; run it on a GPU machine or pass "
+        raise SystemExit("tools/gpu_check.py: no CUDA device; run it on a GPU machine or pass "
                          "--cpu-smoke")
     device = (torch.device("cpu") if args.cpu_smoke
               else torch.device("cuda", torch.cuda.current_device()))

@@ -1,9 +1,9 @@
 """Your own training data in the released layout (DESIGN §2), for `train.py --data`.
 
-    python mine.py mine --pairs PAIRS --model MODEL --out FOLDER        # + 24 hard negatives
-    python mine.py classification --labelled TEXTS --instruction I --out FOLDER
-    python mine.py clustering --labelled TEXTS --instruction I --out FOLDER
-    python mine.py demo --model MODEL     # rebuilds reference/bbc_demo_negatives.csv (tiny's)
+    python -m tools.mine mine --pairs PAIRS --model MODEL --out FOLDER        # + 24 hard negatives
+    python -m tools.mine classification --labelled TEXTS --instruction I --out FOLDER
+    python -m tools.mine clustering --labelled TEXTS --instruction I --out FOLDER
+    python -m tools.mine demo --model MODEL     # rebuilds reference/bbc_demo_negatives.csv (tiny's)
 
 Contract:
 - `select_negatives` is the paper's margin rule as a pure function on retrieved scores:
@@ -34,8 +34,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data import DataError, instruct, read_table
-from demo import DEMO_NEGATIVES, bbc_articles
-from flags import field_help
+from runtime.flags import field_help
+from tiny.demo import DEMO_NEGATIVES, bbc_articles
 
 
 @dataclass(frozen=True)
@@ -337,8 +337,8 @@ def add_output_flags(parser) -> None:
 
 
 def main(argv=None):
-    """`python mine.py {mine,demo,classification,clustering} ...` (-h for the flags)."""
-    parser = argparse.ArgumentParser(prog="mine.py",
+    """`python -m tools.mine {mine,demo,classification,clustering} ...` (-h for the flags)."""
+    parser = argparse.ArgumentParser(prog="python -m tools.mine",
                                      description="Build a source in the released layout.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -411,7 +411,7 @@ def main(argv=None):
             print(f"{len(rows):,} rows{alone}")
         register_source(args.out, name, task_type)
     except DataError as e:
-        raise SystemExit(f"mine.py {args.command}: error: {e}") from None
+        raise SystemExit(f"tools/mine.py {args.command}: error: {e}") from None
     print(f"wrote {path} ({task_type}); train with: python train.py --data {args.out}")
 
 

@@ -12,7 +12,7 @@ the per-GPU memory of the cached step, and the token budget of a packed chunk.
 - `memory_plan(...)`: the per-GPU bytes of a step at its peak, each term once (its docstring).
 - `chunk_tokens_that_fit(...)`: the largest token budget whose plan fits `PLAN_BYTES`.
 - `teacher_config(name)`: a --teacher's architecture, from its folder or by its Qwen3 size.
-- `length_mix(...)`: the realistic token lengths bench.py and gpu_check.py both use.
+- `length_mix(...)`: the realistic token lengths bench/step.py and tools/gpu_check.py both use.
 Importing this file does nothing.
 """
 import copy
