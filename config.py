@@ -1,5 +1,5 @@
 """What a training run is: the typed recipe (Recipe: the fields that change the math) and how
-a run executes it (Config), the presets of each size (DESIGN §2), and the checks of a config
+a run executes it (Config), the presets of each size (docs/design.md §2), and the checks of a config
 that argparse cannot make. train.py builds its command line from these fields: each field's
 comment is its flag's help, a Literal type its choices. Importing this file does nothing."""
 import dataclasses
@@ -17,7 +17,7 @@ from runtime import checkpoint
 @dataclass
 class Recipe:
     """The fields that change the math: resuming with a different value is refused."""
-    size: Literal["tiny", "0.6b", "1.7b", "4b"] = "tiny"  # preset of DESIGN §2 (PRESETS)
+    size: Literal["tiny", "0.6b", "1.7b", "4b"] = "tiny"  # preset of docs/design.md §2 (PRESETS)
     model: str = "tiny"  # HF id or local folder; tiny = a small Qwen3 built from a config
     data: str = ""  # folder of {source}.parquet / .jsonl; "" = released set (tiny: demo sample)
     data_set: Literal["v1", "v2"] = "v1"  # released set: v1 (F2LLM, 62 sources), v2 (502)
@@ -75,7 +75,7 @@ class Config(Recipe):
 
 MATH_FIELDS = [f.name for f in dataclasses.fields(Recipe)]
 
-# The paper's run (DESIGN §2), shared by the real sizes: 2 epochs of 512 queries per step.
+# The paper's run (docs/design.md §2), shared by the real sizes: 2 epochs of 512 queries per step.
 PAPER = dict(epochs=2, batch_size=512, max_length=1024, min_lr=1e-7, warmup_steps=500,
              val_fraction=0.01, source_sampling="official", eval_every=500, save_every=1000)
 # chunk_tokens: the largest multiple of 256 whose memory plan fits 72 GiB of an 80 GB GPU at 64

@@ -46,7 +46,6 @@ DATA_SETS = {"v1": ("codefuse-ai/F2LLM", TASK_TABLE),
              "v2": ("codefuse-ai/F2LLM-v2",
                     os.path.join(HERE, "reference", "f2llm_v2_datasets.csv"))}
 K_BY_TYPE = {"retrieval": 7, "clustering": 7, "classification": 1}  # hard negatives per query
-IN_BATCH_TYPES = {"retrieval"}  # other queries' positives are false negatives elsewhere
 SAMPLING_RULES = ("official", "remaining")  # how the next batch's source is drawn (BatchStream)
 
 
@@ -296,7 +295,7 @@ def load_sources(folder: str, seed: int = 0, val_fraction: float = 0.01,
     paths = parquet or jsonl
     if not paths:
         raise DataError(f"--data {folder}: no .parquet or .jsonl files; the layout is one "
-                        f"{{source}}.parquet per source (DESIGN §2)")
+                        f"{{source}}.parquet per source (docs/design.md §2)")
     types = read_task_types(folder, task_table)
     sources = []
     for path in paths:

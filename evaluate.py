@@ -44,7 +44,8 @@ from tiny.local_suite import LOCAL_TASKS
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAPER_SCORES = os.path.join(HERE, "reference", "mteb_eng_v2_scores.csv")
 PROTOCOL_MODEL = "codefuse-ai/F2LLM-4B"  # the three F2LLM sizes share one loader and arguments
-SIZE_BY_DIM = {1024: "0.6B", 2048: "1.7B", 2560: "4B"}  # hidden size -> paper size (DESIGN §2)
+# hidden size -> the paper's size (docs/design.md §2)
+SIZE_BY_DIM = {1024: "0.6B", 2048: "1.7B", 2560: "4B"}
 
 
 # ---------------------------------------------------------------------------- the protocol

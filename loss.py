@@ -16,13 +16,14 @@ The losses take the raw pooled states the cached step holds and L2-normalise the
 v2's utils.py does (unit vectors pass unchanged), so q @ p is the cosine; logits are fp32 /
 temperature. Only distillation mode "v2" compares the raw states themselves.
 Each loss is the mean over this rank's queries; DDP's gradient average over ranks then
-makes the gradient that of the mean over the global batch (DESIGN I1).
+makes the gradient that of the mean over the global batch (docs/design.md I1).
 """
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 TEMPERATURE = 0.05
+IN_BATCH_TYPES = {"retrieval"}  # other queries' positives are false negatives elsewhere
 
 
 class _GatherWithGrad(torch.autograd.Function):

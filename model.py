@@ -2,26 +2,23 @@
 
 Contract:
 - `load_backbone(name)` gives the backbone (AutoModel, no LM head) and its tokenizer;
-  `tiny_backbone(tokenizer)` builds the small Qwen3-architecture model of `--size tiny`.
+  `tiny_backbone(tokenizer)` builds the small Qwen3-architecture model of `--size tiny`;
+  `add_lora` and `unwrap` put LoRA adapters on and merge them back.
 - `tokenize(tokenizer, texts, max_length)` gives id lists that END WITH EOS: texts are cut
   to max_length - 1 tokens and EOS is appended as an id, so truncation never deletes it.
-- `setup_attention(device, bf16)` chooses and registers the attention of packed chunks.
-- `make_chunks` + `pack` (the two: `packed_chunks`) + `embed_packed`: sequences
-  concatenated into rows with position ids restarting per sequence, attention kept inside
-  each sequence (flash-attn or torch varlen on CUDA, block-diagonal sdpa masks otherwise),
-  pooled at each sequence's EOS: no padding is computed. `embed(backbone, input_ids,
-  lengths)` is the padded reference (on either attention): fp32 unit vectors at each row's
-  last real token, masks built from lengths (DESIGN I3).
+- `packed_chunks` (`make_chunks` + `pack`) + `embed_packed`: sequences concatenated into rows
+  with position ids restarting per sequence, attention kept inside each sequence
+  (runtime/attention.py), pooled at each sequence's EOS by `last_token_pool`: no padding is
+  computed. Training, validation and `encode` all pool here.
+- `embed(backbone, input_ids, lengths)` is the tests' padded reference (either attention):
+  the same `last_token_pool`, at each row's last real token, found from lengths, never from
+  `ids != pad` (docs/design.md I3).
 - `encode(backbone, tokenizer, texts)` embeds raw texts in packed chunks.
 - `save_export(...)` writes a folder that AutoModel, SentenceTransformer and mteb's F2LLM
   loader all load with last-token pooling, normalisation and an EOS-appending tokenizer.
 Importing this file does nothing.
 """
-import contextlib
 import copy
-import functools
-import importlib.util
-import inspect
 import json
 import os
 import shutil
@@ -29,169 +26,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import (
-    AttentionInterface,
-    AutoModel,
-    AutoTokenizer,
-    PreTrainedTokenizerFast,
-    Qwen3Config,
-)
-
-# Qwen3's special tokens: pad `<|endoftext|>` is a real, EOS-like token (so masks never come
-# from `ids != pad`); the EOS that ends every sequence is `<|im_end|>`.
-PAD_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_end|>"
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
-
-# ---------------------------------------------------------------------------- backbones
-# Packed chunks (DESIGN §4) need attention that stays inside each sequence of a row:
-# - "f2llm_varlen" (CUDA, bf16): ONE row per chunk, cumulative lengths passed down as kwargs,
-#   so no layer syncs the host. Kernel: flash-attn's varlen function when installed, else
-#   torch's own torch.nn.attention.varlen.varlen_attn (torch >= 2.10, e.g. 2.11 images).
-# - "sdpa" (CPU, tests, CUDA in fp32 or without either kernel): several packed rows per chunk;
-#   transformers sees position ids restart and builds a block-diagonal causal mask per row.
-# F2LLM_FORCE_VARLEN=1 runs "f2llm_varlen" on a CPU too, one sdpa per sequence standing in for
-# the kernel: the CUDA layout and code path, checked against sdpa rows by the tests.
-VARLEN = "f2llm_varlen"
-FORCE_VARLEN = "F2LLM_FORCE_VARLEN"
-
-
-def forced_varlen() -> bool:
-    value = os.environ.get(FORCE_VARLEN, "")
-    if value not in ("", "0", "1"):
-        raise ValueError(f"{FORCE_VARLEN}={value!r}: use 1 (the CUDA attention path on a CPU) "
-                         f"or 0")
-    return value == "1"
-
-
-def varlen_kernels(device_type: str) -> list[str]:
-    """The varlen kernels importable here, best first (none off CUDA)."""
-    if device_type != "cuda":
-        return []
-    return [name for name, module in (("flash-attn", "flash_attn"),
-                                      ("torch varlen_attn", "torch.nn.attention.varlen"))
-            if _importable(module)]
-
-
-def _importable(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # a parent package is missing
-        return False
-
-
-def choose_attention(device_type: str, bf16: bool, forced: bool,
-                     kernels: list[str]) -> tuple[str, str]:
-    """The decision alone (no imports, so a CPU test covers the CUDA cases):
-    -> (attention implementation, the kernel that runs or why sdpa rows do)."""
-    if device_type == "cuda" and not bf16:  # never a kernel error mid-step
-        return "sdpa", ("block-diagonal masks: the varlen kernels take bf16/fp16 only and "
-                        "--precision is fp32")
-    if device_type == "cuda" and kernels:
-        return VARLEN, kernels[0]
-    if device_type == "cuda":
-        return "sdpa", "block-diagonal masks: no flash-attn and torch < 2.10 has no varlen_attn"
-    if forced:
-        return VARLEN, f"one sdpa per sequence standing in for the CUDA kernel ({FORCE_VARLEN}=1)"
-    return "sdpa", "block-diagonal masks"
-
-
-def setup_attention(device: torch.device, bf16: bool = True,
-                    forced: bool | None = None) -> tuple[str, str]:
-    """Choose the attention of packed chunks on this device and, for VARLEN, register it with
-    transformers with its kernel and keyword arguments fixed now, not per call (not with
-    transformers' mask functions: a packed row needs no mask). -> (implementation, note)."""
-    forced = forced_varlen() if forced is None else forced
-    attn, note = choose_attention(device.type, bf16, forced, varlen_kernels(device.type))
-    if attn == VARLEN:
-        kernel = (_flash_kernel() if note == "flash-attn" else
-                  _torch_kernel() if note == "torch varlen_attn" else sdpa_per_sequence)
-        AttentionInterface.register(VARLEN, functools.partial(packed_attention, kernel=kernel))
-    return attn, note
-
-
-def attention_implementation(device: torch.device, bf16: bool = True,
-                             forced: bool | None = None) -> str:
-    """setup_attention's implementation name: what AutoModel's attn_implementation takes."""
-    return setup_attention(device, bf16, forced)[0]
-
-
-# The kernels: (q (T, H, d), k and v (T, H_kv, d), cu (n + 1,) int32, longest, scaling,
-# dropout) -> (T, H, d), causal inside each sequence. None repeats k and v for grouped heads:
-# flash-attn takes H % H_kv == 0; so does torch's varlen_attn, whose 2.10/2.11 wrapper passes
-# k and v as they are to aten._flash_attention_forward (torch/nn/attention/varlen.py), which
-# runs FA2's mha_varlen_fwd: it checks only `num_heads % num_heads_k == 0`, and mha_varlen_bwd
-# sums dk, dv over each group (aten/src/ATen/native/transformers/cuda/flash_attn/
-# flash_api.cpp); torch 2.13's wrapper refuses H != H_kv unless enable_gqa=True. A repeat would
-# only add the repeated copies to what backward keeps.
-def _flash_kernel():
-    from flash_attn import flash_attn_varlen_func
-
-    def kernel(q, k, v, cu, longest, scaling, dropout):
-        return flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, dropout_p=dropout,
-                                      softmax_scale=scaling, causal=True)
-    return kernel
-
-
-def _torch_kernel():
-    from torch.nn.attention.varlen import varlen_attn
-    params = inspect.signature(varlen_attn).parameters
-    # torch 2.10 says is_causal, later versions window_size; 2.13 adds enable_gqa
-    fixed = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
-    if "enable_gqa" in params:
-        fixed["enable_gqa"] = True
-    takes_scale = "scale" in params  # else its default, 1 / sqrt(head_dim): Qwen3's scaling too
-
-    def kernel(q, k, v, cu, longest, scaling, dropout):
-        if dropout:
-            raise ValueError("attention dropout needs flash-attn (torch's varlen_attn has none); "
-                             "pip install flash-attn or set attention_dropout to 0")
-        scale = {"scale": scaling} if takes_scale else {}
-        return varlen_attn(q, k, v, cu, cu, longest, longest, **fixed, **scale)
-    return kernel
-
-
-def sdpa_per_sequence(q, k, v, cu, longest, scaling, dropout):
-    """The CPU stand-in: one sdpa per sequence (reads the bounds on the host, once per layer)."""
-    bounds = cu.tolist()
-    return torch.cat([F.scaled_dot_product_attention(
-        q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=True,
-        scale=scaling, dropout_p=dropout, enable_gqa=True).transpose(0, 1)
-        for s, e in zip(bounds[:-1], bounds[1:])])
-
-
-def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                     cu_seq_lens_q=None, max_length_q=None, kernel=sdpa_per_sequence, **kwargs):
-    """transformers' attention interface for one packed row: query (1, H, T, d), key and value
-    (1, H_kv, T, d), sequences delimited by cu_seq_lens_q (n + 1,) int32 -> (1, T, H, d).
-    Causal inside each sequence, nothing across."""
-    if cu_seq_lens_q is None or query.shape[0] != 1:
-        raise ValueError(
-            f"{VARLEN} attention takes one packed row and its sequence bounds (model.pack, "
-            f"model.embed_packed); got {query.shape[0]} row(s) and cu_seq_lens_q="
-            f"{'None' if cu_seq_lens_q is None else 'given'}. A padded batch needs a mask, "
-            f"which transformers builds for sdpa only: run it inside "
-            f"model.padded_attention(backbone) (model.embed does)")
-    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, d), (T, H_kv, d)
-    if torch.is_autocast_enabled(q.device.type):  # q/k leave Qwen3's fp32 norms under autocast
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    out = kernel(q, k, v, cu_seq_lens_q, max_length_q, scaling, dropout)  # (T, H, d)
-    return out[None], None  # (1, T, H, d), no attention weights
-
-
-@contextlib.contextmanager
-def padded_attention(backbone):
-    """A padded forward on any backbone: transformers builds no mask for a registered name
-    like VARLEN (DESIGN §8), so a VARLEN backbone runs it as sdpa, the same weights and math."""
-    config = backbone.config
-    attn = config._attn_implementation
-    if attn == VARLEN:
-        config._attn_implementation = "sdpa"
-    try:
-        yield
-    finally:
-        config._attn_implementation = attn
+from transformers import AutoModel, AutoTokenizer, Qwen3Config
 
 
 def load_backbone(name: str, attn: str = "sdpa", dtype=torch.float32):
@@ -218,22 +53,6 @@ def tiny_backbone(tokenizer, seed: int, attn: str = "sdpa"):
     config.pad_token_id = tokenizer.pad_token_id
     config.eos_token_id = tokenizer.eos_token_id
     return AutoModel.from_config(config, attn_implementation=attn)
-
-
-def train_tokenizer(texts, vocab_size: int = 16384) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with Qwen3's special tokens, trained on `texts`. 16,384 tokens
-    make most words one token, which the tiny model matches far better than word pieces
-    (README, the tiny testbed)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN,
-                                   pad_token=PAD_TOKEN, add_eos_token=True)
 
 
 # LoRA (--lora-rank): peft adapters on every linear layer of the backbone; alpha = 2 x rank
@@ -276,30 +95,33 @@ def pad(seqs: list[list[int]], pad_id: int, side: str = "right"):
     return input_ids, lengths
 
 
-def mask_from_lengths(lengths: torch.Tensor, width: int, side: str = "right") -> torch.Tensor:
-    positions = torch.arange(width, device=lengths.device)  # (L,)
-    if side == "right":
-        return (positions[None, :] < lengths[:, None]).long()  # (n, L)
-    return (positions[None, :] >= width - lengths[:, None]).long()
-
-
-def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(n, L, D) hidden states -> (n, D): the state at each row's LAST position with mask 1.
-
-    Right for right and left padding alike (sum(mask) - 1 breaks under left padding and
-    [:, -1] under right padding)."""
-    width = attention_mask.shape[1]
-    last = width - 1 - attention_mask.flip(-1).argmax(-1)  # (n,) index of the last real token
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+def last_token_pool(hidden: torch.Tensor, last: torch.Tensor, unit: bool = True) -> torch.Tensor:
+    """THE pooling (training, validation, encode, the padded reference): hidden states (R, W, D)
+    and `last` (n,), each sequence's EOS as an index into the flattened R * W positions -> (n,
+    D) fp32 states there: unit vectors, or with unit=False raw (the cached step's: the losses
+    normalise, v2's distillation reads them raw)."""
+    pooled = hidden.flatten(0, 1)[last].float()  # (n, D)
+    return F.normalize(pooled, dim=-1) if unit else pooled
 
 
 def embed(backbone, input_ids: torch.Tensor, lengths: torch.Tensor, side: str = "right"):
-    """Padded ids (n, L) -> unit-norm fp32 embeddings (n, D)."""
-    attention_mask = mask_from_lengths(lengths.to(input_ids.device), input_ids.shape[1], side)
+    """The tests' padded reference: padded ids (n, L) -> unit fp32 embeddings (n, D). The mask
+    and each row's last real position come from lengths, right for either padding side
+    (sum(mask) - 1 breaks under left padding and [:, -1] under right padding)."""
+    n, width = input_ids.shape
+    lengths = lengths.to(input_ids.device)
+    positions = torch.arange(width, device=input_ids.device)  # (L,)
+    if side == "right":
+        attention_mask = (positions[None, :] < lengths[:, None]).long()  # (n, L)
+        last = lengths - 1  # (n,)
+    else:
+        attention_mask = (positions[None, :] >= width - lengths[:, None]).long()
+        last = torch.full_like(lengths, width - 1)
+    from runtime.attention import padded_attention  # the reference alone needs it
     with padded_attention(backbone):  # a VARLEN backbone too
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                          use_cache=False).last_hidden_state
-    return F.normalize(last_token_pool(hidden, attention_mask).float(), dim=-1)
+                          use_cache=False).last_hidden_state  # (n, L, D)
+    return last_token_pool(hidden, torch.arange(n, device=last.device) * width + last)
 
 
 # ---------------------------------------------------------------------------- packed chunks
@@ -349,7 +171,10 @@ class Packed:
     longest: int
 
     def to(self, device) -> "Packed":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)
+        """To the device; to CUDA through pinned memory, without blocking the host."""
+        device = torch.device(device)
+        move = lambda t: None if t is None else (
+            t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
         return Packed(move(self.input_ids), move(self.position_ids), move(self.last),
                       move(self.cu_seqlens), self.longest)
 
@@ -358,7 +183,16 @@ class Packed:
         return self.input_ids.numel()
 
 
-def pack(seqs: list[list[int]], width: int | None = None, pin: bool = False) -> Packed:
+# the attention of one-row packed chunks (flash-attn or torch varlen on CUDA): its name, which
+# runtime/attention.py registers with transformers; any other attention gets sdpa rows
+VARLEN = "f2llm_varlen"
+
+
+def uses_varlen(backbone) -> bool:
+    return backbone.config._attn_implementation == VARLEN
+
+
+def pack(seqs: list[list[int]], width: int | None = None) -> Packed:
     """Id lists -> Packed. width None (varlen attention): one row of all tokens, no padding.
     width W (sdpa): rows of W tokens (at least the longest sequence), filled first-fit longest
     first, each row's tail padded by a dummy sequence that nothing pools."""
@@ -375,58 +209,33 @@ def pack(seqs: list[list[int]], width: int | None = None, pin: bool = False) -> 
         pad = width - len(ids) % width if len(ids) % width else 0
         ids += [0] * pad  # padding: its own segment (positions restart at 0), never pooled
         positions += range(pad)
-    shape = (len(rows), width)
-    packed = Packed(torch.tensor(ids).view(shape), torch.tensor(positions).view(shape),
-                    torch.tensor(last), None, max(lengths))
+    cu_seqlens = None  # one row: the sequences' bounds, in the row's order, for the kernel
     if one_row:
-        order = rows[0]
-        bounds = [0]
-        for i in order:
-            bounds.append(bounds[-1] + lengths[i])
-        packed.cu_seqlens = torch.tensor(bounds, dtype=torch.int32)
-    if pin:
-        packed = Packed(*(t.pin_memory() if t is not None else None for t in
-                          (packed.input_ids, packed.position_ids, packed.last, packed.cu_seqlens)),
-                        packed.longest)
-    return packed
+        cu_seqlens = torch.tensor([0] + [lengths[i] for i in rows[0]]).cumsum(0).int()
+    shape = (len(rows), width)
+    return Packed(torch.tensor(ids).view(shape), torch.tensor(positions).view(shape),
+                  torch.tensor(last), cu_seqlens, max(lengths))
 
 
 def packed_chunks(model, seqs: list[list[int]], chunk_tokens: int, chunk_size: int = 0):
     """seqs -> the step's chunks on the model's device: [(Packed, rows (n,)), ...], chunk i
-    packing the sequences rows into at most chunk_tokens tokens (make_chunks, pack), copied
-    with pinned, non-blocking transfers. The row width follows the model's attention."""
+    packing the sequences `rows` into at most chunk_tokens tokens (make_chunks, pack). The row
+    width follows the model's attention: one varlen row, or sdpa rows as wide as the longest."""
     device = next(model.parameters()).device
-    width = row_width(model, seqs)
-    cuda = device.type == "cuda"
-    chunks = []
-    for c in make_chunks([len(s) for s in seqs], chunk_tokens, chunk_size, width):
-        rows = torch.tensor(c)
-        chunks.append((pack([seqs[i] for i in c], width, pin=cuda).to(device),
-                       (rows.pin_memory() if cuda else rows).to(device, non_blocking=True)))
-    return chunks
+    width = None if uses_varlen(model) else max(map(len, seqs))
+    return [(pack([seqs[i] for i in c], width).to(device), torch.tensor(c).to(device))
+            for c in make_chunks([len(s) for s in seqs], chunk_tokens, chunk_size, width)]
 
 
 def embed_packed(backbone, packed: Packed, unit: bool = True) -> torch.Tensor:
-    """A packed chunk -> (n, D) fp32 states at each sequence's last token (its EOS): unit
-    vectors, or with unit=False the raw hidden states (the cached step's, see train.py)."""
+    """A packed chunk -> (n, D) fp32 states at each sequence's EOS (last_token_pool)."""
     varlen = {}
     if packed.cu_seqlens is not None:  # passed down to every layer: no layer syncs the host
         varlen = dict(cu_seq_lens_q=packed.cu_seqlens, cu_seq_lens_k=packed.cu_seqlens,
                       max_length_q=packed.longest, max_length_k=packed.longest)
     hidden = backbone(input_ids=packed.input_ids, position_ids=packed.position_ids,
                       use_cache=False, **varlen).last_hidden_state  # (R, W, D)
-    pooled = hidden.flatten(0, 1)[packed.last].float()  # (n, D)
-    return F.normalize(pooled, dim=-1) if unit else pooled
-
-
-def uses_varlen(backbone) -> bool:
-    return backbone.config._attn_implementation == VARLEN
-
-
-def row_width(backbone, seqs: list[list[int]]) -> int | None:
-    """The packing width for this backbone: None (one varlen row per chunk) or, for sdpa, the
-    longest sequence of the batch (rows shared by long and short sequences)."""
-    return None if uses_varlen(backbone) else max(len(s) for s in seqs)
+    return last_token_pool(hidden, packed.last, unit)
 
 
 @torch.no_grad()
@@ -437,7 +246,7 @@ def encode(backbone, tokenizer, texts: list[str], batch_size: int = 32, max_leng
     device = device or next(backbone.parameters()).device
     ids, _ = tokenize(tokenizer, texts, max_length)
     out = torch.empty(len(ids), backbone.config.hidden_size)
-    width = row_width(backbone, ids)
+    width = None if uses_varlen(backbone) else max(map(len, ids))
     for rows in make_chunks([len(x) for x in ids], chunk_tokens, batch_size, width):
         chunk = [ids[i] for i in rows]  # sdpa rows as wide as this chunk's longest text
         packed = pack(chunk, width and max(len(x) for x in chunk)).to(device)
@@ -448,7 +257,7 @@ def encode(backbone, tokenizer, texts: list[str], batch_size: int = 32, max_leng
 # ---------------------------------------------------------------------------- export
 def save_export(backbone, tokenizer, out: str, prompts: dict | None = None,
                 max_length: int = 8192) -> None:
-    """Write a checkpoint folder that every tool loads the F2LLM way (DESIGN I6).
+    """Write a checkpoint folder that every tool loads the F2LLM way (docs/design.md I6).
 
     Written to `out.tmp` and renamed into place when complete, so a crash never leaves a
     half-written export where a finished one is expected."""

@@ -6,8 +6,8 @@
 
 Reads in the order things happen: the command line (config.py's fields) -> the processes
 (runtime/parallel.py) -> data -> model -> optimizer and schedule -> the cached-negatives step
-(DESIGN §4) -> the loop (log, validate, checkpoint, runtime/curves.py's figure) -> the final export
-in OUT/final.
+(docs/design.md §4) -> the loop (log, validate, checkpoint, runtime/curves.py's figure) -> the
+final export in OUT/final.
 """
 import argparse
 import contextlib
@@ -21,18 +21,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import torch.distributed as dist
 from transformers import AutoTokenizer
 
 import data as D
 import model as M
 from config import MATH_FIELDS, PRESETS, Config, Recipe, check_config, presets_text
-from loss import distillation_loss, f2llm_loss, matryoshka, matryoshka_dims
+from loss import IN_BATCH_TYPES, distillation_loss, f2llm_loss, matryoshka, matryoshka_dims
+from model import embed_packed
+from runtime import attention as A
 from runtime import checkpoint
 from runtime import tokens as T
 from runtime.curves import plot_curves
 from runtime.flags import choices, field_help
 from runtime.parallel import (
-    all_means,
     barrier,
     print0,
     restarted_by_torchrun,
@@ -41,10 +43,7 @@ from runtime.parallel import (
     use_expandable_segments,
     wait_for_every_rank,
     wrap_ddp,
-    zero_grads,
 )
-from tiny import demo
-from tools import plan
 
 
 # ---------------------------------------------------------------------------- command line
@@ -78,7 +77,8 @@ def parse_config(argv=None) -> Config:
 
 
 # ---------------------------------------------------------------------------- the step
-# Copyable: these four functions need torch and model.py only (a test runs a copy of them).
+# Copyable: the step (these functions, model.py's packing and pooling, loss.py) needs torch
+# alone; tests/test_train.py runs a copy of exactly that text. docs/design.md §4 walks it.
 def rng_state(device):
     return (torch.get_rng_state(),
             torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
@@ -94,33 +94,33 @@ def restored_rng(state, device):
         yield
 
 
-def embed_chunks(net, chunks, autocast, rng_states=None):
+def embed_chunks(net, chunks, autocast, rng_states=None, embed=embed_packed):
     """Pass 1, no grad (the step's, validation's and the teacher's): chunks [(Packed, rows), ...]
     of model.packed_chunks -> (S, D) fp32 RAW last-token states in the batch's order (the
     losses normalise; v2's distillation needs them raw). One autocast region: each weight is
-    cast to bf16 once, not once per chunk. rng_states, a list, gets each chunk's RNG state."""
+    cast to bf16 once, not once per chunk. rng_states, a list, gets each chunk's RNG state.
+    embed(net, chunk, unit=False) -> (n, D): model.embed_packed, or any embedding of a chunk."""
     states, order = [], []
     with torch.no_grad(), autocast:
         for packed, rows in chunks:
             if rng_states is not None:
                 rng_states.append(rng_state(rows.device))
-            states.append(M.embed_packed(net, packed, unit=False))  # (n, D)
+            states.append(embed(net, packed, unit=False))  # (n, D)
             order.append(rows)
     return torch.cat(states)[torch.cat(order).argsort()]  # chunk order -> batch order
 
 
-def cached_step(net, chunks, loss_fn, autocast) -> torch.Tensor:
-    """DESIGN §4: pass 1 (no grad) -> loss on cached reps -> pass 2 (grad, chunk by chunk).
+def cached_step(net, chunks, loss_fn, autocast, embed=embed_packed) -> torch.Tensor:
+    """docs/design.md §4: pass 1 (no grad) -> loss on cached reps -> pass 2 (grad, per chunk).
 
-    net: the backbone, or its DDP wrapper; chunks: model.packed_chunks(...) of this rank's
+    net: the backbone or its DDP wrapper; chunks: model.packed_chunks(...) of this rank's
     sequences; loss_fn(reps (S, D) fp32 raw states) -> (loss, *terms); autocast: a reusable
-    region (torch.autocast(...)), entered once per pass. Leaves in .grad the gradient of the
-    GLOBAL batch's loss (DDP averages over ranks at the last chunk: one all-reduce). A
-    non-finite loss still runs pass 2: its gradient is non-finite too (the caller skips the
-    update). No host sync. -> (1 + terms,) the loss and its terms, detached, on the device."""
+    region, entered once per pass; embed: as embed_chunks'. Leaves in .grad the gradient of
+    the GLOBAL batch's loss (one all-reduce, DDP's, at the last chunk); no host sync (a
+    non-finite loss still runs pass 2; the caller skips the update). -> (1 + terms,) detached."""
     # 1. pass 1, no grad: cache the raw pooled states of all S sequences, each chunk's RNG state
     rng_states = []
-    reps = embed_chunks(net, chunks, autocast, rng_states).requires_grad_()  # (S, D) fp32
+    reps = embed_chunks(net, chunks, autocast, rng_states, embed).requires_grad_()  # (S, D)
     # 2. loss on the cached reps, in fp32: d loss / d reps, including other ranks' queries' terms
     loss, *terms = loss_fn(reps)
     loss.backward()
@@ -132,18 +132,30 @@ def cached_step(net, chunks, loss_fn, autocast) -> torch.Tensor:
             last = i == len(chunks) - 1
             with contextlib.nullcontext() if last else no_sync(), \
                     restored_rng(rng_states[i], rows.device):
-                raw = M.embed_packed(net, packed, unit=False)  # (n, D), with grad
+                raw = embed(net, packed, unit=False)  # (n, D), with grad
                 (raw * reps.grad[rows]).sum().backward()
     return torch.stack([loss, *terms]).detach()
 
 
+def all_means(values: torch.Tensor) -> list[float]:
+    """(n,) on the device -> the n means over ranks: ONE all-reduce, ONE host sync. In float64,
+    so a value equal on every rank (the gradient norm) comes back exactly."""
+    values = values.detach().double()
+    if dist.is_initialized():
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values.tolist()
+
+
 def optimizer_step(optimizer, scheduler, trained, grad_clip: float, losses: torch.Tensor,
                    ddp=None) -> tuple[list[float], float, bool]:
-    """Step 4 of DESIGN §4, as the loop runs it (tools/gpu_check.py too): clip the global gradient
-    norm; the logged values (the step's losses, then the norm) in ONE all-reduce and ONE host
-    sync; step optimizer and schedule unless a value is non-finite (a non-finite loss on any
-    rank makes the global gradient, and its norm, non-finite, so this one check covers both,
-    the same on every rank); zero the gradients (zero_grads).
+    """Step 4 of docs/design.md §4, as the loop runs it (tools/gpu_check.py too): clip the
+    global gradient norm; the logged values (the step's losses, then the norm) in ONE
+    all-reduce and ONE host sync; step optimizer and schedule unless a value is non-finite (a
+    non-finite loss on any rank makes the global gradient, and its norm, non-finite, so this
+    one check covers both, the same on every rank); zero the gradients: under DDP in place,
+    so pass 2's accumulation (no_sync chunks included) lands in DDP's bucket views
+    (set_to_none would make the next no_sync chunk allocate gradients beside the buckets).
     -> (losses averaged over ranks, gradient norm before clipping, whether it was applied)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(trained, grad_clip)  # stays on the device
     *values, grad_norm = all_means(torch.cat([losses.detach().reshape(-1), grad_norm[None]]))
@@ -151,19 +163,17 @@ def optimizer_step(optimizer, scheduler, trained, grad_clip: float, losses: torc
     if applied:
         optimizer.step()
         scheduler.step()
-    zero_grads(optimizer, ddp)
+    optimizer.zero_grad(set_to_none=ddp is None)
     return values, grad_norm, applied
 
 
 def step_loss(batch: D.Batch, cfg: Recipe, teacher_reps=None):
-    """The recipe's loss of one rank's batch, as a function of its pooled states (S, D), raw
-    or unit: F2LLM's total, or with --mrl its Matryoshka sum over nested dims, plus kd_weight
-    x the distillation term when the teacher's raw states of the same sequences are given, on
-    every task type and at the full dimension only, as F2LLM v2 (all on the cached states: no
-    extra memory). --no-in-batch drops the in-batch term (an ablation).
-    -> (total, hard, in-batch[, distillation])."""
+    """The recipe's loss of one rank's batch as a function of its pooled states (S, D), raw or
+    unit: F2LLM's total; with --mrl its Matryoshka sum over nested dims; plus kd_weight x the
+    distillation term of the teacher's raw states, at the full dimension (F2LLM v2); without
+    the in-batch term with --no-in-batch. -> (total, hard, in-batch[, distillation])."""
     b, k = len(batch.queries), len(batch.negatives[0]) if batch.negatives else 0
-    in_batch = cfg.in_batch and batch.task_type in D.IN_BATCH_TYPES
+    in_batch = cfg.in_batch and batch.task_type in IN_BATCH_TYPES
     gather, t = cfg.in_batch_gather, cfg.temperature
     contrastive = lambda reps: f2llm_loss(reps, b, k, in_batch, t, gather)
 
@@ -190,14 +200,14 @@ def validate(backbone, batches, rank: int, world: int, cfg: Config, autocast) ->
 
 
 # ---------------------------------------------------------------------------- schedule
-def lr_lambda(cfg: Config, total_steps: int):
+def lr_lambda(lr: float, min_lr: float, warmup_steps: int, total_steps: int):
     """Linear warmup to lr, cosine decay to min_lr: a multiplier of lr for LambdaLR."""
     def f(step):
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         cosine = 0.5 * (1 + math.cos(math.pi * progress))  # 1 -> 0
-        return (cfg.min_lr + (cfg.lr - cfg.min_lr) * cosine) / cfg.lr
+        return (min_lr + (lr - min_lr) * cosine) / lr
     return f
 
 
@@ -205,6 +215,7 @@ def lr_lambda(cfg: Config, total_steps: int):
 def dry_run(cfg: Config, world: int) -> dict:
     """Plan a run of a real size without weights (tools/plan.py): parameters, batch arithmetic,
     FLOPs, memory per GPU at the chunk's token budget (with --teacher: the teacher's too)."""
+    from tools import plan  # the planner serves the dry run only
     check_config(cfg, (cfg.nproc or world) * cfg.nodes)
     if cfg.teacher:  # its architecture is known (folder or Qwen3 size), before any planning
         try:
@@ -223,6 +234,7 @@ def setup_data(cfg: Config, rank: int, world: int):
     if not data_folder and cfg.size == "tiny":
         data_folder = os.path.join(cfg.out, "data")
         if rank == 0 and not os.path.isdir(data_folder):
+            from tiny import demo
             demo.write_demo_sample(data_folder, seed=0, negatives=cfg.demo_negatives)
         barrier()
     elif not data_folder:  # once per node (a marker per host, launch and restart, in OUT)
@@ -258,11 +270,12 @@ def setup_data(cfg: Config, rank: int, world: int):
 def setup_model(cfg: Config, rank: int, device, bf16: bool, sources):
     """Backbone and tokenizer (the tiny one built here), LoRA adapters if asked, on device."""
     torch.manual_seed(cfg.seed)
-    attn, attn_note = M.setup_attention(device, bf16)
+    attn, attn_note = A.setup_attention(device, bf16)
     if cfg.model == "tiny":
         tok_dir = os.path.join(cfg.out, "tokenizer")
         if rank == 0 and not os.path.isdir(tok_dir):
-            M.train_tokenizer(D.iter_texts(sources)).save_pretrained(tok_dir)
+            from tiny.tokenizer import train_tokenizer
+            train_tokenizer(D.iter_texts(sources)).save_pretrained(tok_dir)
         barrier()
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         backbone = M.tiny_backbone(tokenizer, cfg.seed, attn)
@@ -291,7 +304,7 @@ def setup_teacher(cfg: Config, device, bf16: bool, student_dim: int):
     its tokenizer; (None, None) without one."""
     if not cfg.teacher:
         return None, None
-    teacher, tokenizer = M.load_backbone(cfg.teacher, M.attention_implementation(device, bf16),
+    teacher, tokenizer = M.load_backbone(cfg.teacher, A.attention_implementation(device, bf16),
                                          dtype=torch.bfloat16 if bf16 else torch.float32)
     dim = teacher.config.hidden_size
     if cfg.kd_mode != "kl" and dim < student_dim:
@@ -337,7 +350,8 @@ def setup_optimizer(cfg: Config, backbone, world: int, total_steps: int):
         optimizer = ZeroRedundancyOptimizer(params, torch.optim.AdamW, **opt_args)
     else:
         optimizer = torch.optim.AdamW(params, **opt_args)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
+        cfg.lr, cfg.min_lr, cfg.warmup_steps, total_steps))
 
 
 def restore(cfg: Config, backbone, optimizer, scheduler, stream) -> int:

@@ -47,7 +47,9 @@ import data as D
 import model as M
 import train
 from loss import TEMPERATURE, f2llm_loss
+from runtime import attention as A
 from tiny import demo
+from tiny import tokenizer as tiny_tokenizer
 from tools import plan
 
 CPU = torch.device("cpu")
@@ -134,7 +136,7 @@ def official_step(backbone, seqs, loss_fn, pad_id: int) -> dict:
     """The official code's step: all S sequences padded to the longest in ONE forward (the
     caller enables activation checkpointing on `backbone`), the same loss, backward."""
     input_ids, lengths = M.pad(seqs, pad_id)  # (S, longest)
-    with M.padded_attention(backbone):  # the backward's recomputed forwards are padded too
+    with A.padded_attention(backbone):  # the backward's recomputed forwards are padded too
         loss = loss_fn(M.embed(backbone, input_ids, lengths))[0]  # reps (S, D) fp32
         loss.backward()
     return dict(loss=loss.item(), real_tokens=int(lengths.sum()), computed_tokens=input_ids.numel())
@@ -194,7 +196,7 @@ def rounds(variants: dict, repeats: int) -> dict:
 def build(args):
     """Tokenizer trained on BBC News, a Qwen3 of args' size, and the text pool."""
     texts = [a["headline"] + "\n" + a["body"] for a in demo.bbc_articles()]
-    tokenizer = M.train_tokenizer(texts, vocab_size=args.vocab)
+    tokenizer = tiny_tokenizer.train_tokenizer(texts, vocab_size=args.vocab)
     config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=args.hidden,
                          intermediate_size=3 * args.hidden, num_hidden_layers=args.layers,
                          num_attention_heads=args.hidden // 64,
@@ -204,7 +206,7 @@ def build(args):
     torch.manual_seed(args.seed)
     # sdpa rows, or with F2LLM_FORCE_VARLEN=1 the CUDA layout (varlen rows; the baselines'
     # padded forwards run as sdpa on it)
-    attn = M.attention_implementation(CPU, bf16=False)
+    attn = A.attention_implementation(CPU, bf16=False)
     backbone = AutoModel.from_config(config, attn_implementation=attn).train()
     return tokenizer, backbone
 
@@ -228,7 +230,7 @@ def memory_probe(args):
     back to the OS and RSS follows the live tensors): load the export, then for each step and
     batch size run ONE step and report the rise of the peak RSS (VmHWM, reset just before)
     over the RSS just before the step."""
-    backbone, tokenizer = M.load_backbone(args.export, M.attention_implementation(CPU, False))
+    backbone, tokenizer = M.load_backbone(args.export, A.attention_implementation(CPU, False))
     official = checkpointed(backbone.train())
     pool, out = text_pool(tokenizer), {}
     for step in ("ours", "count", "official"):

@@ -1,6 +1,6 @@
 """The processes of a run (torchrun's ranks): the process group, DDP as the cached step needs
 it (gradients in the bucket views, kept there between steps), rank-0 printing, barriers that
-outlast NCCL's watchdog, the one all-reduce of the logged values, and the clean exit. Importing
+outlast NCCL's watchdog, and the clean exit. Importing
 this file does nothing; train.py, tools/gpu_check.py and the tests call these."""
 import os
 import time
@@ -42,19 +42,13 @@ def wrap_ddp(backbone, device, **kwargs) -> DDP:
     a broadcast per forward would be one collective per chunk (ranks may differ in chunks).
     DDP points a .grad at its bucket only if it exists when DDP is built (or at the first
     synced backward, after the no_sync chunks of step 1 have accumulated into fresh tensors):
-    zero gradients made here make step 1 accumulate in the buckets too; zero_grads keeps them."""
+    zero gradients made here make step 1 accumulate in the buckets too; train.optimizer_step
+    keeps them."""
     for p in backbone.parameters():
         if p.requires_grad and p.grad is None:
             p.grad = torch.zeros_like(p)  # copied into the bucket view, then freed
     return DDP(backbone, device_ids=[device.index] if device.type == "cuda" else None,
                gradient_as_bucket_view=True, broadcast_buffers=False, **kwargs)
-
-
-def zero_grads(optimizer, ddp=None) -> None:
-    """Between steps: under DDP zero the gradients in place, so every accumulation of pass 2
-    (no_sync chunks included) lands in DDP's bucket views; set_to_none would make the next
-    no_sync chunk allocate fresh gradients beside the buckets (two copies, +4 P bytes)."""
-    optimizer.zero_grad(set_to_none=ddp is None)
 
 
 def use_expandable_segments() -> str | None:
@@ -76,7 +70,7 @@ def barrier():
 def wait_for_every_rank(tag: str, timeout: timedelta = timedelta(hours=6)) -> None:
     """A barrier on the rendezvous store, not a collective: a node still downloading or
     tokenizing may keep the others waiting for longer than NCCL's 10-minute watchdog allows
-    in a collective (DESIGN §8)."""
+    in a collective (docs/design.md §8)."""
     if not dist.is_initialized():
         return
     store = dist.distributed_c10d._get_default_store()
@@ -101,13 +95,3 @@ def print0(*args, **kwargs) -> None:
     """print on global rank 0 only (torchrun sets RANK; a plain process is rank 0)."""
     if os.environ.get("RANK", "0") == "0":
         print(*args, **kwargs)
-
-
-def all_means(values: torch.Tensor) -> list[float]:
-    """(n,) on the device -> the n means over ranks: ONE all-reduce, ONE host sync. In float64,
-    so a value equal on every rank (the gradient norm) comes back exactly."""
-    values = values.detach().double()
-    if dist.is_initialized():
-        dist.all_reduce(values)
-        values /= dist.get_world_size()
-    return values.tolist()

@@ -18,7 +18,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from transformers import AutoTokenizer
 
 import model as M
+from runtime import attention as A
 from tiny import demo
+from tiny import tokenizer as tiny_tokenizer
 
 # the environment of every launched process: one thread each (2 ranks share the cores), offline
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
@@ -63,7 +65,7 @@ def tokenizer(tmp_path_factory, articles):
     what a worker in another process loads."""
     path = str(tmp_path_factory.mktemp("tokenizer"))
     texts = [a["headline"] + "\n" + a["body"] for a in articles[::3]]
-    M.train_tokenizer(texts, vocab_size=1024).save_pretrained(path)
+    tiny_tokenizer.train_tokenizer(texts, vocab_size=1024).save_pretrained(path)
     return AutoTokenizer.from_pretrained(path)
 
 
@@ -111,9 +113,9 @@ def small_demo_dir(tmp_path_factory, demo_dir):
     return _first_rows(demo_dir, tmp_path_factory.mktemp("small_demo"), 150)
 
 
-@pytest.fixture(params=["sdpa", M.VARLEN])
+@pytest.fixture(params=["sdpa", A.VARLEN])
 def attn(request):
     """Both attention paths of packed chunks: sdpa rows (a CPU's) and the CUDA layout, one
     varlen row per chunk, forced on this CPU (model.FORCE_VARLEN; sdpa per sequence inside)."""
-    return M.attention_implementation(torch.device("cpu"), bf16=False,
-                                      forced=request.param == M.VARLEN)
+    return A.attention_implementation(torch.device("cpu"), bf16=False,
+                                      forced=request.param == A.VARLEN)

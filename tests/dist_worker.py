@@ -20,6 +20,7 @@ import data as D
 import model as M
 import train
 from loss import f2llm_loss, hard_negative_loss, in_batch_loss
+from runtime import attention as A
 from runtime import tokens as T
 
 OPTIONS = ["recipe", "mrl", "lora", "detached", "kd-v2", "kd-unit", "kd-kl"]
@@ -59,7 +60,7 @@ def step_gradients(tokenizer_dir, demo_dir, batch_size, chunk_tokens, max_length
     the adapters matter) and one cached step on a retrieval batch (the recipe: and a clustering
     batch). The attention is what train.py would choose (F2LLM_FORCE_VARLEN=1: varlen rows)."""
     rank, world, device = train.setup_distributed()
-    attn = M.attention_implementation(device, bf16=False)
+    attn = A.attention_implementation(device, bf16=False)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     sources = T.load_tokenized(demo_dir, tokenizer, max_length, demo_dir + "_tokens", seed=0)
     grads, losses, collectives = {}, {}, {}

@@ -6,6 +6,7 @@ import torch
 
 import model as M
 from bench import step as bench
+from runtime import attention as A
 
 pytestmark = pytest.mark.slow  # torchrun / real processes / mteb / sentence-transformers
 
@@ -54,7 +55,7 @@ def test_baselines_compute_our_loss_and_gradients(tokenizer, batch, attn):
     assert ours["real_tokens"] == base["real_tokens"] == count["real_tokens"] == real
     assert base["computed_tokens"] == len(seqs) * max(len(s) for s in seqs)
     assert real <= ours["computed_tokens"] < base["computed_tokens"]
-    assert (ours["computed_tokens"] == real) == (attn == M.VARLEN)  # varlen rows: no padding
+    assert (ours["computed_tokens"] == real) == (attn == A.VARLEN)  # varlen rows: no padding
     assert real <= count["computed_tokens"] < base["computed_tokens"]
 
 

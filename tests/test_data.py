@@ -23,6 +23,7 @@ import data as D
 import model as M
 from runtime import tokens as T
 from tiny import demo
+from tiny import tokenizer as tiny_tokenizer
 
 MAX_LENGTH = 64
 
@@ -236,7 +237,7 @@ def test_a_teacher_with_its_own_tokenizer_reads_the_same_texts(small_demo_dir, t
     """--teacher with another tokenizer: its ids come from its own cache files in the same
     folder, and every batch (and each shard of it) holds the same texts in both."""
     sources = _sources(small_demo_dir, tok, cache_dir, max_length=512)
-    other = M.train_tokenizer(D.iter_texts(sources), vocab_size=600)
+    other = tiny_tokenizer.train_tokenizer(D.iter_texts(sources), vocab_size=600)
     teacher_cache = T.TokenCache(cache_dir, other, 512)
     teacher_cache.build(sources, log=lambda *a: None)
     teacher_cache.open(sources, attr="teacher_tokens")
@@ -267,7 +268,7 @@ def test_cache_is_keyed_by_data_tokenizer_and_length(tmp_path, tok, small_demo_d
     data_files = _files(folder)
     (source,) = _sources(folder, tok, cache)
     first = T.TokenCache(cache, tok, MAX_LENGTH).path(source)
-    other_tok = M.train_tokenizer(["a few words", "of another text"], vocab_size=300)
+    other_tok = tiny_tokenizer.train_tokenizer(["a few words", "of another text"], vocab_size=300)
     other = {"length": T.TokenCache(cache, tok, MAX_LENGTH // 2),
              "tokenizer": T.TokenCache(cache, other_tok, MAX_LENGTH)}
     for what, c in other.items():

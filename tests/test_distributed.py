@@ -28,7 +28,7 @@ def test_I1_two_ranks_give_the_one_process_gradients_with_one_allreduce_per_step
     gradients), with distillation (each mode; v2's 2-rank gradients equal a 1-process step
     written from v2's formula on the raw states) and with the official code's detached gather,
     whose 2-rank gradients equal a 1-process step in which no positive gets an in-batch
-    gradient. DESIGN §4: one all-reduce per step (per bucket), not per chunk."""
+    gradient. docs/design.md §4: one all-reduce per step (per bucket), not per chunk."""
     launch(WORKER, tokenizer.name_or_path, demo_dir, tmp_path / "w2.pt", 8, 120, nproc=2,
            env={"F2LLM_FORCE_VARLEN": "0"})
     two, one = torch.load(tmp_path / "w2.pt"), one_process[0]

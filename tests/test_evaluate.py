@@ -52,12 +52,13 @@ def test_three_loaders_agree_with_encode(export):
     # plain transformers: the saved tokenizer appends EOS by itself, and truncation keeps it
     batch = tokenizer(TEXTS, padding=True, truncation=True, max_length=MAX_LENGTH,
                       return_tensors="pt")
-    last_ids = M.last_token_pool(batch["input_ids"][..., None], batch["attention_mask"])[:, 0]
+    rows, last = torch.arange(len(TEXTS)), batch["attention_mask"].sum(1) - 1  # right padding
+    last_ids = batch["input_ids"][rows, last]
     assert last_ids.tolist() == [tokenizer.eos_token_id] * len(TEXTS)
     assert batch["input_ids"].shape[1] == MAX_LENGTH and tokenizer.model_max_length == 8192
     with torch.no_grad():
         hidden = backbone(**batch).last_hidden_state
-    plain = F.normalize(M.last_token_pool(hidden, batch["attention_mask"]), dim=-1)
+    plain = F.normalize(hidden[rows, last], dim=-1)
     # sentence-transformers from the export's own config: last-token pooling, normalised
     st = SentenceTransformer(export, device="cpu")
     assert st.max_seq_length == 8192

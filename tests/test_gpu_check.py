@@ -10,6 +10,7 @@ import torch
 
 import model as M
 import train
+from runtime import attention as A
 from tools import gpu_check, plan
 
 pytestmark = pytest.mark.slow  # two sizes of the smoke run, a few seconds each
@@ -26,7 +27,7 @@ def test_cpu_smoke_runs_the_loop_step_on_varlen_rows_inside_ddp(tmp_path):
     assert [r["size"] for r in results] == ["0.6b", "4b"]  # 1.7b runs the 0.6b code path
     b, k, max_length, chunk_tokens = 4, 7, 64, 256
     for r in results:
-        assert r["attention"] == M.VARLEN and "F2LLM_FORCE_VARLEN" in r["kernel"]
+        assert r["attention"] == A.VARLEN and "F2LLM_FORCE_VARLEN" in r["kernel"]
         config = gpu_check.smoke_config(plan.qwen3_config(r["size"]))
         seqs, loss_fn = gpu_check.batch_of(config, b, k, max_length, seed=0)
         reference = gpu_check.build(config, torch.device("cpu"), "sdpa")

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import data as D
 from loss import (
+    IN_BATCH_TYPES,
     distillation_loss,
     f2llm_loss,
     hard_negative_loss,
@@ -63,7 +64,7 @@ def test_total_is_hard_plus_in_batch_for_retrieval_only():
     for task_type in ("clustering", "classification"):
         kk = D.K_BY_TYPE[task_type]
         reps = _unit(b * (2 + kk), d)
-        total, hard, in_batch = f2llm_loss(reps, b, kk, in_batch=task_type in D.IN_BATCH_TYPES)
+        total, hard, in_batch = f2llm_loss(reps, b, kk, in_batch=task_type in IN_BATCH_TYPES)
         assert in_batch.item() == 0 and torch.equal(total, hard)
     # pairs only (k = 0): the in-batch term alone
     total, hard, in_batch = f2llm_loss(reps[:2 * b], b, 0, in_batch=True)

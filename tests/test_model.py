@@ -2,8 +2,10 @@
 truncation, and when the pad id is a real token."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import model as M
+from runtime import attention as A
 
 
 def test_eos_survives_truncation(tokenizer):
@@ -16,21 +18,26 @@ def test_eos_survives_truncation(tokenizer):
 
 
 def test_last_token_pool_left_and_right_padding(tokenizer, backbone):
+    """I3 through the padded reference (model.embed, which pools with model.last_token_pool,
+    the pooling of training and encode): each row's EOS, on either padding side."""
     seqs, _ = M.tokenize(tokenizer, ["a long sentence about the economy and markets", "hi"], 64)
     single = [M.embed(backbone, torch.tensor([s]), torch.tensor([len(s)])) for s in seqs]
     for side in ("right", "left"):
         ids, lengths = M.pad(seqs, tokenizer.pad_token_id, side)
-        mask = M.mask_from_lengths(lengths, ids.shape[1], side)
-        hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
-        pooled = M.last_token_pool(hidden, mask)
-        # the pooled position holds the EOS id
-        last = [int(mask[i].nonzero().max()) for i in range(len(seqs))]
-        assert [int(ids[i, j]) for i, j in enumerate(last)] == [tokenizer.eos_token_id] * 2
+        width = ids.shape[1]
+        eos_at = lengths - 1 if side == "right" else torch.full_like(lengths, width - 1)
+        assert ids[torch.arange(2), eos_at].tolist() == [tokenizer.eos_token_id] * 2
         batched = M.embed(backbone, ids, lengths, side)
         for i in range(len(seqs)):
             torch.testing.assert_close(batched[i], single[i][0], atol=1e-5, rtol=1e-4)
+        positions = torch.arange(width)[None]
+        mask = (positions < lengths[:, None]) if side == "right" else (
+            positions >= width - lengths[:, None])
+        hidden = backbone(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        pooled = M.last_token_pool(hidden, torch.arange(2) * width + eos_at)
+        torch.testing.assert_close(pooled, batched, atol=1e-5, rtol=1e-4)
         if side == "right":  # naive [:, -1] would pool a pad position of the short row
-            assert not torch.allclose(hidden[1, -1], pooled[1])
+            assert not torch.allclose(F.normalize(hidden[1, -1], dim=-1), pooled[1])
 
 
 def test_pad_id_equal_to_real_token(tokenizer, backbone):
@@ -75,9 +82,9 @@ def test_make_chunks_first_fit_within_budget_and_count():
 def _varlen_reference(backbone):
     """The same weights behind model.packed_attention (its CPU path: one sdpa per sequence)."""
     import copy
-    assert M.attention_implementation(torch.device("cpu"), forced=True) == M.VARLEN
+    assert A.attention_implementation(torch.device("cpu"), forced=True) == A.VARLEN
     net = copy.deepcopy(backbone)
-    net.set_attn_implementation(M.VARLEN)
+    net.set_attn_implementation(A.VARLEN)
     assert M.uses_varlen(net) and not M.uses_varlen(backbone)
     return net
 
@@ -139,32 +146,32 @@ def test_every_function_that_takes_a_backbone_runs_on_a_varlen_one(tokenizer, ba
     assert M.uses_varlen(varlen)
     refused = r"got 3 row\(s\) and cu_seq_lens_q=None.*padded_attention"
     with pytest.raises(ValueError, match=refused):
-        varlen(input_ids=ids, attention_mask=M.mask_from_lengths(lengths, ids.shape[1]))
+        varlen(input_ids=ids, attention_mask=(torch.arange(ids.shape[1])[None] < lengths[:, None]).long())
 
 
 @pytest.mark.parametrize("device, bf16, forced, kernels, expected", [
-    ("cuda", True, False, ["flash-attn", "torch varlen_attn"], (M.VARLEN, "flash-attn")),
-    ("cuda", True, False, ["torch varlen_attn"], (M.VARLEN, "torch varlen_attn")),
+    ("cuda", True, False, ["flash-attn", "torch varlen_attn"], (A.VARLEN, "flash-attn")),
+    ("cuda", True, False, ["torch varlen_attn"], (A.VARLEN, "torch varlen_attn")),
     ("cuda", True, False, [], ("sdpa", "no flash-attn")),
     ("cuda", False, True, ["flash-attn"], ("sdpa", "bf16/fp16 only")),  # --precision fp32
     ("cpu", False, False, [], ("sdpa", "block-diagonal")),
-    ("cpu", False, True, [], (M.VARLEN, "F2LLM_FORCE_VARLEN=1")),
+    ("cpu", False, True, [], (A.VARLEN, "F2LLM_FORCE_VARLEN=1")),
 ])
 def test_attention_choice(device, bf16, forced, kernels, expected):
     """The decision on every device: fp32 on CUDA runs sdpa rows (the varlen kernels refuse
     fp32 tensors), so it never meets a kernel error mid-step; the forced CPU path is VARLEN."""
-    attn, note = M.choose_attention(device, bf16, forced, kernels)
+    attn, note = A.choose_attention(device, bf16, forced, kernels)
     assert attn == expected[0] and expected[1] in note
 
 
 def test_force_varlen_environment_variable(monkeypatch):
-    monkeypatch.setenv(M.FORCE_VARLEN, "1")
-    assert M.attention_implementation(torch.device("cpu"), bf16=False) == M.VARLEN
-    monkeypatch.setenv(M.FORCE_VARLEN, "0")
-    assert M.attention_implementation(torch.device("cpu"), bf16=False) == "sdpa"
-    monkeypatch.setenv(M.FORCE_VARLEN, "yes")
+    monkeypatch.setenv(A.FORCE_VARLEN, "1")
+    assert A.attention_implementation(torch.device("cpu"), bf16=False) == A.VARLEN
+    monkeypatch.setenv(A.FORCE_VARLEN, "0")
+    assert A.attention_implementation(torch.device("cpu"), bf16=False) == "sdpa"
+    monkeypatch.setenv(A.FORCE_VARLEN, "yes")
     with pytest.raises(ValueError, match="F2LLM_FORCE_VARLEN='yes': use 1"):
-        M.attention_implementation(torch.device("cpu"))
+        A.attention_implementation(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("gqa_flag", [False, True])  # torch 2.11's signature, torch 2.13's
@@ -183,22 +190,22 @@ def test_torch_varlen_kernel_gets_grouped_heads_and_kwargs_fixed_at_registration
     def recorder(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
                  scale=None, window_size=(-1, -1), **gqa):
         calls.append((query.shape[1], key.shape[1], value.shape[1], window_size, scale, gqa))
-        return M.sdpa_per_sequence(query, key, value, cu_seq_q, max_q, scale, 0.0)
+        return A.sdpa_per_sequence(query, key, value, cu_seq_q, max_q, scale, 0.0)
     if gqa_flag:
         recorder = functools.partial(recorder, enable_gqa=False)  # a keyword-only parameter
         recorder.__signature__ = inspect.signature(varlen_module.varlen_attn)
     monkeypatch.setattr(varlen_module, "varlen_attn", recorder)
-    kernel = M._torch_kernel()
-    monkeypatch.setattr(M.inspect, "signature", None)  # any call from here on would fail
+    kernel = A._torch_kernel()
+    monkeypatch.setattr(A.inspect, "signature", None)  # any call from here on would fail
     net = _varlen_reference(backbone)
-    M.AttentionInterface.register(M.VARLEN, functools.partial(M.packed_attention, kernel=kernel))
+    A.AttentionInterface.register(A.VARLEN, functools.partial(A.packed_attention, kernel=kernel))
     try:
         seqs, _ = M.tokenize(tokenizer, ["the match ended in a draw", "shares fell", "ok"], 32)
         torch.testing.assert_close(M.embed_packed(net, M.pack(seqs)),
                                    M.embed_packed(backbone, M.pack(seqs, 32)),
                                    atol=1e-5, rtol=1e-5)
     finally:
-        M.attention_implementation(torch.device("cpu"), forced=True)  # the CPU stand-in again
+        A.attention_implementation(torch.device("cpu"), forced=True)  # the CPU stand-in again
     config = backbone.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     assert kv_heads < heads and len(calls) == config.num_hidden_layers

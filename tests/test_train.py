@@ -2,19 +2,23 @@
 command lines that fail before any model is loaded and write nothing."""
 import collections
 import contextlib
-import inspect
+import copy
 import json
 import math
 import os
 
 import pytest
+import step_path
 import torch
 from transformers import AutoModel
 
 import data as D
+import loss
 import model as M
 import train
+from runtime import attention as A
 from runtime import tokens as T
+from tiny import tokenizer as tiny_tokenizer
 
 
 def _step(net, seqs, loss_fn, chunk_tokens, bf16=False, step=None):
@@ -85,7 +89,7 @@ def test_chunk_tokens_do_not_change_gradients(tokenizer, small_demo_dir, task_ty
     ids, lengths = M.pad(seqs, tokenizer.pad_token_id)
     loss, direct = _padded_reference(backbone, seqs, tokenizer.pad_token_id,
                                      lambda states: loss_fn(states)[0])
-    varlen = attn == M.VARLEN
+    varlen = attn == A.VARLEN
     # a chunk per sequence (varlen rows) or per sdpa row as wide as the longest sequence
     rows = [[i] for i in range(len(seqs))] if varlen else M.first_fit(
         [len(s) for s in seqs], max(len(s) for s in seqs))
@@ -154,20 +158,48 @@ def test_one_bf16_cast_per_weight_per_pass(backbone, tokenizer, small_demo_dir):
     assert casts and max(casts.values()) == 2, casts.most_common(3)
 
 
-def test_the_step_copied_alone_gives_the_same_gradients(backbone, tokenizer, small_demo_dir):
-    """The copy-paste promise: the step's four functions, their source copied into a namespace
-    holding only torch, contextlib and model.py, give train.cached_step's loss and gradients
-    bit for bit: nothing else of train.py is needed."""
-    names = ["rng_state", "restored_rng", "embed_chunks", "cached_step"]
-    namespace = {"torch": torch, "contextlib": contextlib, "M": M}
-    exec("\n".join(inspect.getsource(getattr(train, n)) for n in names), namespace)
+# what a lecturer pastes above the copied definitions: the imports they use, nothing of this repo
+COPY_HEADER = """import contextlib
+import math
+from dataclasses import dataclass
+
+import torch.distributed as dist
+import torch.nn.functional as F
+"""
+COPY_ROOTS = [("model", "packed_chunks"), ("train", "cached_step"), ("loss", "f2llm_loss"),
+              ("train", "optimizer_step"), ("train", "lr_lambda")]
+
+
+def test_the_step_copied_alone_gives_the_same_loss_gradients_and_update(backbone, tokenizer,
+                                                                         small_demo_dir):
+    """The copy-paste promise: the step (packing, pooling, the cached loop), the loss and the
+    schedule, their text copied (tests/step_path.py: what the step reaches, the text the line
+    count of docs/design.md §4 counts) into a namespace holding only torch, give train's loss,
+    gradients and updated weights bit for bit."""
+    text = COPY_HEADER + step_path.source_of(step_path.step_path(COPY_ROOTS))
+    namespace = {"torch": torch}
+    exec(text, namespace)
     assert namespace["cached_step"] is not train.cached_step
+    assert {"pack", "last_token_pool", "_GatherWithGrad", "all_means"} <= namespace.keys()
     batch, seqs = _rank_batch(small_demo_dir, tokenizer, "retrieval")
-    loss_fn = train.step_loss(batch, RECIPE)
-    m, copied = _grads(backbone, seqs, loss_fn, 300, step=namespace["cached_step"])
-    m_train, grads = _grads(backbone, seqs, loss_fn, 300)  # its I2 tests: the tests above
-    assert m["chunks"] >= 2 and m["loss"] == m_train["loss"]
-    assert grads and all(torch.equal(copied[n], g) for n, g in grads.items())
+    b, k = len(batch.queries), len(batch.negatives[0])
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=False)
+    results = []
+    for ns in (namespace, {**vars(M), **vars(train), **vars(loss)}):
+        net = copy.deepcopy(backbone)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, ns["lr_lambda"](1e-3, 1e-5, 2, 10))
+        chunks = ns["packed_chunks"](net, seqs, 300)
+        losses = ns["cached_step"](net, chunks, lambda reps: ns["f2llm_loss"](reps, b, k, True),
+                                   autocast)
+        grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+        values, norm, applied = ns["optimizer_step"](optimizer, scheduler, list(net.parameters()),
+                                                     1.0, losses)
+        results.append((len(chunks), values, grads, net.state_dict(), scheduler.get_last_lr()))
+    (chunks, values, grads, weights, lr), (chunks_t, values_t, grads_t, weights_t, lr_t) = results
+    assert chunks >= 2 and applied and values == values_t and lr == lr_t
+    assert all(torch.equal(grads[n], g) for n, g in grads_t.items())
+    assert all(torch.equal(weights[n], w) for n, w in weights_t.items())
 
 
 def test_choice_flags_offer_what_the_code_accepts():
@@ -187,7 +219,7 @@ def test_choice_flags_offer_what_the_code_accepts():
 
 def test_lr_schedule_warmup_cosine_floor():
     cfg = train.Config(lr=1e-3, min_lr=1e-5, warmup_steps=10)
-    f = train.lr_lambda(cfg, total_steps=110)
+    f = train.lr_lambda(cfg.lr, cfg.min_lr, cfg.warmup_steps, total_steps=110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(60) * cfg.lr == pytest.approx((1e-3 + 1e-5) / 2)
     assert f(110) * cfg.lr == pytest.approx(1e-5) and f(500) * cfg.lr == pytest.approx(1e-5)
@@ -299,10 +331,10 @@ def test_no_in_batch_drops_only_the_in_batch_term(backbone, tokenizer, small_dem
 def _raw_states(backbone, seqs, pad_id):
     """One plain padded forward: (S, D) raw last-token states (no packing, no normalisation)."""
     ids, lengths = M.pad(seqs, pad_id)
-    mask = M.mask_from_lengths(lengths, ids.shape[1])
-    with M.padded_attention(backbone):  # a varlen backbone builds no mask for padded rows
+    mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()  # right padding
+    with A.padded_attention(backbone):  # a varlen backbone builds no mask for padded rows
         hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    return M.last_token_pool(hidden, mask).float()
+    return hidden[torch.arange(len(seqs)), lengths - 1].float()
 
 
 def _official_kd(student, teacher, b, k, mode, t=0.05):
@@ -319,8 +351,8 @@ def _official_kd(student, teacher, b, k, mode, t=0.05):
     return distillation_loss(student, teacher, b, k, True, "kl", t)
 
 
-@pytest.mark.parametrize("mode, attn", [("v2", "sdpa"), ("v2", M.VARLEN), ("unit", "sdpa"),
-                                        ("kl", M.VARLEN)], indirect=["attn"])
+@pytest.mark.parametrize("mode, attn", [("v2", "sdpa"), ("v2", A.VARLEN), ("unit", "sdpa"),
+                                        ("kl", A.VARLEN)], indirect=["attn"])
 def test_distillation_keeps_I2_with_the_naive_gradient(tokenizer, small_demo_dir, mode, attn):
     """With a teacher's raw states of the same sequences (another tiny model, no grad), token
     budgets from one row per chunk to all-in-one give the gradients of one plain padded
@@ -363,7 +395,7 @@ def test_validation_on_the_varlen_path_matches_sdpa(tokenizer, small_demo_dir):
     sources = T.load_tokenized(small_demo_dir, tokenizer, 128, small_demo_dir + "_tokens")
     batches = list(D.ValidationBatches(sources, 6, 1, seed=0))[:4]
     cfg = train.Config(chunk_tokens=200)
-    losses = [train.validate(M.tiny_backbone(tokenizer, seed=0, attn=M.attention_implementation(
+    losses = [train.validate(M.tiny_backbone(tokenizer, seed=0, attn=A.attention_implementation(
         torch.device("cpu"), False, forced)), batches, 0, 1, cfg, contextlib.nullcontext())
         for forced in (False, True)]
     assert losses[0] > 0 and losses[1] == pytest.approx(losses[0], rel=1e-6)
@@ -375,7 +407,7 @@ def test_a_run_distils_from_a_teacher_with_its_own_tokenizer(tmp_path, small_dem
     gets its own token cache, the distillation term is logged per step, and resuming with
     another --kd-weight is refused."""
     texts = D.iter_texts(D.load_sources(small_demo_dir))
-    other = M.train_tokenizer(texts, vocab_size=600)
+    other = tiny_tokenizer.train_tokenizer(texts, vocab_size=600)
     M.save_export(M.tiny_backbone(other, seed=3), other, str(tmp_path / "teacher"))
     argv = ["--data", small_demo_dir, "--out", str(tmp_path / "run"), "--steps", "2",
             "--max-length", "48", "--eval-every", "0", "--teacher", str(tmp_path / "teacher"),

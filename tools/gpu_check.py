@@ -37,6 +37,7 @@ import model as M
 import train
 from bench import step as bench
 from loss import f2llm_loss
+from runtime import attention as A
 from tools import plan
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12,
@@ -244,7 +245,8 @@ def check_size(size, config, device, attn, steps, b, k, max_length, chunk_tokens
     # the same sequences packed and padded, under the step's precision (padded runs as sdpa)
     seqs, _ = batch_of(config, 8, 1, max_length, seed=99)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-        packed = M.embed_packed(backbone, M.pack(seqs, M.row_width(backbone, seqs)).to(device))
+        width = None if M.uses_varlen(backbone) else max(map(len, seqs))
+        packed = M.embed_packed(backbone, M.pack(seqs, width).to(device))
         padded = M.embed(backbone, *(t.to(device) for t in M.pad(seqs, 0)))
     r["packed_vs_padded_max_abs"] = (packed - padded).abs().max().item()
     if run_old:  # the count-chunk step it replaced, one timed step after a warm-up
@@ -314,7 +316,7 @@ def main(argv=None):
     device = (torch.device("cpu") if args.cpu_smoke
               else torch.device("cuda", torch.cuda.current_device()))
     # bf16 on CUDA; the CPU smoke forces the CUDA layout (varlen rows) in fp32
-    attn, kernel = M.setup_attention(device, bf16=device.type == "cuda", forced=args.cpu_smoke)
+    attn, kernel = A.setup_attention(device, bf16=device.type == "cuda", forced=args.cpu_smoke)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
     print(f"device {name} ({total / GIB:.0f} GiB), attention {attn} ({kernel}), "

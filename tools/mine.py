@@ -1,4 +1,4 @@
-"""Your own training data in the released layout (DESIGN §2), for `train.py --data`.
+"""Your own training data in the released layout (docs/design.md §2), for `train.py --data`.
 
     python -m tools.mine mine --pairs PAIRS --model MODEL --out FOLDER        # + 24 hard negatives
     python -m tools.mine classification --labelled TEXTS --instruction I --out FOLDER
@@ -40,8 +40,9 @@ from tiny.demo import DEMO_NEGATIVES, bbc_articles
 
 @dataclass(frozen=True)
 class MiningRule:
-    """The paper's rule (DESIGN §2), named as in sentence-transformers' mine_hard_negatives and
-    applied in this order. Each field's comment is its flag's help (`field_help`)."""
+    """The paper's rule (docs/design.md §2), named as in sentence-transformers'
+    mine_hard_negatives and applied in this order. Each field's comment is its flag's help
+    (`field_help`)."""
     range_max: int = 100  # candidates: the best N documents that are not a positive of the query
     range_min: int = 5  # skip the best N candidates, likely unlabelled positives
     max_score: float | None = 0.8  # keep candidates with cosine score < this
@@ -88,6 +89,7 @@ def load_encoder(model, batch_size: int = 32, max_length: int = 1024):
     import torch
 
     import model as M
+    from runtime import attention as A
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(model, str) and _sentence_transformer_pooling_other_than_last_token(model):
         from sentence_transformers import SentenceTransformer
@@ -96,7 +98,7 @@ def load_encoder(model, batch_size: int = 32, max_length: int = 1024):
         return lambda texts: st.encode(texts, batch_size=batch_size, convert_to_tensor=True,
                                        normalize_embeddings=True).float().cpu()
     if isinstance(model, str):
-        model = M.load_backbone(model, M.attention_implementation(device),
+        model = M.load_backbone(model, A.attention_implementation(device),
                                 torch.bfloat16 if device.type == "cuda" else torch.float32)
     backbone, tokenizer = model[0].to(device).eval(), model[1]
     return lambda texts: M.encode(backbone, tokenizer, texts, batch_size, max_length)

@@ -190,7 +190,8 @@ def memory_plan(config: Qwen3Config, world: int, chunk_tokens: int, sequences_pe
     by ZeroRedundancyOptimizer), each once:
       weights_fp32            4 P
       gradients_fp32          4 P               (DDP's buckets ARE the .grad tensors: train.py
-                                                keeps them there from step 1, zero_grads)
+                                                keeps them there from step 1,
+                                                optimizer_step)
       adamw_states            8 P / world       (8 P unsharded)
       bf16_weight_copies      2 P_linear        (autocast's cache, one per pass)
       activations_bf16        chunk_tokens x measured bf16 bytes per token (MEASURED_ON)
@@ -270,7 +271,7 @@ def length_mix(rng: np.random.Generator, b: int, k: int, max_length: int) -> lis
     """Token counts (EOS included) of one rank's batch [queries; positives; negatives]:
     queries log-uniform in 20..300 (instruction included); documents log-normal, median 140,
     sigma 0.9, clipped to [16, max_length] (~1.4% cut at 1024). At b = 64, k = 7 that is about
-    110k real tokens per rank-step, the figure of the paper's run (DESIGN §4)."""
+    110k real tokens per rank-step, the figure of the paper's run (docs/design.md §4)."""
     queries = np.exp(rng.uniform(np.log(20), np.log(300), b))
     documents = np.clip(np.exp(rng.normal(np.log(140), 0.9, b * (1 + k))), 16, max_length)
     return [int(x) for x in np.concatenate([queries, documents])]
