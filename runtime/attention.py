@@ -156,7 +156,8 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
 @contextlib.contextmanager
 def padded_attention(backbone):
     """A padded forward on any backbone: transformers builds no mask for a registered name
-    like VARLEN (DESIGN §8), so a VARLEN backbone runs it as sdpa, the same weights and math."""
+    like VARLEN (docs/design.md §8), so a VARLEN backbone runs it as sdpa: the same weights
+    and math."""
     config = backbone.config
     attn = config._attn_implementation
     if attn == VARLEN:
