@@ -142,7 +142,8 @@ def launch(way: str, world: int, layers: int) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.checkpoint",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=12, help="Qwen3 layers (12: ~100M)")
     parser.add_argument("--turns", type=int, default=2, help="old/new pairs per world size")
     parser.add_argument("--worlds", default="1,2", help="world sizes to measure")

@@ -434,7 +434,8 @@ def table(r) -> list[tuple]:
 
 # ---------------------------------------------------------------------------- main
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = argparse.ArgumentParser(prog="python -m bench.step",
+                                description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--queries", type=int, default=4,
                    help="queries per timed step (S = queries * (2 + k))")
     p.add_argument("--memory-queries", type=int, default=1,
