@@ -434,9 +434,19 @@ def encode(backbone, tokenizer, texts: list[str], batch_size: int = 32, max_leng
            device=None, chunk_tokens: int = 16384) -> torch.Tensor:
     """Texts -> (n, D) fp32 unit vectors, in the input order. Texts are packed, longest
     first, into chunks of at most batch_size texts and chunk_tokens tokens."""
-    device = device or next(backbone.parameters()).device
     ids, _ = tokenize(tokenizer, texts, max_length)
+    return encode_ids(backbone, ids, batch_size, device, chunk_tokens)
+
+
+@torch.no_grad()
+def encode_ids(backbone, ids: list[list[int]], batch_size: int = 0, device=None,
+               chunk_tokens: int = 16384) -> torch.Tensor:
+    """Id lists (each ending in EOS) -> (n, D) fp32 unit vectors, in the input order, in packed
+    chunks of at most chunk_tokens tokens and batch_size sequences (0 = any)."""
+    device = device or next(backbone.parameters()).device
     out = torch.empty(len(ids), backbone.config.hidden_size)
+    if not ids:
+        return out
     width = row_width(backbone, ids)
     for rows in make_chunks([len(x) for x in ids], chunk_tokens, batch_size, width):
         chunk = [ids[i] for i in rows]  # sdpa rows as wide as this chunk's longest text

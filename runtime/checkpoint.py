@@ -244,6 +244,23 @@ def restore(path: str, model, optimizer, scheduler, config: dict, math_fields: d
     return meta
 
 
+def load_weights(path: str, model) -> dict:
+    """Only the weights of checkpoint `path`, into `model`'s own tensors (evaluate.py scores a
+    step; the optimizer state is never read). Each process reads the whole model by itself, no
+    collective. -> meta.json. Raises CheckpointError if a file is missing or truncated, or the
+    checkpoint holds another model."""
+    meta = read_meta(path)
+    saved = HuggingFaceStorageReader(path).read_metadata().state_dict_metadata  # headers only
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}  # views of the weights
+    for key, tensor in state.items():
+        if key not in saved or tuple(saved[key].size) != tuple(tensor.shape):
+            raise CheckpointError(f"{path}: {key} is missing or of another shape: the checkpoint "
+                                  f"is of another model than its meta.json's config builds")
+    with _one_process_quietly():
+        dcp.load(state, no_dist=True, storage_reader=HuggingFaceStorageReader(path))
+    return meta
+
+
 def open_metrics(out: str, step: int, rank: int, resume: bool) -> str:
     """metrics.jsonl, cut back to the resumed step (rank 0 writes it)."""
     path = os.path.join(out, "metrics.jsonl")
