@@ -567,6 +567,7 @@ def main(argv=None) -> dict:
     finally:
         if world > 1:  # the other ranks return from serve, also when mteb failed here
             model.model.encode.encode.finish()
+            dist.destroy_process_group()
     encoded = model.model.encode if ckpt.path else None  # load_f2llm's EncodeEachTextOnce
     if encoded and encoded.seconds:
         print(f"encoded {encoded.texts:,} texts in {encoded.seconds:.1f} s: "
@@ -595,8 +596,6 @@ def main(argv=None) -> dict:
     with open(os.path.join(results, "scores.json"), "w") as f:
         json.dump(report, f, indent=2)
     print(f"scores written to {os.path.join(results, 'scores.json')}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return report
 
 

@@ -1,4 +1,5 @@
-"""The run folder's checkpoints: save, latest, resume, pruning, metrics.jsonl cut back on resume.
+"""The run folder's checkpoints: save, latest, resume, pruning, metrics.jsonl cut back on resume;
+the weights alone for evaluate.py (`load_weights`).
 
     OUT/checkpoints/step_00001000/
         shard-0000{r}-model-0000{i}-of-00008.safetensors   rank r-1's part, in 8 files

@@ -124,9 +124,11 @@ class SplitEncode:
         return torch.from_numpy(out) if convert_to_tensor else out
 
     def finish(self) -> None:
-        """Tell the other ranks that mteb is done (they return from `serve`)."""
+        """Tell the other ranks that mteb is done (they return from `serve`); the barrier lets
+        every rank close the process group after the last message, none before."""
         if self.world > 1:
             dist.scatter_object_list([None], [DONE] * self.world, src=0)
+            dist.barrier()
 
 
 def embed_share(encoder, request) -> list[np.ndarray]:
@@ -143,6 +145,7 @@ def serve(encoder) -> int:
         received = [None]
         dist.scatter_object_list(received, None, src=0)
         if received[0] is DONE:
+            dist.barrier()
             return units
         mine = embed_share(encoder, received[0])
         units += len(mine)
