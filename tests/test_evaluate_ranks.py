@@ -128,6 +128,7 @@ def test_last_step_exports_the_final_weights(trained_run, tmp_path):
     assert not torch.allclose(other, embs[1], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_lora_step_is_scored_with_its_adapters_merged(tokenizer, tmp_path):
     """A LoRA run's step (saved by runtime/checkpoint.save as train.py saves it): its export
     embeds as the adapters merged into the weights, not as the backbone alone."""
