@@ -3,12 +3,23 @@
     python evaluate.py OUT/final                   # MTEB(eng, v2): 41 tasks, beside the paper
     python evaluate.py codefuse-ai/F2LLM-4B               # a published model, the same way (hub)
     python evaluate.py OUT/final --tasks local --baseline # offline: BBC News + Lee, vs untrained
+    python evaluate.py OUT/checkpoints/step_N --tasks STS12   # a checkpoint of a run, as it trains
+    torchrun --nproc_per_node 8 evaluate.py OUT/final     # every GPU of the node embeds
 
 Contract:
 - The model is loaded by mteb's own F2LLM loader: the loader class and arguments of mteb's
   ModelMeta for codefuse-ai/F2LLM-* (per-task instructions, `Instruct: {i}\\nQuery: ` on queries
   and on every text of symmetric tasks, nothing on retrieval/reranking documents, EOS appended,
   max length 8192, last-token pooling, cosine). `--max-length` changes only the length.
+  `--encode packed` (default) runs that loader's own preprocessing and the backbone on packed
+  rows (runtime/encoding.py; the same vectors, tested); `--encode loader` its own encode.
+- Under torchrun each encode call's texts are split across the ranks and gathered back in
+  order; mteb (and its scoring) runs on rank 0 only. Plain `python evaluate.py` is one rank.
+- A run's `checkpoints/step_N` is scored directly: the backbone built from the config in its
+  meta.json, its weights read from the DCP shards (LoRA merged), the run's tokenizer; written
+  once as an export into the results folder (removed when every task is done).
+- Resumable: mteb's result file of each finished task stays in the results folder; the same
+  command after a kill evaluates only the missing tasks; `--overwrite` recomputes all.
 - `--tasks local` runs four mteb tasks built from text that PyPI packages ship (no network):
   BBC headline -> article retrieval on held-out articles, BBC topic clustering and
   classification, Lee document-similarity STS (tiny/local_suite.py).
@@ -31,14 +42,20 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import mteb
 import torch
-from transformers import AutoTokenizer
+import torch.distributed as dist
+from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 import data as D
 import model as M
 from loss import matryoshka_dims
+from runtime import checkpoint as C
+from runtime.encoding import LoaderEncode, PackedEncode, SplitEncode, serve
+from runtime.parallel import print0, wait_for_every_rank
+from runtime.progress import Progress, chars_per_token, probe_rate
 from tiny.local_suite import LOCAL_TASKS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -50,14 +67,20 @@ SIZE_BY_DIM = {1024: "0.6B", 2048: "1.7B", 2560: "4B"}
 
 # ---------------------------------------------------------------------------- the protocol
 def load_f2llm(path: str, name: str, revision: str, dim: int, max_length: int, dtype: str = "auto",
-               truncate_dim: int | None = None):
+               truncate_dim: int | None = None, encode: str = "loader", chunk_tokens: int = 16384):
     """mteb's own F2LLM loader on a local export, with F2LLM's loader arguments; truncate_dim
-    keeps the first N components (sentence-transformers' own truncation; cosine renormalises)."""
+    keeps the first N components (sentence-transformers' own truncation; cosine renormalises).
+    Its encode cut into units (runtime/encoding.py) that the ranks of torchrun share (this is
+    rank 0; the others `serve` model.encoder); encode "packed": through packed rows of
+    chunk_tokens tokens, "loader": its own padded batches."""
     meta = mteb.get_model_meta(PROTOCOL_MODEL)
     kwargs = dict(meta.loader_kwargs, max_seq_length=max_length, model_kwargs=model_kwargs(dtype),
                   embed_dim=truncate_dim)  # handed to SentenceTransformer(truncate_dim=)
-    model = meta.loader(path, revision=None, **kwargs)
-    model.model.encode = EncodeEachTextOnce(model.model.encode)
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else None
+    model = meta.loader(path, revision=None, device=device, **kwargs)
+    model.encoder = (PackedEncode(model.model, chunk_tokens) if encode == "packed" else
+                     LoaderEncode(model.model))
+    model.model.encode = EncodeEachTextOnce(SplitEncode(model.encoder))
     # results are filed under this name and revision, never under the published model's
     model.mteb_model_meta = meta.model_copy(update=dict(
         name=name, revision=revision, embed_dim=truncate_dim or dim, max_tokens=max_length,
@@ -80,10 +103,10 @@ def model_kwargs(dtype: str) -> dict:
 class EncodeEachTextOnce:
     """SentenceTransformer.encode with repeated texts embedded once: an STS set pairs a few
     documents many times (Lee: 50 documents in 1,225 pairs). Same vectors, less work. Counts
-    the texts it embedded and the seconds it took, for the texts/s line."""
+    the texts (and characters) it embedded and the seconds it took, for the texts/s lines."""
 
     def __init__(self, encode):
-        self.encode, self.texts, self.seconds = encode, 0, 0.0
+        self.encode, self.texts, self.chars, self.seconds = encode, 0, 0, 0.0
 
     def __call__(self, sentences, **kwargs):
         texts = all(isinstance(s, str) for s in sentences)
@@ -91,6 +114,7 @@ class EncodeEachTextOnce:
         t0 = time.perf_counter()
         out = self.encode(unique, **kwargs)
         self.texts += len(unique)
+        self.chars += sum(len(s) for s in unique) if texts else 0
         self.seconds += time.perf_counter() - t0
         if len(unique) == len(sentences):
             return out
@@ -98,12 +122,20 @@ class EncodeEachTextOnce:
         return out[[position[s] for s in sentences]]
 
 
-def run_tasks(model, tasks, cache_dir: str, batch_size: int) -> dict:
-    """Evaluate; the cache folder is ours alone and always overwritten, so nothing is re-used."""
-    result = mteb.evaluate(model, tasks, cache=mteb.ResultCache(cache_path=cache_dir),
-                           overwrite_strategy="always", encode_kwargs={"batch_size": batch_size},
-                           co2_tracker=False)
-    return {r.task_name: 100 * r.get_score() for r in result.task_results}
+def run_tasks(model, tasks, cache_dir: str, batch_size: int, overwrite: bool = False,
+              progress=None) -> dict:
+    """Evaluate task by task. The cache folder is ours alone (tied to one checkpoint by
+    claim_results_folder): a task whose result file is there is kept, unless overwrite."""
+    cache = mteb.ResultCache(cache_path=cache_dir)
+    scores = {}
+    for task in tasks:
+        result = mteb.evaluate(model, [task], cache=cache, encode_kwargs={"batch_size": batch_size},
+                               overwrite_strategy="always" if overwrite else "only-missing",
+                               co2_tracker=False, show_progress_bar=False)
+        scores.update({r.task_name: 100 * r.get_score() for r in result.task_results})
+        if progress:
+            progress.task_done(task)
+    return scores
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -145,10 +177,14 @@ class Checkpoint:
     path: str | None = None
     dim: int | None = None
     meta: object = None  # mteb ModelMeta of a published model
+    run_config: dict | None = None  # a checkpoints/step_N: the run's config (its meta.json)
 
 
 def resolve_checkpoint(ckpt: str) -> Checkpoint:
-    """A local export folder or a model mteb knows -> what to load, its identity, paper size."""
+    """A local export folder, a run's checkpoints/step_N or a model mteb knows -> what to
+    load, its identity, paper size."""
+    if os.path.isdir(ckpt) and os.path.exists(os.path.join(ckpt, "meta.json")):
+        return resolve_step(ckpt)
     if os.path.isdir(ckpt):
         missing = [f for f in ("config.json", "tokenizer_config.json")
                    if not os.path.exists(os.path.join(ckpt, f))]
@@ -175,6 +211,59 @@ def resolve_checkpoint(ckpt: str) -> Checkpoint:
                       paper=short if short in paper_columns() else None)
 
 
+def resolve_step(ckpt: str) -> Checkpoint:
+    """A run's checkpoints/step_N -> its identity: the run, the step and the sha256 of its
+    meta.json (which lists every shard's size, the data position, the scheduler), cheap to
+    hash where the shards (optimizer state included) are not."""
+    try:
+        meta = C.read_meta(ckpt)
+    except C.CheckpointError as e:
+        raise SystemExit(f"evaluate.py: error: checkpoint {e}") from None
+    cfg = meta.get("config")
+    if not isinstance(cfg, dict) or not cfg.get("model"):
+        raise SystemExit(f"evaluate.py: error: {os.path.join(ckpt, 'meta.json')} holds no run "
+                         f"config (a 'config' with the 'model' it trained), so the backbone "
+                         f"cannot be built; evaluate that run's final/ export instead")
+    if not os.path.exists(os.path.join(ckpt, "tokenizer_config.json")):
+        raise SystemExit(f"evaluate.py: error: checkpoint {ckpt} lacks the run's tokenizer "
+                         f"(tokenizer_config.json); train.py saves it with every checkpoint")
+    try:
+        dim = 64 if cfg["model"] == "tiny" else AutoConfig.from_pretrained(cfg["model"]).hidden_size
+    except OSError as e:
+        raise SystemExit(f"evaluate.py: error: checkpoint {ckpt}: the config of its backbone "
+                         f"{cfg['model']!r} cannot be read ({e}); it needs the Hugging Face hub "
+                         f"or its cache once") from None
+    with open(os.path.join(ckpt, "meta.json"), "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    run = os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))
+    slug = f"{os.path.basename(run)}-step_{meta['step']}"
+    return Checkpoint(name=f"local/{slug}", revision=digest[:12], slug=slug, path=ckpt, dim=dim,
+                      identity={"checkpoint": os.path.abspath(ckpt), "run": run,
+                                "step": meta["step"], "sha256": digest},
+                      paper=f"F2LLM-{SIZE_BY_DIM[dim]}" if dim in SIZE_BY_DIM else None,
+                      run_config=cfg)
+
+
+def export_step(ckpt: Checkpoint, out: str) -> str:
+    """checkpoints/step_N -> an export at `out`, as train.py writes final/: the backbone built
+    from the run's config, its weights read from the shards (no optimizer state), LoRA
+    adapters merged, the run's tokenizer."""
+    cfg = ckpt.run_config
+    tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
+    if cfg["model"] == "tiny":  # train.py builds it from the seed; the weights come next
+        backbone = M.tiny_backbone(tokenizer, seed=cfg["seed"])
+    else:
+        backbone = AutoModel.from_config(AutoConfig.from_pretrained(cfg["model"]))
+    if cfg.get("lora_rank"):
+        backbone = M.add_lora(backbone, cfg["lora_rank"])
+    try:
+        C.load_weights(ckpt.path, backbone)
+    except C.CheckpointError as e:
+        raise SystemExit(f"evaluate.py: error: {e}") from None
+    M.save_export(M.unwrap(backbone), tokenizer, out, prompts=D.export_prompts())
+    return out
+
+
 def check_dim(dim: int, ckpt: Checkpoint) -> None:
     """--dim must fit the model; a dimension the run did not train with --mrl gets a warning."""
     if not dim or ckpt.path is None:
@@ -183,7 +272,8 @@ def check_dim(dim: int, ckpt: Checkpoint) -> None:
         raise SystemExit(f"evaluate.py: error: --dim {dim} is larger than the model's dimension "
                          f"{ckpt.dim}")
     config = os.path.join(os.path.dirname(os.path.abspath(ckpt.path)), "config.json")
-    mrl = os.path.exists(config) and read_json(config).get("mrl")
+    mrl = (ckpt.run_config.get("mrl") if ckpt.run_config else
+           os.path.exists(config) and read_json(config).get("mrl"))
     trained = matryoshka_dims(ckpt.dim) if mrl else [ckpt.dim]
     if dim not in trained:
         print(f"evaluate.py: warning: --dim {dim} is not a dimension this model was trained for "
@@ -207,9 +297,10 @@ def files_sha256(folder: str) -> str:
     return h.hexdigest()
 
 
-def claim_results_folder(folder: str, identity: dict, overwrite: bool) -> None:
+def claim_results_folder(folder: str, identity: dict, overwrite: bool, write: bool = True) -> None:
     """Refuse a results folder that holds another checkpoint's results (mteb would otherwise
-    mix or re-use them); --overwrite removes only what this script wrote there."""
+    mix or re-use them); --overwrite removes only what this script wrote there. write=False
+    checks only (the other ranks of torchrun, before rank 0 writes)."""
     marker = os.path.join(folder, "checkpoint.json")
     if os.path.exists(marker):
         previous = read_json(marker)
@@ -217,8 +308,11 @@ def claim_results_folder(folder: str, identity: dict, overwrite: bool) -> None:
             raise SystemExit(f"evaluate.py: error: --results {folder} holds results of another "
                              f"checkpoint or max length ({previous}); pass --overwrite to replace "
                              f"them or choose another --results folder")
+        if not write:
+            return
         if previous != identity:
-            shutil.rmtree(os.path.join(folder, "mteb"), ignore_errors=True)
+            for name in ("mteb", "export"):
+                shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
             for name in ("checkpoint.json", "scores.json"):
                 if os.path.exists(os.path.join(folder, name)):
                     os.remove(os.path.join(folder, name))
@@ -226,6 +320,8 @@ def claim_results_folder(folder: str, identity: dict, overwrite: bool) -> None:
         raise SystemExit(f"evaluate.py: error: --results {folder} is not empty and holds no "
                          f"checkpoint.json, so it is not an evaluate.py results folder; "
                          f"choose another")
+    if not write:
+        return
     os.makedirs(folder, exist_ok=True)
     with open(marker, "w") as f:
         json.dump(identity, f, indent=2)
@@ -307,7 +403,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
     p.add_argument("--max-length", type=int, default=8192, help="tokens per text, EOS included")
     p.add_argument("--results", help="results folder (default: results/<checkpoint>)")
-    p.add_argument("--overwrite", action="store_true", help="replace results of another checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="recompute every task (and replace results of another checkpoint); "
+                        "without it, tasks already in the results folder are kept")
     p.add_argument("--baseline", action="store_true",
                    help="also score the run's untrained starting point")
     p.add_argument("--dim", type=int, default=0,
@@ -316,10 +414,15 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="weights and compute of a local checkpoint (auto: bf16 + flash "
                         "attention on CUDA, fp32 on CPU)")
+    p.add_argument("--encode", choices=["packed", "loader"], default="packed",
+                   help="packed: the loader's preprocessing, the backbone on packed rows (the "
+                        "same vectors, no padding computed); loader: its own padded encode")
+    p.add_argument("--chunk-tokens", type=int, default=16384,
+                   help="tokens per packed forward (--encode packed): a memory knob")
     args = p.parse_args(argv)
     if args.dim < 0:
         p.error("--dim must be positive (0 = all dimensions)")
-    for flag in ("batch_size", "max_length"):
+    for flag in ("batch_size", "max_length", "chunk_tokens"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be positive")
     return args
@@ -333,22 +436,44 @@ def main(argv=None) -> dict:
     if args.baseline and ckpt.path is None:
         raise SystemExit("evaluate.py: error: --baseline needs a local checkpoint from a "
                          "train.py run")
-    cfg = run_config(ckpt.path) if args.baseline else None
+    cfg = (ckpt.run_config or run_config(ckpt.path)) if args.baseline else None
     check_dim(args.dim, ckpt)
     dim_tag = f"-dim{args.dim}" if args.dim else ""
     results = args.results or os.path.join("results", ckpt.slug + dim_tag)
     identity = dict(ckpt.identity, max_length=args.max_length,
                     **({"dim": args.dim} if args.dim else {}))
-    claim_results_folder(results, identity, args.overwrite)
+    rank, world = start_ranks()
+    if world > 1 and ckpt.path is None:
+        raise SystemExit("evaluate.py: error: torchrun evaluates a local checkpoint (an export or "
+                         "checkpoints/step_N); run a published model with plain python")
+    claim_results_folder(results, identity, args.overwrite, write=False)  # every rank checks
+    wait_for_every_rank("evaluate/checked")
+    if rank == 0:
+        claim_results_folder(results, identity, args.overwrite)
     protocol = PROTOCOL_MODEL if ckpt.path else ckpt.name
-    print(f"evaluate: {args.checkpoint} on {len(tasks)} tasks with mteb {mteb.__version__}'s "
-          f"loader for {protocol}, max length {args.max_length}; results in {results}")
+    print0(f"evaluate: {args.checkpoint} on {len(tasks)} tasks with mteb {mteb.__version__}'s "
+           f"loader for {protocol}, max length {args.max_length}, {args.encode} encoding on "
+           f"{world} rank(s); results in {results}")
 
     cache = os.path.join(results, "mteb")
+    path = ckpt.path
+    if ckpt.run_config:  # a step of a run: written once as an export that every rank loads
+        path = os.path.join(results, "export")
+        if rank == 0 and not os.path.isdir(path):  # an export is renamed into place complete
+            export_step(ckpt, path)
+            print(f"export of {ckpt.path} (for this evaluation, removed at its end): {path}")
+        wait_for_every_rank("evaluate/exported")
     if ckpt.path:
-        model = load_f2llm(ckpt.path, ckpt.name + dim_tag, ckpt.revision, ckpt.dim,
-                           args.max_length, args.dtype, args.dim or None)
-        print(f"model: {model_kwargs(args.dtype)}")
+        model = load_f2llm(path, ckpt.name + dim_tag, ckpt.revision, ckpt.dim, args.max_length,
+                           args.dtype, args.dim or None, args.encode, args.chunk_tokens)
+        print0(f"model: {model_kwargs(args.dtype)}")
+        if rank > 0:  # the other ranks only embed what rank 0 sends them
+            serve(model.encoder)
+            dist.destroy_process_group()
+            return {}
+        tokenizer = model.model.tokenizer
+        progress = Progress(tasks, model.model.encode, chars_per_token(tokenizer),
+                            probe_rate(model.encoder, tokenizer, args.batch_size), world)
     else:  # a published model: its mteb ModelMeta loads it exactly as for the leaderboard
         default = args.max_length == ckpt.meta.loader_kwargs.get("max_seq_length")
         try:
@@ -358,17 +483,27 @@ def main(argv=None) -> dict:
             raise SystemExit(f"evaluate.py: error: {ckpt.name} could not be loaded from the "
                              f"Hugging Face hub or its cache ({e}); it needs network access "
                              f"once") from None
-    columns = {"score": run_tasks(model, tasks, cache, args.batch_size)}
+        progress = None
+    try:
+        columns = {"score": run_tasks(model, tasks, cache, args.batch_size, args.overwrite,
+                                      progress)}
+    finally:
+        if world > 1:  # the other ranks return from serve, also when mteb failed here
+            model.model.encode.encode.finish()
+            dist.destroy_process_group()
     encoded = model.model.encode if ckpt.path else None  # load_f2llm's EncodeEachTextOnce
     if encoded and encoded.seconds:
         print(f"encoded {encoded.texts:,} texts in {encoded.seconds:.1f} s: "
-              f"{encoded.texts / encoded.seconds:,.0f} texts/s")
-    if args.baseline:
+              f"{encoded.texts / encoded.seconds:,.0f} texts/s on {world} rank(s)")
+    if args.baseline:  # on rank 0 alone
         with tempfile.TemporaryDirectory() as tmp:
             path = untrained_export(ckpt.path, cfg, os.path.join(tmp, "untrained"), args.max_length)
             model = load_f2llm(path, ckpt.name + "-untrained" + dim_tag, "untrained", ckpt.dim,
-                               args.max_length, args.dtype, args.dim or None)
-            columns["untrained"] = run_tasks(model, tasks, cache, args.batch_size)
+                               args.max_length, args.dtype, args.dim or None, args.encode,
+                               args.chunk_tokens)
+            columns["untrained"] = run_tasks(model, tasks, cache, args.batch_size, args.overwrite)
+    if ckpt.run_config:  # every task is done: the step's export is no longer needed
+        shutil.rmtree(os.path.join(results, "export"), ignore_errors=True)
     # the paper's column for this size; all F2LLM sizes, for reference, when it is no paper size
     papers = [ckpt.paper] if ckpt.paper else [c for c in paper_columns() if c.startswith("F2LLM")]
     for col in papers:
@@ -385,6 +520,20 @@ def main(argv=None) -> dict:
         json.dump(report, f, indent=2)
     print(f"scores written to {os.path.join(results, 'scores.json')}")
     return report
+
+
+def start_ranks() -> tuple[int, int]:
+    """torchrun: a gloo process group (texts and embeddings travel between hosts' memories,
+    and its timeout outlasts what the other ranks wait while rank 0 scores or downloads a
+    task, where NCCL's watchdog would stop them after 10 minutes), each rank on its own GPU.
+    Plain python: (0, 1), no process group."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(hours=12))
+    return dist.get_rank(), dist.get_world_size()
 
 
 if __name__ == "__main__":

@@ -96,10 +96,9 @@ def pad(seqs: list[list[int]], pad_id: int, side: str = "right"):
 
 
 def last_token_pool(hidden: torch.Tensor, last: torch.Tensor, unit: bool = True) -> torch.Tensor:
-    """THE pooling (training, validation, encode, the padded reference): hidden states (R, W, D)
-    and `last` (n,), each sequence's EOS as an index into the flattened R * W positions -> (n,
-    D) fp32 states there: unit vectors, or with unit=False raw (the cached step's: the losses
-    normalise, v2's distillation reads them raw)."""
+    """THE pooling (training, validation, encode, the padded reference): hidden (R, W, D), last
+    (n,) each sequence's EOS as an index into the flattened R * W -> (n, D) fp32 states there,
+    unit vectors or with unit=False raw (the cached step's: v2's distillation reads them raw)."""
     pooled = hidden.flatten(0, 1)[last].float()  # (n, D)
     return F.normalize(pooled, dim=-1) if unit else pooled
 
@@ -172,9 +171,8 @@ class Packed:
 
     def to(self, device) -> "Packed":
         """To the device; to CUDA through pinned memory, without blocking the host."""
-        device = torch.device(device)
-        move = lambda t: None if t is None else (
-            t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
+        move = lambda t: None if t is None else (t.pin_memory() if torch.device(device).type
+                                                 == "cuda" else t).to(device, non_blocking=True)
         return Packed(move(self.input_ids), move(self.position_ids), move(self.last),
                       move(self.cu_seqlens), self.longest)
 
@@ -190,6 +188,11 @@ VARLEN = "f2llm_varlen"
 
 def uses_varlen(backbone) -> bool:
     return backbone.config._attn_implementation == VARLEN
+
+
+def row_width(backbone, seqs: list[list[int]]) -> int | None:
+    """Packing width: None (one varlen row per chunk) or sdpa rows as wide as the longest."""
+    return None if uses_varlen(backbone) else max(map(len, seqs))
 
 
 def pack(seqs: list[list[int]], width: int | None = None) -> Packed:
@@ -219,10 +222,9 @@ def pack(seqs: list[list[int]], width: int | None = None) -> Packed:
 
 def packed_chunks(model, seqs: list[list[int]], chunk_tokens: int, chunk_size: int = 0):
     """seqs -> the step's chunks on the model's device: [(Packed, rows (n,)), ...], chunk i
-    packing the sequences `rows` into at most chunk_tokens tokens (make_chunks, pack). The row
-    width follows the model's attention: one varlen row, or sdpa rows as wide as the longest."""
+    packing the sequences `rows` into at most chunk_tokens tokens (make_chunks, pack)."""
     device = next(model.parameters()).device
-    width = None if uses_varlen(model) else max(map(len, seqs))
+    width = row_width(model, seqs)
     return [(pack([seqs[i] for i in c], width).to(device), torch.tensor(c).to(device))
             for c in make_chunks([len(s) for s in seqs], chunk_tokens, chunk_size, width)]
 
@@ -243,10 +245,20 @@ def encode(backbone, tokenizer, texts: list[str], batch_size: int = 32, max_leng
            device=None, chunk_tokens: int = 16384) -> torch.Tensor:
     """Texts -> (n, D) fp32 unit vectors, in the input order. Texts are packed, longest
     first, into chunks of at most batch_size texts and chunk_tokens tokens."""
-    device = device or next(backbone.parameters()).device
     ids, _ = tokenize(tokenizer, texts, max_length)
+    return encode_ids(backbone, ids, batch_size, device, chunk_tokens)
+
+
+@torch.no_grad()
+def encode_ids(backbone, ids: list[list[int]], batch_size: int = 0, device=None,
+               chunk_tokens: int = 16384) -> torch.Tensor:
+    """Id lists (each ending in EOS) -> (n, D) fp32 unit vectors, in the input order, in packed
+    chunks of at most chunk_tokens tokens and batch_size sequences (0 = any)."""
+    device = device or next(backbone.parameters()).device
     out = torch.empty(len(ids), backbone.config.hidden_size)
-    width = None if uses_varlen(backbone) else max(map(len, ids))
+    if not ids:
+        return out
+    width = row_width(backbone, ids)
     for rows in make_chunks([len(x) for x in ids], chunk_tokens, batch_size, width):
         chunk = [ids[i] for i in rows]  # sdpa rows as wide as this chunk's longest text
         packed = pack(chunk, width and max(len(x) for x in chunk)).to(device)

@@ -1,4 +1,5 @@
-"""The run folder's checkpoints: save, latest, resume, pruning, metrics.jsonl cut back on resume.
+"""The run folder's checkpoints: save, latest, resume, pruning, metrics.jsonl cut back on resume;
+the weights alone for evaluate.py (`load_weights`).
 
     OUT/checkpoints/step_00001000/
         shard-0000{r}-model-0000{i}-of-00008.safetensors   rank r-1's part, in 8 files
@@ -241,6 +242,23 @@ def restore(path: str, model, optimizer, scheduler, config: dict, math_fields: d
     torch.set_rng_state(state["rng.cpu"])
     if "rng.cuda" in state:
         torch.cuda.set_rng_state(state["rng.cuda"])
+    return meta
+
+
+def load_weights(path: str, model) -> dict:
+    """Only the weights of checkpoint `path`, into `model`'s own tensors (evaluate.py scores a
+    step; the optimizer state is never read). Each process reads the whole model by itself, no
+    collective. -> meta.json. Raises CheckpointError if a file is missing or truncated, or the
+    checkpoint holds another model."""
+    meta = read_meta(path)
+    saved = HuggingFaceStorageReader(path).read_metadata().state_dict_metadata  # headers only
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}  # views of the weights
+    for key, tensor in state.items():
+        if key not in saved or tuple(saved[key].size) != tuple(tensor.shape):
+            raise CheckpointError(f"{path}: {key} is missing or of another shape: the checkpoint "
+                                  f"is of another model than its meta.json's config builds")
+    with _one_process_quietly():
+        dcp.load(state, no_dist=True, storage_reader=HuggingFaceStorageReader(path))
     return meta
 
 

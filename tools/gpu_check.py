@@ -245,8 +245,7 @@ def check_size(size, config, device, attn, steps, b, k, max_length, chunk_tokens
     # the same sequences packed and padded, under the step's precision (padded runs as sdpa)
     seqs, _ = batch_of(config, 8, 1, max_length, seed=99)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-        width = None if M.uses_varlen(backbone) else max(map(len, seqs))
-        packed = M.embed_packed(backbone, M.pack(seqs, width).to(device))
+        packed = M.embed_packed(backbone, M.pack(seqs, M.row_width(backbone, seqs)).to(device))
         padded = M.embed(backbone, *(t.to(device) for t in M.pad(seqs, 0)))
     r["packed_vs_padded_max_abs"] = (packed - padded).abs().max().item()
     if run_old:  # the count-chunk step it replaced, one timed step after a warm-up
