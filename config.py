@@ -66,6 +66,7 @@ class Config(Recipe):
     keep_checkpoints: int = 2  # the newest N checkpoints are kept
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     shard_optimizer: bool = True  # ZeroRedundancyOptimizer across ranks when world > 1
+    collective_timeout: int = 0  # seconds a collective waits for every rank; 0 = torch's (NCCL 600)
     resume: bool = False  # continue from the latest checkpoint in `out` (automatic on restarts)
     dry_run: bool = False  # print the plan of the run and exit, no weights, no download
     json: bool = False  # dry run only: print the plan as one JSON object
@@ -110,7 +111,7 @@ def check_config(cfg: Config, world: int) -> None:
         if getattr(cfg, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     for name, zero in [("chunk_size", "no cap"), ("lora_rank", "full finetuning"),
-                       ("tokenize_workers", "one per core")]:
+                       ("tokenize_workers", "one per core"), ("collective_timeout", "torch's")]:
         if getattr(cfg, name) < 0:
             fail(f"--{name.replace('_', '-')} must be >= 0 (0 = {zero}), got {getattr(cfg, name)}")
     if cfg.max_length < 2:
@@ -123,6 +124,3 @@ def check_config(cfg: Config, world: int) -> None:
         fail(f"--max-bad-fraction must be in [0, 1), got {cfg.max_bad_fraction}")
     if cfg.resume and not checkpoint.latest(cfg.out):
         fail(f"--resume: no checkpoint in {cfg.out}/checkpoints; start without --resume")
-    if not cfg.resume and checkpoint.latest(cfg.out):
-        fail(f"--out {cfg.out} already holds checkpoints; add --resume to continue that run "
-             f"or choose another --out")

@@ -28,6 +28,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -488,13 +489,48 @@ def instruct(instruction: str, text: str) -> str:
     return f"Instruct: {instruction}\nQuery: {text}"
 
 
-# mteb's F2LLM loader uses this instruction where a task names none; the export stores it
-# as the SentenceTransformer "query" prompt.
+# mteb's F2LLM loader uses this instruction where a task names none; an export stores it as
+# the SentenceTransformer "query" prompt when no source of the run carries a retrieval one.
 DEFAULT_QUERY_INSTRUCTION = ("Given a web search query, retrieve relevant passages that answer "
                              "the query")
+INSTRUCTION = re.compile(r"Instruct: (.*?)\nQuery: ", re.S)
+# the paper's per-task instructions: mteb's F2LLM loaders' prompts_dict (mteb 2.26.24; v1 the
+# F2LLM models', v2 the F2LLM-v2 models'), copied so that training never imports mteb
+PAPER_PROMPTS = os.path.join(HERE, "reference", "f2llm_mteb_prompts.json")
+# the run's task types as mteb names them: mteb's sentence-transformers loader gives every
+# text of a task the prompt named by its type when the task's name has none
+MTEB_TASK_TYPES = {"clustering": "Clustering", "classification": "Classification"}
 
 
-def export_prompts() -> dict:
-    """The SentenceTransformer prompts every export stores: queries get the instruction
-    template, documents nothing (the F2LLM protocol)."""
-    return {"query": instruct(DEFAULT_QUERY_INSTRUCTION, ""), "document": ""}
+def source_instruction(source: Source) -> str | None:
+    """The instruction a source's queries carry (`Instruct: {i}\nQuery: `), the most common
+    one among its first 64 rows; None if they carry none."""
+    queries = next(read_batches(source.path, ["query"], 64))["query"].to_pylist()
+    found = [m.group(1) for q in queries if q and (m := INSTRUCTION.match(q))]
+    return max(found, key=found.count) if found else None
+
+
+def export_prompts(sources: list[Source] = (), data_set: str = "v1") -> dict:
+    """The SentenceTransformer prompts an export stores, named as mteb's sentence-transformers
+    loader looks them up (task name, then task type, then query/document), so `encode_query`,
+    `encode_document` and mteb give a text the instruction training gave it:
+    - "query": `Instruct: {i}\nQuery: `, i the instruction of the run's first retrieval source
+      (file name order: the tiny preset's is the headline one); "document": nothing;
+    - "Clustering", "Classification": the instruction of the run's first source of that type;
+    - on the released set (every source named in data_set's table), whose queries carry an
+      instruction per source: the paper's, per mteb task, on every text of the task but a
+      document, as mteb's F2LLM loader gives them.
+    No sources (an untrained model): the web-search query instruction only."""
+    prompts = {"query": instruct(DEFAULT_QUERY_INSTRUCTION, ""), "document": ""}
+    released = read_task_types(None, DATA_SETS[data_set][1])
+    if sources and all(s.name in released for s in sources):
+        with open(PAPER_PROMPTS) as f:
+            for task, instruction in json.load(f)[data_set].items():
+                prompts[task], prompts[f"{task}-document"] = instruct(instruction, ""), ""
+        return prompts
+    for source in reversed(sources):  # the first source of each type has the last word
+        instruction = source_instruction(source)
+        key = "query" if source.task_type == "retrieval" else MTEB_TASK_TYPES[source.task_type]
+        if instruction:
+            prompts[key] = instruct(instruction, "")
+    return prompts

@@ -267,6 +267,19 @@ def encode_ids(backbone, ids: list[list[int]], batch_size: int = 0, device=None,
 
 
 # ---------------------------------------------------------------------------- export
+def modes_from_umask(folder: str) -> None:
+    """Give every file and folder under `folder` the mode a plain open() or mkdir() would
+    (0o666 / 0o777 less the umask): safetensors' save_file writes a temporary file and renames
+    it, so model.safetensors comes out 0600, unreadable to a teammate or a serving container
+    running as another user. Called on a folder before it is renamed into place."""
+    umask = os.umask(0)  # the only way to read it (Python 3.11): set, then put back
+    os.umask(umask)
+    for root, _, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
 def save_export(backbone, tokenizer, out: str, prompts: dict | None = None,
                 max_length: int = 8192) -> None:
     """Write a checkpoint folder that every tool loads the F2LLM way (docs/design.md I6).
@@ -303,6 +316,7 @@ def save_export(backbone, tokenizer, out: str, prompts: dict | None = None,
         os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
         with open(os.path.join(tmp, name), "w") as f:
             json.dump(content, f, indent=2)
+    modes_from_umask(tmp)
     if os.path.exists(out):
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import socket
 import sys
 import time
@@ -44,6 +45,7 @@ from runtime.parallel import (
     wait_for_every_rank,
     wrap_ddp,
 )
+from runtime.signals import StopSignals
 
 
 # ---------------------------------------------------------------------------- command line
@@ -372,6 +374,30 @@ def restore(cfg: Config, backbone, optimizer, scheduler, stream) -> int:
     return meta["step"]
 
 
+def continues_run(cfg: Config) -> bool:
+    """The command of an interrupted run continues it: a run folder whose latest checkpoint
+    was saved with this config's math resumes without --resume (one line says so); another
+    config is refused, naming every difference, before anything loads."""
+    path = checkpoint.latest(cfg.out)
+    math_fields = {k: Config.__dataclass_fields__[k].default for k in MATH_FIELDS}
+    try:
+        checkpoint.check_config(path, checkpoint.read_meta(path)["config"],
+                                dataclasses.asdict(cfg), math_fields)
+    except checkpoint.CheckpointError as e:
+        raise SystemExit(f"train.py: error: --out {cfg.out} holds another run: {e}; rerun "
+                         f"that run's command to continue it, or choose another --out") from None
+    print0(f"continuing the run in {cfg.out}: its checkpoint {path} has this config "
+           f"(the same command continues a run; --resume is implied)")
+    return True
+
+
+def continue_command(argv: list[str], world: int) -> str:
+    """The command that continues a stopped run: the one that started it."""
+    if world > 1 or "RANK" in os.environ:
+        return f"the same torchrun command (train.py {shlex.join(argv)})"
+    return shlex.join(["python", "train.py", *argv])
+
+
 def batch_plan(cfg: Config, world: int, sources, epochs: float, total_steps: int) -> str:
     """The batch arithmetic, printed at start (derived numbers never go back into the config)."""
     b = cfg.batch_size // world
@@ -406,13 +432,16 @@ def count_bad_step(applied: bool, bad_steps: int, step: int, cfg: Config) -> int
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_config(argv)
     if cfg.dry_run:
         return dry_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     allocator_note = use_expandable_segments()  # before CUDA starts
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(cfg.collective_timeout)
     if restarted_by_torchrun() and checkpoint.latest(cfg.out):
         cfg.resume = True
+    elif not cfg.resume and checkpoint.latest(cfg.out):
+        cfg.resume = continues_run(cfg)
     check_config(cfg, world)
     if allocator_note and device.type == "cuda":
         print0(allocator_note)
@@ -433,6 +462,10 @@ def main(argv=None):
     optimizer, scheduler = setup_optimizer(cfg, backbone, world, total_steps)
     step = restore(cfg, backbone, optimizer, scheduler, stream)
     metrics_path = checkpoint.open_metrics(cfg.out, step, rank, cfg.resume)
+    final = os.path.join(cfg.out, "final")
+    if step == total_steps and os.path.isdir(final):
+        print0(f"the run in {cfg.out} is finished: its export is {final}")
+        return teardown()
 
     # --- the loop; the next batch is drawn in a thread while a step computes
     draw, prefetch = lambda: next(stream).shard(rank, world), ThreadPoolExecutor(max_workers=1)
@@ -440,6 +473,7 @@ def main(argv=None):
     trained = [p for p in backbone.parameters() if p.requires_grad]
     chunk = lambda net, seqs: M.packed_chunks(net, seqs, cfg.chunk_tokens, cfg.chunk_size)
     bad_steps, warned_truncation, t_start, step_start = 0, False, time.time(), step
+    stop, stop_flag = StopSignals().install(), torch.zeros(1, device=device)  # 1: a signal came
     while step < total_steps:
         t0 = time.time()
         batch = pending.result()
@@ -450,8 +484,10 @@ def main(argv=None):
         seqs = batch.sequences()
         chunks = chunk(backbone, seqs)
         losses = cached_step(ddp or backbone, chunks, step_loss(batch, cfg, teacher_reps), autocast)
-        (loss, hard, in_batch, *kd), grad_norm, applied = optimizer_step(
-            optimizer, scheduler, trained, cfg.grad_clip, losses, ddp)
+        if stop.signum:
+            stop_flag.fill_(1.0)  # a kernel launch, no sync; it rides the all-reduce below
+        (loss, hard, in_batch, *kd, stopping), grad_norm, applied = optimizer_step(
+            optimizer, scheduler, trained, cfg.grad_clip, torch.cat([losses, stop_flag]), ddp)
         step += 1
         bad_steps = count_bad_step(applied, bad_steps, step, cfg)
         if batch.truncated and not warned_truncation:
@@ -476,16 +512,25 @@ def main(argv=None):
                 f.write(json.dumps(record) + "\n")
             if validating:
                 plot_curves(metrics_path, os.path.join(cfg.out, "curves.png"))
-        if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
-            checkpoint.save(cfg.out, step, backbone, optimizer, scheduler, data_state,
-                            dataclasses.asdict(cfg), tokenizer, cfg.keep_checkpoints)
+        if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps or stopping:
+            saved = checkpoint.save(cfg.out, step, backbone, optimizer, scheduler, data_state,
+                                    dataclasses.asdict(cfg), tokenizer, cfg.keep_checkpoints)
+        if stopping and step < total_steps:  # every rank: the flag's mean is the same on all
+            prefetch.shutdown(cancel_futures=True)
+            print0(f"stopped by a signal after step {step}/{total_steps}, saved in {saved}; "
+                   f"continue with {continue_command(argv, world)}")
+            teardown()
+            if world == 1:  # under torchrun the handler stays: the agent's SIGTERM, sent once
+                stop.restore()  # another rank has exited, must not kill this one's clean exit
+            raise SystemExit(stop.exit_code)
+    stop.restore()  # the caller's handlers again
     prefetch.shutdown(cancel_futures=True)
 
     # --- final export (rank 0; LoRA merged into the weights; a temporary name, then moved)
     if rank == 0:
-        M.save_export(M.unwrap(backbone), tokenizer, os.path.join(cfg.out, "final"),
-                      prompts=D.export_prompts())
-        print0(f"final export: {os.path.join(cfg.out, 'final')}")
+        M.save_export(M.unwrap(backbone), tokenizer, final,
+                      prompts=D.export_prompts(sources, cfg.data_set))
+        print0(f"final export: {final}")
     teardown()
 
 

@@ -26,6 +26,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 
+from model import modes_from_umask
+from runtime.parallel import wait_for_every_rank
+
 FORMAT = "f2llm-dcp-safetensors-1"  # meta.json's "format": what this file reads
 ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")
 # files per rank: safetensors serialises a whole file in memory (and DCP stages a file's GPU
@@ -39,11 +42,6 @@ class CheckpointError(ValueError):
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 @contextlib.contextmanager
@@ -123,7 +121,9 @@ def save(out: str, step: int, model, optimizer, scheduler, data_state: dict, con
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a save of this step that never finished
         os.makedirs(tmp)
-    _barrier()
+    # store barriers, not collectives, wherever rank 0 works alone on files (the rmtree above,
+    # the rename and pruning below: minutes on a slow shared filesystem at 4b)
+    wait_for_every_rank(f"checkpoint {step}: folder made")
     # save_distributed: files of their own per rank; DCP's last collective returns once every
     # rank has written (and fsynced) its files
     with _one_process_quietly():
@@ -131,7 +131,7 @@ def save(out: str, step: int, model, optimizer, scheduler, data_state: dict, con
                  storage_writer=HuggingFaceStorageWriter(
                      tmp, fqn_to_index_mapping=file_of_each_key(model, world),
                      save_distributed=True))
-    _barrier()
+    wait_for_every_rank(f"checkpoint {step}: every part written")
     if rank == 0:
         shards = {f: os.path.getsize(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))
                   if f.endswith(".safetensors")}
@@ -141,13 +141,14 @@ def save(out: str, step: int, model, optimizer, scheduler, data_state: dict, con
             json.dump(meta, f, indent=1)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        modes_from_umask(tmp)  # every rank's files, readable as the umask says
         os.replace(tmp, final)
         done = sorted(d for d in os.listdir(folder) if d.startswith("step_"))
         old = [d for d in done if d.endswith(".tmp")] + [d for d in done
                                                          if not d.endswith(".tmp")][:-keep]
         for name in old:
             shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
-    _barrier()
+    wait_for_every_rank(f"checkpoint {step}: renamed and pruned")
     return final
 
 
@@ -187,7 +188,7 @@ def check_config(path: str, saved: dict, config: dict, math_fields: dict) -> Non
     diff = {k: (saved.get(k, default), config[k]) for k, default in math_fields.items()
             if saved.get(k, default) != config[k]}
     if diff:
-        raise CheckpointError(f"--resume with a different config than {path}: " + ", ".join(
+        raise CheckpointError(f"{path} was saved with another config: " + ", ".join(
             f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
 
 

@@ -3,7 +3,6 @@ it (gradients in the bucket views, kept there between steps), rank-0 printing, b
 outlast NCCL's watchdog, and the clean exit. Importing
 this file does nothing; train.py, tools/gpu_check.py and the tests call these."""
 import os
-import time
 from datetime import timedelta
 
 import torch
@@ -16,8 +15,10 @@ def restarted_by_torchrun() -> bool:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
 
-def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE: nccl on GPU, gloo on CPU; plain python = one process."""
+def setup_distributed(timeout_s: int = 0):
+    """torchrun sets RANK/WORLD_SIZE: nccl on GPU, gloo on CPU; plain python = one process.
+    timeout_s: how long a collective may wait for every rank (0: torch's, 10 minutes for
+    NCCL's watchdog, 30 for gloo); work a rank does alone waits in wait_for_every_rank."""
     if "RANK" not in os.environ:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return 0, 1, device
@@ -32,7 +33,8 @@ def setup_distributed():
     store, rank, world = next(dist.rendezvous("env://", timeout=timedelta(minutes=30)))
     store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store,
-                            rank=rank, world_size=world)
+                            rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s) if timeout_s else None)
     return rank, world, device
 
 
@@ -67,26 +69,39 @@ def barrier():
         dist.barrier()
 
 
+_barriers = 0  # store barriers this process has passed: every rank passes the same ones in order
+
+
 def wait_for_every_rank(tag: str, timeout: timedelta = timedelta(hours=6)) -> None:
-    """A barrier on the rendezvous store, not a collective: a node still downloading or
-    tokenizing may keep the others waiting for longer than NCCL's 10-minute watchdog allows
-    in a collective (docs/design.md §8)."""
+    """A barrier on the rendezvous store, not a collective: while one rank works alone (a
+    node downloading or tokenizing, rank 0 writing the final export or renaming and pruning a
+    checkpoint) the others wait here, for up to `timeout`, where NCCL's watchdog would stop
+    them after 10 minutes in a collective (docs/design.md §8). The last rank to arrive sets a
+    key the others block on (no polling: no added latency). A rank waiting longer exits naming
+    `tag`."""
+    global _barriers
     if not dist.is_initialized():
         return
+    _barriers += 1
     store = dist.distributed_c10d._get_default_store()
-    deadline = time.time() + timeout.total_seconds()
-    store.add(tag, 1)
-    while store.add(tag, 0) < dist.get_world_size():
-        if time.time() > deadline:
-            raise SystemExit(f"train.py: error: waited {timeout} for every rank at {tag!r}")
-        time.sleep(1)
+    key = f"barrier/{_barriers}/{tag}"  # unique per barrier: a key's count only grows
+    if store.add(key, 1) == dist.get_world_size():
+        store.set(key + "/all", "1")
+    try:
+        store.wait([key + "/all"], timeout)
+    except dist.DistStoreError:  # the store's timeout
+        raise SystemExit(f"train.py: error: rank {dist.get_rank()} waited {timeout} for every "
+                         f"rank at {tag!r}; a rank died or is stuck (see its log)") from None
 
 
-def teardown():
-    """Close the process group once every rank is done with it. Without the barrier, a rank
-    that closes its gloo connections while another still holds them (DDP) makes that one abort
-    at exit, 'terminate called without an active exception' (1 run in 5, torch 2.13)."""
+def teardown(timeout: timedelta = timedelta(hours=6)):
+    """Close the process group once every rank is done with it: first a store barrier (rank 0
+    may still be writing the final export, for longer than a collective may wait), then a
+    collective one, instant now that all are there. Without it, a rank that closes its gloo
+    connections while another still holds them (DDP) makes that one abort at exit,
+    'terminate called without an active exception' (1 run in 5, torch 2.13)."""
     if dist.is_initialized():
+        wait_for_every_rank("the end of the run", timeout)
         dist.barrier()
         dist.destroy_process_group()
 

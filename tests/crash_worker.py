@@ -5,14 +5,16 @@ so a torchrun restart runs clean), `killsave` (SIGKILL it while it writes its pa
 checkpoint of STEP, first attempt only), `save` (the disk fills up while writing the checkpoint
 of STEP), `nan` (the backbone's output, hence the loss, of STEP is NaN, on every rank) or
 `reads` (record the keys each rank asks torch.distributed.checkpoint.load for, in
-OUT/reads.{rank}.json; STEP and RANK unused).
+OUT/reads.{rank}.json; STEP and RANK unused) or `slow` (RANK works SLOW_SECONDS longer on
+its own: before it renames the checkpoint of STEP into place and before the final export).
 
 Only public entry points are hooked (clip_grad_norm_, the global module forward hook, the
-safetensors serialisation DCP writes each rank's file with, dcp.load), never train.py's or
-runtime/checkpoint.py's own names: they may rename their internals freely."""
+safetensors serialisation DCP writes each rank's file with, dcp.load, os.replace), never
+train.py's or runtime/checkpoint.py's own names: they may rename their internals freely."""
 import os
 import signal
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import json
@@ -30,6 +32,8 @@ first_attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0
 steps_computed = 0  # train.py clips the gradient once per step, skipped steps included
 real_clip, real_load = torch.nn.utils.clip_grad_norm_, dcp.load
 real_serialise = safetensors.torch.save
+real_replace = os.replace
+SLOW_SECONDS = 8
 
 
 def clip_grad_norm_(*args, **kwargs):
@@ -67,7 +71,15 @@ def nan_output(module, inputs, output):
     return output
 
 
-torch.nn.utils.clip_grad_norm_, dcp.load = clip_grad_norm_, load
+def replace(src, dst, *args, **kwargs):
+    """A slow filesystem on one rank: the renames that put a checkpoint and the export in place."""
+    if fault == "slow" and rank == at_rank and (str(dst).endswith(f"step_{at_step:08d}")
+                                                or os.path.basename(str(dst)) == "final"):
+        time.sleep(SLOW_SECONDS)
+    return real_replace(src, dst, *args, **kwargs)
+
+
+torch.nn.utils.clip_grad_norm_, dcp.load, os.replace = clip_grad_norm_, load, replace
 safetensors.torch.save = serialise
 torch.nn.modules.module.register_module_forward_hook(nan_output)
 train.main(argv)

@@ -133,3 +133,28 @@ def test_a_checkpoint_of_another_config_or_model_is_refused(saved, tokenizer):
     json.dump(meta, open(os.path.join(path, "meta.json"), "w"))
     message = refusal(path, tokenizer, {**MATH, "lora_rank": 4}, lora=4)
     assert f"{path} holds no model." in message and "lora" in message
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755),
+                                                        (0o027, 0o640, 0o750)])
+def test_export_and_checkpoint_are_readable_as_the_umask_says(tmp_path, tokenizer, umask,
+                                                                file_mode, dir_mode):
+    """Every file of OUT/final (model.safetensors too: safetensors writes it 0600) and of a
+    checkpoint gets the mode the umask gives a plain open(), so a teammate or a serving
+    container running as another user reads the model; umask 027 keeps others out."""
+    import stat
+    backbone, optimizer, scheduler = trained(tokenizer, steps=1)
+    old = os.umask(umask)
+    try:
+        M.save_export(backbone, tokenizer, str(tmp_path / "final"))
+        path = save(tmp_path / "run", 1, backbone, optimizer, scheduler, tokenizer)
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "final", path):
+        modes = {os.path.relpath(os.path.join(root, name), folder):
+                 stat.S_IMODE(os.stat(os.path.join(root, name)).st_mode)
+                 for root, dirs, files in os.walk(folder) for name in files + dirs}
+        assert "model.safetensors" in modes or any(n.endswith(".safetensors") for n in modes)
+        assert modes == {name: dir_mode if os.path.isdir(os.path.join(folder, name))
+                         else file_mode for name in modes}, modes
+        assert stat.S_IMODE(os.stat(folder).st_mode) == dir_mode

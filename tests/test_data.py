@@ -655,3 +655,25 @@ def test_data_flags_fail_before_any_model(tmp_path, argv, message):
     # before the config and any model; at most the scans' memos (the next start reads no text)
     assert not (tmp_path / "out" / "config.json").exists()
     assert {p.name for p in (tmp_path / "out").glob("*")} <= {"token_cache"}
+
+
+def test_export_prompts_are_the_instructions_the_run_trained_with(small_demo_dir):
+    """The tiny preset's own instructions, named as mteb's sentence-transformers loader looks
+    them up (query, document, task types); a run on the released set stores the paper's per
+    mteb task, never on a document; no sources: the web-search query prompt."""
+    from tiny import demo
+    sources = D.load_sources(small_demo_dir)
+    own = {name: D.instruct(demo.DEMO_INSTRUCTIONS[f"bbc_{name}"], "") for name in
+           ["headline_retrieval", "topic_clustering", "topic_classification"]}
+    assert D.export_prompts(sources) == {"query": own["headline_retrieval"], "document": "",
+                                         "Clustering": own["topic_clustering"],
+                                         "Classification": own["topic_classification"]}
+    released = [D.Source(name, "", task_type, 7, [], np.zeros(1), np.zeros(1), np.zeros(0))
+                for name, task_type in list(D.read_task_types().items())[:3]]
+    paper = D.export_prompts(released)
+    assert paper["ArguAna"] == D.instruct("Given a claim, find documents that refute the "
+                                          "claim.", "") and paper["ArguAna-document"] == ""
+    assert paper["STS12"] == D.instruct("Retrieve semantically similar text.", "")
+    assert len(paper) == 2 + 2 * 41 and paper["document"] == ""
+    assert D.export_prompts() == {"query": D.instruct(D.DEFAULT_QUERY_INSTRUCTION, ""),
+                                  "document": ""}

@@ -62,7 +62,7 @@ def test_three_loaders_agree_with_encode(export):
     # sentence-transformers from the export's own config: last-token pooling, normalised
     st = SentenceTransformer(export, device="cpu")
     assert st.max_seq_length == 8192
-    assert st.prompts["query"] == D.instruct(D.DEFAULT_QUERY_INSTRUCTION,
+    assert st.prompts["query"] == D.instruct(demo.DEMO_INSTRUCTIONS["bbc_headline_retrieval"],
                                              "") and st.prompts["document"] == ""
     st.max_seq_length = MAX_LENGTH
     # mteb's loader class for F2LLM, with F2LLM's loader arguments
@@ -107,6 +107,32 @@ def test_retrieval_queries_carry_the_instruction_documents_nothing(export, task,
     assert queries == sorted(f"Instruct: {instruction}\nQuery: {t}{eos}" for t in texts)
     documents = _encoder_inputs(wrapper, tokenizer, task, mteb.types.PromptType.document, texts)
     assert documents == sorted(t + eos for t in texts)
+
+
+def test_the_exports_prompts_are_the_runs_for_encode_query_and_mteb(export):
+    """SentenceTransformer(export).encode_query gives a query the instruction the tiny run
+    trained retrieval with, encode_document nothing; mteb's sentence-transformers loader
+    gives every text of a clustering task the run's clustering instruction. The paper's
+    per-task prompts (reference/f2llm_mteb_prompts.json) are mteb's F2LLM loaders' own."""
+    from mteb.models.model_implementations import codefuse_models
+    from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderWrapper
+    from sentence_transformers import SentenceTransformer
+    st = SentenceTransformer(export, device="cpu")
+    tokenizer, backbone = AutoTokenizer.from_pretrained(export), AutoModel.from_pretrained(export)
+    texts = ["Fuel prices hit airline profits", "BA made a pre-tax profit of 75m."]
+    headline = demo.DEMO_INSTRUCTIONS["bbc_headline_retrieval"]
+    for got, expected in [(st.encode_query(texts), [D.instruct(headline, t) for t in texts]),
+                          (st.encode_document(texts), texts)]:
+        ref = M.encode(backbone, tokenizer, expected)
+        assert (F.cosine_similarity(torch.as_tensor(got), ref) > 0.9999).all()
+    wrapper = SentenceTransformerEncoderWrapper(st)
+    task = evaluate.select_tasks(["BBCTopicClustering"], "MTEB(eng, v2)")[0]
+    seen = _encoder_inputs(wrapper, tokenizer, task, None, texts)
+    topic = demo.DEMO_INSTRUCTIONS["bbc_topic_clustering"]
+    assert seen == sorted(f"Instruct: {topic}\nQuery: {t}{tokenizer.eos_token}" for t in texts)
+    with open(D.PAPER_PROMPTS) as f:
+        assert json.load(f) == {"v1": codefuse_models.prompts_dict,
+                                "v2": codefuse_models.f2llmv2_prompts_dict}
 
 
 def test_bf16_embeddings_match_fp32(export):

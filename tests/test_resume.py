@@ -1,13 +1,17 @@
 """I5 exact resume and crash safety, with real processes: SIGKILL at a step then --resume,
 a torchrun restart after a rank dies, a rank killed while it writes a checkpoint, a full disk
-during a save, a resume on another world size, a NaN loss."""
+during a save, a resume on another world size, a NaN loss, a SIGTERM mid-run then the same
+command, a slow rank 0 under a short collective timeout."""
 import json
 import os
 import shutil
+import signal
+import subprocess
+import time
 
 import pytest
 import torch
-from conftest import free_port, launch
+from conftest import ENV, ROOT, command, free_port, launch
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow  # torchrun / real processes / mteb / sentence-transformers
@@ -27,6 +31,33 @@ def args(small_demo_dir, out):
             "--batch-size", "8",
             "--max-length", "48", "--save-every", "2", "--eval-every", "0", "--seed", "1",
             "--token-cache", small_demo_dir + "_tokens"]
+
+
+def interrupted(args, out, nproc=0, rank=0, after=3):
+    """Start train.py ARGS (torchrun with nproc > 0) and send SIGTERM to the process of `rank`
+    alone once metrics.jsonl shows `after` steps. -> the finished process (stdout, stderr)."""
+    rendezvous = ["--master-port", free_port(), "--max-restarts", 0]
+    proc = subprocess.Popen(command("train.py", *args, nproc=nproc, torchrun=rendezvous),
+                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    metrics, deadline = out / "metrics.jsonl", time.time() + 240
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= after):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.1)
+    os.kill(worker(proc.pid, rank) if nproc else proc.pid, signal.SIGTERM)
+    proc.stdout_text, proc.stderr_text = proc.communicate(timeout=240)
+    return proc
+
+
+def worker(launcher: int, rank: int) -> int:
+    """The pid of torchrun's worker of global rank `rank` (a child with RANK=rank)."""
+    for task in os.listdir(f"/proc/{launcher}/task"):
+        with open(f"/proc/{launcher}/task/{task}/children") as f:
+            for pid in f.read().split():
+                with open(f"/proc/{pid}/environ", "rb") as env:
+                    if f"RANK={rank}".encode() in env.read().split(b"\0"):
+                        return int(pid)
+    raise AssertionError(f"no worker of rank {rank} under {launcher}")
 
 
 def weights(out):
@@ -150,8 +181,14 @@ def test_resume_with_a_different_config_names_the_difference(tmp_path, small_dem
     assert proc.returncode != 0 and "lr was 0.001, now 0.01" in proc.stderr
     # a LoRA resume of a full-finetune run is refused
     assert "lora_rank was 0, now 4" in proc.stderr
-    proc = run(args(small_demo_dir, tmp_path / "run"), check=False)
-    assert proc.returncode != 0 and "already holds checkpoints; add --resume" in proc.stderr
+    # without --resume: the same command of a finished run has nothing to do, another config
+    # is refused, naming every difference
+    proc = run(args(small_demo_dir, tmp_path / "run") + ["--lr", "0.01", "--seed", "2"],
+               check=False)
+    assert proc.returncode != 0 and "holds another run" in proc.stderr
+    assert "lr was 0.001, now 0.01" in proc.stderr and "seed was 1, now 2" in proc.stderr
+    proc = run(args(small_demo_dir, tmp_path / "run"))
+    assert "is finished: its export is" in proc.stdout
 
 
 def test_lora_with_mrl_sigkill_then_resume_is_bit_identical(tmp_path, small_demo_dir,
@@ -168,3 +205,47 @@ def test_lora_with_mrl_sigkill_then_resume_is_bit_identical(tmp_path, small_demo
     assert not any("lora" in name for name in weights(out))
     assert any(not torch.equal(w, weights(uninterrupted / "one")[n])
                for n, w in weights(out).items())
+
+
+def test_sigterm_saves_the_step_and_the_same_command_continues_bit_identical(
+        tmp_path, small_demo_dir, uninterrupted):
+    """A scheduler's preemption: SIGTERM mid-run finishes the step, saves it, exits 143 with
+    one line naming the command; that same command (no --resume) continues and ends bit for
+    bit where the uninterrupted run ends."""
+    out = tmp_path / "run"
+    proc = interrupted(args(small_demo_dir, out), out)
+    assert proc.returncode == 143, proc.stderr_text[-2000:]
+    assert "Traceback" not in proc.stderr_text
+    line = next(x for x in proc.stdout_text.splitlines() if x.startswith("stopped by a signal"))
+    step = int(line.split("after step ")[1].split("/")[0])
+    assert 3 <= step < 7 and f"step_{step:08d}" in os.listdir(out / "checkpoints")
+    assert line.endswith("continue with python train.py " + " ".join(args(small_demo_dir, out)))
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == step
+    proc = run(args(small_demo_dir, out))  # the same command
+    assert "continuing the run in" in proc.stdout and f"at step {step}" in proc.stdout
+    assert_identical(weights(out), weights(uninterrupted / "one"))
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 7
+
+
+def test_sigterm_to_one_rank_stops_both_then_a_slow_rank_0_outlasts_the_timeout(
+        tmp_path, small_demo_dir, uninterrupted):
+    """2 gloo ranks, SIGTERM to rank 1 only: the ranks agree at the step's all-reduce, both
+    save the same step and exit 143. The same command continues with collectives limited to
+    4 s while rank 0 spends 8 s alone renaming the last checkpoint and then the export: the
+    others wait on the store, not in a collective, so no rank is killed; bit-identical."""
+    out = tmp_path / "run"
+    timeout = ["--collective-timeout", "4"]
+    proc = interrupted(args(small_demo_dir, out) + timeout, out, nproc=2, rank=1)
+    assert proc.returncode != 0  # torchrun reports its workers' 143 as a failure
+    assert proc.stderr_text.count("exitcode  : 143") == 2, proc.stderr_text[-3000:]
+    line = next(x for x in proc.stdout_text.splitlines() if x.startswith("stopped by a signal"))
+    assert "continue with the same torchrun command (train.py --size tiny" in line
+    step = int(line.split("after step ")[1].split("/")[0])
+    assert latest_step(out) == step < 7
+    proc = run(args(small_demo_dir, out) + timeout, nproc=2, fault=["slow", "7", "0"])
+    assert "continuing the run in" in proc.stdout
+    assert_identical(weights(out), weights(uninterrupted / "two"))
+
+
+def latest_step(out):
+    return int(sorted(os.listdir(out / "checkpoints"))[-1].split("_")[1])

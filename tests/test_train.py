@@ -10,6 +10,7 @@ import os
 import pytest
 import step_path
 import torch
+from conftest import ROOT
 from transformers import AutoModel
 
 import data as D
@@ -270,6 +271,7 @@ def test_tiny_recipe_end_to_end(trained_run):
     (["--in-batch-gather", "none"], "argument --in-batch-gather: invalid choice: 'none'"),
     (["--source-sampling", "uniform"], "argument --source-sampling: invalid choice"),
     (["--data-set", "v3"], "argument --data-set: invalid choice: 'v3'"),
+    (["--collective-timeout", "-1"], "--collective-timeout must be >= 0 (0 = torch's)"),
 ])
 def test_bad_command_lines(tmp_path, capsys, argv, message):
     out = tmp_path / "out"
@@ -277,6 +279,37 @@ def test_bad_command_lines(tmp_path, capsys, argv, message):
         train.main(argv + ["--out", str(out)])
     assert message in str(e.value) + capsys.readouterr().err
     assert not out.exists()
+
+
+SIGNALS = """
+import os, signal, time
+from runtime.signals import StopSignals
+stop = StopSignals().install()
+os.kill(os.getpid(), signal.SIG{first})
+print(stop.signum, stop.exit_code, flush=True)  # the first one only asks for a stop
+stop.restore()
+assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+stop.install()
+os.kill(os.getpid(), signal.SIGINT)
+time.sleep(30)
+print("not stopped", flush=True)
+"""
+
+
+@pytest.mark.parametrize("first", ["TERM", "INT"])
+def test_a_first_signal_asks_for_a_stop_a_second_sigint_exits_at_once(first):
+    """runtime/signals.py in a fresh process: SIGTERM or SIGINT sets the stop (exit code 128 +
+    its number, as a shell reports a signal); restore() gives the caller its handlers back; a
+    later SIGINT exits at once with 130, saying so in one line."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", SIGNALS.format(first=first)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=20)
+    number = {"TERM": 15, "INT": 2}[first]
+    assert proc.stdout.split() == [str(number), str(128 + number)], proc.stderr
+    assert proc.returncode == 130 and "not stopped" not in proc.stdout
+    assert proc.stderr.splitlines()[-1] == ("train.py: second SIGINT: exiting now, without a "
+                                            "checkpoint"), proc.stderr
 
 
 def test_bad_data_folder_fails_before_model_and_writes_nothing(tmp_path):
