@@ -1,5 +1,6 @@
 """The F2LLM contrastive losses: pure tensor functions, no state.
 
+- `scores`: the one function that scores each query's candidates, used by every loss below.
 - `hard_negative_loss`: each query against [its positive, its own k hard negatives],
   cross-entropy with the positive at index 0 (every task type).
 - `in_batch_loss`: each query against the positives of the WHOLE global batch, gathered
@@ -63,13 +64,38 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x) if _distributed() else x
 
 
+def scores(query, positive, negatives=None, in_batch: bool = False,
+           temperature: float = TEMPERATURE, gather: str = "autograd"):
+    """The one place the losses score candidates (the contrastive terms, the kl distillation):
+    query (b, D), positive (b, D), negatives (b, k, D) or None, raw or unit (normalised here),
+    -> (hard, in-batch): hard (b, 1 + k) = each query against [its positive, its k negatives],
+    None without negatives; in-batch (b, world * b) = each query against the positives of all
+    ranks laid out [rank 0, rank 1, ...] (query i of rank r has its own at r * b + i), None
+    unless in_batch. Cosines in fp32 / temperature. A variant that scores differently (a
+    margin, another similarity) changes this function, and every loss follows.
+    gather: "autograd" (the recipe) or "detached" (the official code's, an ablation)."""
+    query, positive = F.normalize(query.float(), dim=-1), F.normalize(positive.float(), dim=-1)
+    hard = None
+    if negatives is not None:
+        candidates = torch.cat([positive[:, None], F.normalize(negatives.float(), dim=-1)],
+                               dim=1)  # (b, 1 + k, D)
+        hard = torch.einsum("bd,bcd->bc", query, candidates) / temperature  # (b, 1 + k)
+    if not in_batch:
+        return hard, None
+    all_positives = (gather_with_grad if gather == "autograd" else gather_detached)(
+        positive)  # (world * b, D)
+    return hard, query @ all_positives.T / temperature  # (b, world * b)
+
+
+def _own_columns(query) -> torch.Tensor:
+    """(b,) the column of each query's own positive among the gathered ones: rank * b + i."""
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return rank * len(query) + torch.arange(len(query), device=query.device)
+
+
 def hard_negative_loss(query, positive, negatives, temperature: float = TEMPERATURE):
-    """query (b, D), positive (b, D), negatives (b, k, D), raw or unit (normalised here) ->
-    scalar."""
-    candidates = F.normalize(torch.cat([positive[:, None], negatives], dim=1).float(),
-                             dim=-1)  # (b, 1 + k, D)
-    logits = torch.einsum("bd,bcd->bc", F.normalize(query.float(), dim=-1),
-                          candidates) / temperature  # (b, 1 + k)
+    """query (b, D), positive (b, D), negatives (b, k, D), raw or unit -> scalar."""
+    logits, _ = scores(query, positive, negatives, temperature=temperature)  # (b, 1 + k)
     labels = torch.zeros(len(query), dtype=torch.long, device=query.device)
     return F.cross_entropy(logits, labels)
 
@@ -78,12 +104,8 @@ def in_batch_loss(query, positive, temperature: float = TEMPERATURE, gather: str
     """query (b, D), positive (b, D) of this rank -> scalar. Candidates are the positives of
     all ranks laid out [rank 0, rank 1, ...]; query i of rank r has label r * b + i.
     gather: "autograd" (the recipe) or "detached" (the official code's, an ablation)."""
-    gathered = gather_with_grad if gather == "autograd" else gather_detached
-    all_positives = gathered(F.normalize(positive.float(), dim=-1))  # (world * b, D)
-    logits = F.normalize(query.float(), dim=-1) @ all_positives.T / temperature  # (b, world * b)
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    labels = rank * len(query) + torch.arange(len(query), device=query.device)
-    return F.cross_entropy(logits, labels)
+    _, logits = scores(query, positive, None, True, temperature, gather)  # (b, world * b)
+    return F.cross_entropy(logits, _own_columns(query))
 
 
 def f2llm_loss(reps, b: int, k: int, in_batch: bool, temperature: float = TEMPERATURE,
@@ -124,20 +146,16 @@ def candidate_logits(reps, b: int, k: int, in_batch: bool, temperature: float,
                      gather: str = "autograd"):
     """One rank's reps [queries; positives; negatives] -> (b, 1 + k [+ world * b - 1]) logits
     of each query against its positive (column 0), its k hard negatives and, with in_batch,
-    the other positives of the global batch (its own positive is not repeated)."""
-    reps = F.normalize(reps.float(), dim=-1)  # (S, D)
+    the other positives of the global batch (its own positive is not repeated): `scores`'
+    two tables side by side."""
     query, positive = reps[:b], reps[b:2 * b]  # (b, D) each
-    negatives = reps[2 * b:].view(b, k, reps.shape[1])  # (b, k, D)
-    candidates = torch.cat([positive[:, None], negatives], dim=1)  # (b, 1 + k, D)
-    logits = torch.einsum("bd,bcd->bc", query, candidates) / temperature  # (b, 1 + k)
+    hard, others = scores(query, positive, reps[2 * b:].view(b, k, reps.shape[1]), in_batch,
+                          temperature, gather)  # (b, 1 + k), (b, world * b)
     if not in_batch:
-        return logits
-    all_positives = (gather_with_grad if gather == "autograd" else gather_detached)(positive)
-    others = query @ all_positives.T / temperature  # (b, world * b)
-    rank = dist.get_rank() if _distributed() else 0
+        return hard
     own = torch.zeros_like(others, dtype=torch.bool)
-    own[torch.arange(b), rank * b + torch.arange(b)] = True
-    return torch.cat([logits, others[~own].view(b, -1)], dim=1)  # (b, 1 + k + world * b - 1)
+    own[torch.arange(b), _own_columns(query)] = True
+    return torch.cat([hard, others[~own].view(b, -1)], dim=1)  # (b, 1 + k + world * b - 1)
 
 
 def distillation_loss(student, teacher, b: int, k: int, in_batch: bool, mode: str,
