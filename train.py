@@ -177,16 +177,23 @@ def step_loss(batch: D.Batch, cfg: Recipe, teacher_reps=None):
     return loss_fn
 
 
-def validate(backbone, batches, rank: int, world: int, cfg: Config, autocast) -> float:
-    """The contrastive loss (F2LLM's, or its Matryoshka sum) on the held-out batches; without
-    the distillation term, so runs with and without a teacher compare. One all-reduce."""
+def validate(backbone, batches, rank: int, world: int, cfg: Config, autocast) -> tuple:
+    """The held-out loss twice, on the same reps: the run's own contrastive loss (F2LLM's, or
+    its Matryoshka sum, at its temperature, with or without in-batch: the variant's total) and
+    the recipe's (the preset's formula, Recipe()'s defaults), so that two variants' curves
+    compare. Both without the distillation term, so runs with and without a teacher compare.
+    One all-reduce. -> (own, recipe's)."""
+    recipe = Recipe()  # every loss field at the preset's value
     losses = []
     for global_batch in batches:
         batch = global_batch.shard(rank, world)
         chunks = M.packed_chunks(backbone, batch.sequences(), cfg.chunk_tokens, cfg.chunk_size)
-        losses.append(step_loss(batch, cfg)(embed_chunks(backbone, chunks, autocast))[0])
-    means = all_means(torch.stack(losses)) if losses else []
-    return sum(means) / max(len(means), 1)
+        reps = embed_chunks(backbone, chunks, autocast)  # (S, D), no grad
+        losses.append(torch.stack([step_loss(batch, cfg)(reps)[0],
+                                   step_loss(batch, recipe)(reps)[0]]))
+    means = all_means(torch.stack(losses).T.reshape(-1)) if losses else [0.0, 0.0]
+    n = max(len(losses), 1)
+    return sum(means[:n]) / n, sum(means[n:]) / n
 
 
 # ---------------------------------------------------------------------------- schedule
@@ -371,6 +378,8 @@ def log_step(record: dict, total_steps: int, eta_s: float) -> str:
     """The step's log line (rank 0 prints it; metrics.jsonl holds the record)."""
     kd = f", kd {record['kd']:.4f}" if "kd" in record else ""
     val = f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""
+    if "val_loss" in record and record["val_recipe_loss"] != record["val_loss"]:
+        val += f" (the recipe's loss {record['val_recipe_loss']:.4f})"  # a variant's own differs
     return (f"step {record['step']}/{total_steps} | loss {record['loss']:.4f} (hard "
             f"{record['hard']:.4f}, in-batch {record['in_batch']:.4f}{kd}) | lr {record['lr']:.2e}"
             f" | grad {record['grad_norm']:.3f} | {record['time']:.2f}s, "
@@ -454,7 +463,8 @@ def main(argv=None):
                       chunks=len(chunks), truncated=batch.truncated, time=dt)
         validating = (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps
         if validating:
-            record["val_loss"] = validate(backbone, val_batches, rank, world, cfg, autocast)
+            record["val_loss"], record["val_recipe_loss"] = validate(
+                backbone, val_batches, rank, world, cfg, autocast)
         print0(log_step(record, total_steps,
                         (time.time() - t_start) / (step - step_start) * (total_steps - step)))
         if rank == 0:
