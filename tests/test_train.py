@@ -7,6 +7,7 @@ import json
 import math
 import os
 
+import options
 import pytest
 import torch
 from transformers import AutoModel
@@ -286,6 +287,30 @@ def test_options_keep_I2_mrl_lora_and_one_process_detached_gather(tokenizer, sma
         batch, train.Config(in_batch_gather="detached")), 200)
     assert recipe[0]["loss"] == detached[0]["loss"]
     assert all(torch.equal(recipe[1][n], detached[1][n]) for n in trained)
+
+
+@pytest.mark.slow  # ~1 s per option on 2 quiet cores; the recipe's own I2 tests stay quick
+@pytest.mark.parametrize("option", list(options.OPTIONS))
+def test_every_option_keeps_I2(tokenizer, small_demo_dir, option):
+    """I2 for each option of tests/options.py (the list the I1 harness runs too): packed
+    chunks of a few hundred tokens and of everything give the loss and the trained gradients
+    of one plain padded forward and backward of the same loss; a teacher's states, when the
+    option distils, are another tiny model's."""
+    cfg = options.config(option)
+    backbone = options.backbone(tokenizer, cfg)
+    batch, seqs = _rank_batch(small_demo_dir, tokenizer, "retrieval", size=4)
+    teacher = options.teacher(tokenizer) if cfg.teacher else None
+    teacher_states = None if teacher is None else train.embed_chunks(
+        teacher, M.packed_chunks(teacher, seqs, 10**6), contextlib.nullcontext())
+    loss_fn = train.step_loss(batch, cfg, teacher_states)
+    loss, direct = _padded_reference(backbone, seqs, tokenizer.pad_token_id,
+                                     lambda states: loss_fn(states)[0])
+    for chunk_tokens in (300, 10**6):
+        m, grads = _grads(backbone, seqs, loss_fn, chunk_tokens)
+        assert m["chunks"] > 1 or chunk_tokens == 10**6
+        assert m["loss"] == pytest.approx(loss.item(), rel=1e-5)
+        assert set(grads) == set(direct)  # the trained parameters, and only those
+        _close(grads, direct, f"{option} chunk_tokens={chunk_tokens}")
 
 
 def test_no_in_batch_drops_only_the_in_batch_term(backbone, tokenizer, small_demo_dir):
