@@ -1,5 +1,6 @@
 """The F2LLM contrastive losses: pure tensor functions, no state.
 
+- `scores`: the one function that scores each query's candidates, used by every loss below.
 - `hard_negative_loss`: each query against [its positive, its own k hard negatives],
   cross-entropy with the positive at index 0 (every task type).
 - `in_batch_loss`: each query against the positives of the WHOLE global batch, gathered
@@ -64,13 +65,36 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x) if _distributed() else x
 
 
+def scores(query, positive, negatives=None, in_batch: bool = False,
+           temperature: float = TEMPERATURE, gather: str = "autograd"):
+    """The one place the losses score candidates (the contrastive terms, kl distillation), so a
+    variant that scores differently (a margin, another similarity) changes only this. query,
+    positive (b, D), negatives (b, k, D) or None, raw or unit -> (hard (b, 1 + k): each query
+    against [its positive, its negatives], or None; in-batch (b, world * b): against every
+    rank's positives laid out [rank 0, rank 1, ...], or None unless in_batch), cosines in fp32
+    / temperature. gather: "autograd" (the recipe) or "detached" (the official code's)."""
+    query, positive = F.normalize(query.float(), dim=-1), F.normalize(positive.float(), dim=-1)
+    hard = None
+    if negatives is not None:
+        candidates = torch.cat([positive[:, None], F.normalize(negatives.float(), dim=-1)],
+                               dim=1)  # (b, 1 + k, D)
+        hard = torch.einsum("bd,bcd->bc", query, candidates) / temperature  # (b, 1 + k)
+    if not in_batch:
+        return hard, None
+    all_positives = (gather_with_grad if gather == "autograd" else gather_detached)(
+        positive)  # (world * b, D)
+    return hard, query @ all_positives.T / temperature  # (b, world * b)
+
+
+def _own_columns(query) -> torch.Tensor:
+    """(b,) the column of each query's own positive among the gathered ones: rank * b + i."""
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return rank * len(query) + torch.arange(len(query), device=query.device)
+
+
 def hard_negative_loss(query, positive, negatives, temperature: float = TEMPERATURE):
-    """query (b, D), positive (b, D), negatives (b, k, D), raw or unit (normalised here) ->
-    scalar."""
-    candidates = F.normalize(torch.cat([positive[:, None], negatives], dim=1).float(),
-                             dim=-1)  # (b, 1 + k, D)
-    logits = torch.einsum("bd,bcd->bc", F.normalize(query.float(), dim=-1),
-                          candidates) / temperature  # (b, 1 + k)
+    """query (b, D), positive (b, D), negatives (b, k, D), raw or unit -> scalar."""
+    logits, _ = scores(query, positive, negatives, temperature=temperature)  # (b, 1 + k)
     labels = torch.zeros(len(query), dtype=torch.long, device=query.device)
     return F.cross_entropy(logits, labels)
 
@@ -79,12 +103,8 @@ def in_batch_loss(query, positive, temperature: float = TEMPERATURE, gather: str
     """query (b, D), positive (b, D) of this rank -> scalar. Candidates are the positives of
     all ranks laid out [rank 0, rank 1, ...]; query i of rank r has label r * b + i.
     gather: "autograd" (the recipe) or "detached" (the official code's, an ablation)."""
-    gathered = gather_with_grad if gather == "autograd" else gather_detached
-    all_positives = gathered(F.normalize(positive.float(), dim=-1))  # (world * b, D)
-    logits = F.normalize(query.float(), dim=-1) @ all_positives.T / temperature  # (b, world * b)
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    labels = rank * len(query) + torch.arange(len(query), device=query.device)
-    return F.cross_entropy(logits, labels)
+    _, logits = scores(query, positive, None, True, temperature, gather)  # (b, world * b)
+    return F.cross_entropy(logits, _own_columns(query))
 
 
 def f2llm_loss(reps, b: int, k: int, in_batch: bool, temperature: float = TEMPERATURE,
@@ -93,11 +113,12 @@ def f2llm_loss(reps, b: int, k: int, in_batch: bool, temperature: float = TEMPER
     -> (total, hard, in-batch). k = 0 (pairs only) has no hard term; in_batch is True for
     retrieval data only (elsewhere other queries' positives would be false negatives)."""
     query, positive = reps[:b], reps[b:2 * b]  # (b, D) each
+    hard, others = scores(query, positive, reps[2 * b:].view(b, k, -1) if k else None, in_batch,
+                          temperature, gather)  # (b, 1 + k), (b, world * b)
     zero = torch.zeros((), device=reps.device)
-    hard = hard_negative_loss(query, positive, reps[2 * b:].view(b, k, -1),
-                              temperature) if k else zero
-    in_batch_term = in_batch_loss(query, positive, temperature, gather) if in_batch else zero
-    return hard + in_batch_term, hard, in_batch_term
+    hard_term = F.cross_entropy(hard, torch.zeros_like(hard[:, 0], dtype=torch.long)) if k else zero
+    in_batch_term = F.cross_entropy(others, _own_columns(query)) if in_batch else zero
+    return hard_term + in_batch_term, hard_term, in_batch_term
 
 
 def matryoshka_dims(dim: int) -> list[int]:
@@ -125,20 +146,16 @@ def candidate_logits(reps, b: int, k: int, in_batch: bool, temperature: float,
                      gather: str = "autograd"):
     """One rank's reps [queries; positives; negatives] -> (b, 1 + k [+ world * b - 1]) logits
     of each query against its positive (column 0), its k hard negatives and, with in_batch,
-    the other positives of the global batch (its own positive is not repeated)."""
-    reps = F.normalize(reps.float(), dim=-1)  # (S, D)
+    the other positives of the global batch (its own positive is not repeated): `scores`'
+    two tables side by side."""
     query, positive = reps[:b], reps[b:2 * b]  # (b, D) each
-    negatives = reps[2 * b:].view(b, k, reps.shape[1])  # (b, k, D)
-    candidates = torch.cat([positive[:, None], negatives], dim=1)  # (b, 1 + k, D)
-    logits = torch.einsum("bd,bcd->bc", query, candidates) / temperature  # (b, 1 + k)
+    hard, others = scores(query, positive, reps[2 * b:].view(b, k, reps.shape[1]), in_batch,
+                          temperature, gather)  # (b, 1 + k), (b, world * b)
     if not in_batch:
-        return logits
-    all_positives = (gather_with_grad if gather == "autograd" else gather_detached)(positive)
-    others = query @ all_positives.T / temperature  # (b, world * b)
-    rank = dist.get_rank() if _distributed() else 0
+        return hard
     own = torch.zeros_like(others, dtype=torch.bool)
-    own[torch.arange(b), rank * b + torch.arange(b)] = True
-    return torch.cat([logits, others[~own].view(b, -1)], dim=1)  # (b, 1 + k + world * b - 1)
+    own[torch.arange(b), _own_columns(query)] = True
+    return torch.cat([hard, others[~own].view(b, -1)], dim=1)  # (b, 1 + k + world * b - 1)
 
 
 def distillation_loss(student, teacher, b: int, k: int, in_batch: bool, mode: str,

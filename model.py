@@ -142,10 +142,9 @@ def first_fit(lengths: list[int], capacity: int, most: int = 0) -> list[list[int
 def make_chunks(lengths: list[int], chunk_tokens: int, chunk_size: int = 0,
                 width: int | None = None):
     """Sequence ids -> chunks of at most chunk_tokens computed tokens (a longer sequence gets a
-    chunk of its own) and, if chunk_size > 0, at most chunk_size sequences.
-    width None (varlen, one row per chunk): sequences first-fit into chunks, no padding.
-    width W (sdpa rows): sequences first-fit into rows of W tokens over the whole batch, so
-    short sequences fill the rows of long ones; then runs of rows form the chunks."""
+    chunk of its own) and at most chunk_size sequences (0: any). width None (one varlen row per
+    chunk): sequences first-fit into chunks. width W (sdpa rows): sequences first-fit into rows
+    of W tokens over the whole batch, short ones filling long ones' rows; runs of rows: chunks."""
     if width is None:
         return first_fit(lengths, chunk_tokens, chunk_size)
     chunks, tokens = [], 0

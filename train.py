@@ -97,11 +97,10 @@ def restored_rng(state, device):
 
 
 def embed_chunks(net, chunks, autocast, rng_states=None, embed=embed_packed):
-    """Pass 1, no grad (the step's, validation's and the teacher's): chunks [(Packed, rows), ...]
-    of model.packed_chunks -> (S, D) fp32 RAW last-token states in the batch's order (the
-    losses normalise; v2's distillation needs them raw). One autocast region: each weight is
-    cast to bf16 once, not once per chunk. rng_states, a list, gets each chunk's RNG state.
-    embed(net, chunk, unit=False) -> (n, D): model.embed_packed, or any embedding of a chunk."""
+    """Pass 1, no grad (the step's, validation's, the teacher's): chunks [(Packed, rows), ...]
+    -> (S, D) fp32 RAW pooled states in the batch's order; ONE autocast region, so each weight
+    is cast once per pass. rng_states, a list, gets each chunk's RNG state. embed(net, chunk,
+    unit=False) -> (n, D): model.embed_packed, or any embedding of a chunk."""
     states, order = [], []
     with torch.no_grad(), autocast:
         for packed, rows in chunks:
@@ -151,13 +150,10 @@ def all_means(values: torch.Tensor) -> list[float]:
 
 def optimizer_step(optimizer, scheduler, trained, grad_clip: float, losses: torch.Tensor,
                    ddp=None) -> tuple[list[float], float, bool]:
-    """Step 4 of docs/design.md §4, as the loop runs it (tools/gpu_check.py too): clip the
-    global gradient norm; the logged values (the step's losses, then the norm) in ONE
-    all-reduce and ONE host sync; step optimizer and schedule unless a value is non-finite (a
-    non-finite loss on any rank makes the global gradient, and its norm, non-finite, so this
-    one check covers both, the same on every rank); zero the gradients: under DDP in place,
-    so pass 2's accumulation (no_sync chunks included) lands in DDP's bucket views
-    (set_to_none would make the next no_sync chunk allocate gradients beside the buckets).
+    """Step 4 of docs/design.md §4 (tools/gpu_check.py runs it too): clip; the logged values
+    (losses, then the norm) in ONE all-reduce and ONE host sync; step unless a value is
+    non-finite (a non-finite loss on any rank makes the global norm non-finite: one check, the
+    same on every rank); zero the gradients in place under DDP, so they stay in its buckets.
     -> (losses averaged over ranks, gradient norm before clipping, whether it was applied)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(trained, grad_clip)  # stays on the device
     *values, grad_norm = all_means(torch.cat([losses.detach().reshape(-1), grad_norm[None]]))
@@ -189,16 +185,23 @@ def step_loss(batch: D.Batch, cfg: Recipe, teacher_reps=None):
     return loss_fn
 
 
-def validate(backbone, batches, rank: int, world: int, cfg: Config, autocast) -> float:
-    """The contrastive loss (F2LLM's, or its Matryoshka sum) on the held-out batches; without
-    the distillation term, so runs with and without a teacher compare. One all-reduce."""
+def validate(backbone, batches, rank: int, world: int, cfg: Config, autocast) -> tuple:
+    """The held-out loss twice, on the same reps: the run's own contrastive loss (F2LLM's, or
+    its Matryoshka sum, at its temperature, with or without in-batch: the variant's total) and
+    the recipe's (the preset's formula, Recipe()'s defaults), so that two variants' curves
+    compare. Both without the distillation term, so runs with and without a teacher compare.
+    One all-reduce. -> (own, recipe's)."""
+    recipe = Recipe()  # every loss field at the preset's value
     losses = []
     for global_batch in batches:
         batch = global_batch.shard(rank, world)
         chunks = M.packed_chunks(backbone, batch.sequences(), cfg.chunk_tokens, cfg.chunk_size)
-        losses.append(step_loss(batch, cfg)(embed_chunks(backbone, chunks, autocast))[0])
-    means = all_means(torch.stack(losses)) if losses else []
-    return sum(means) / max(len(means), 1)
+        reps = embed_chunks(backbone, chunks, autocast)  # (S, D), no grad
+        losses.append(torch.stack([step_loss(batch, cfg)(reps)[0],
+                                   step_loss(batch, recipe)(reps)[0]]))
+    means = all_means(torch.stack(losses).T.reshape(-1)) if losses else [0.0, 0.0]
+    n = max(len(losses), 1)
+    return sum(means[:n]) / n, sum(means[n:]) / n
 
 
 # ---------------------------------------------------------------------------- schedule
@@ -411,6 +414,8 @@ def log_step(record: dict, total_steps: int, eta_s: float) -> str:
     """The step's log line (rank 0 prints it; metrics.jsonl holds the record)."""
     kd = f", kd {record['kd']:.4f}" if "kd" in record else ""
     val = f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""
+    if "val_loss" in record and record["val_recipe_loss"] != record["val_loss"]:
+        val += f" (the recipe's loss {record['val_recipe_loss']:.4f})"  # a variant's own differs
     return (f"step {record['step']}/{total_steps} | loss {record['loss']:.4f} (hard "
             f"{record['hard']:.4f}, in-batch {record['in_batch']:.4f}{kd}) | lr {record['lr']:.2e}"
             f" | grad {record['grad_norm']:.3f} | {record['time']:.2f}s, "
@@ -504,7 +509,8 @@ def main(argv=None):
                       chunks=len(chunks), truncated=batch.truncated, time=dt)
         validating = (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps
         if validating:
-            record["val_loss"] = validate(backbone, val_batches, rank, world, cfg, autocast)
+            record["val_loss"], record["val_recipe_loss"] = validate(
+                backbone, val_batches, rank, world, cfg, autocast)
         print0(log_step(record, total_steps,
                         (time.time() - t_start) / (step - step_start) * (total_steps - step)))
         if rank == 0:

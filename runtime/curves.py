@@ -1,6 +1,7 @@
 """OUT/curves.png from OUT/metrics.jsonl (train.py draws it at each validation): training loss
-per source (smoothed) with the hard, in-batch (and distillation) terms, validation loss,
-learning rate. Importing this file does nothing; matplotlib is imported when a figure is drawn.
+per source (smoothed) with the hard, in-batch (and distillation) terms, validation loss (the
+run's own and the recipe's, which compares across variants), learning rate. Importing this
+file does nothing; matplotlib is imported when a figure is drawn.
 """
 import json
 import os
@@ -17,9 +18,16 @@ def smooth(xs: list[float], beta: float = 0.9) -> list[float]:
 
 def plot_curves(metrics_path: str, png: str) -> None:
     """metrics.jsonl -> png, written to a temporary name, then moved."""
-    from matplotlib.figure import Figure  # Agg, no display, no pyplot state
     with open(metrics_path) as f:
         records = [json.loads(line) for line in f]
+    fig = curves_figure(records)
+    fig.savefig(png + ".tmp.png")
+    os.replace(png + ".tmp.png", png)
+
+
+def curves_figure(records: list[dict]):
+    """metrics.jsonl's records -> a matplotlib Figure of three panels."""
+    from matplotlib.figure import Figure  # Agg, no display, no pyplot state
     fig = Figure(figsize=(15, 4), layout="constrained")
     loss_ax, val_ax, lr_ax = fig.subplots(1, 3)
     for source in sorted({r["source"] for r in records}):
@@ -35,9 +43,15 @@ def plot_curves(metrics_path: str, png: str) -> None:
     loss_ax.set(title="training loss (smoothed)", xlabel="step")
     loss_ax.legend(fontsize=7)
     val = [r for r in records if "val_loss" in r]
-    val_ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-")
+    val_ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-",
+                label="this run's loss")
+    # the preset's formula on the same held-out reps: the line two variants' figures share
+    recipe = [r for r in val if "val_recipe_loss" in r]  # absent in runs of older versions
+    if recipe:
+        val_ax.plot([r["step"] for r in recipe], [r["val_recipe_loss"] for r in recipe], "x--",
+                    label="the recipe's loss (compares across variants)")
+        val_ax.legend(fontsize=7)
     val_ax.set(title="validation loss", xlabel="step")
     lr_ax.plot(steps, [r["lr"] for r in records])
     lr_ax.set(title="learning rate", xlabel="step")
-    fig.savefig(png + ".tmp.png")
-    os.replace(png + ".tmp.png", png)
+    return fig

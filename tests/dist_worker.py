@@ -1,9 +1,9 @@
 """One cached step on the first retrieval and the first clustering batch of the demo sample,
-for the recipe and each option (Matryoshka, LoRA, the official detached gather, distillation
-from another tiny model in each mode); saves the
-trained parameters' gradients (rank 0) and, per rank, what DDP all-reduced. Run with `python`
-(world 1) or `torchrun` (world N): tests/test_distributed.py compares the two (I1) and counts
-the all-reduces (one per bucket per step)."""
+for the recipe and each option of tests/options.py (Matryoshka, LoRA, the official detached
+gather, no in-batch term, another temperature, distillation from another tiny model in each
+mode); saves the trained parameters' gradients (rank 0) and, per rank, what DDP all-reduced.
+Run with `python` (world 1) or `torchrun` (world N): tests/test_distributed.py compares the two
+(I1) and counts the all-reduces (one per bucket per step)."""
 import contextlib
 import json
 import os
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from options import OPTIONS, backbone, config, teacher
 from transformers import AutoTokenizer
 
 import data as D
@@ -23,10 +24,8 @@ from loss import f2llm_loss, hard_negative_loss, in_batch_loss
 from runtime import attention as A
 from runtime import tokens as T
 
-OPTIONS = ["recipe", "mrl", "lora", "detached", "kd-v2", "kd-unit", "kd-kl"]
 
-
-def official_reference_loss(batch):
+def official_reference_loss(batch, teacher_states=None):
     """What the official code's detached gather amounts to, written for ONE process: the
     in-batch term sees every positive without gradient (its own rank's included)."""
     b, k = len(batch.queries), len(batch.negatives[0])
@@ -54,27 +53,27 @@ def official_kd_loss(batch, teacher_states):
     return loss_fn
 
 
+# the one-process references some options are held to instead of train.step_loss: their
+# formula written out (2 ranks of train.step_loss must give these gradients)
+ONE_PROCESS_REFERENCES = {"detached": official_reference_loss, "kd-v2": official_kd_loss}
+
+
 def step_gradients(tokenizer_dir, demo_dir, batch_size, chunk_tokens, max_length=48,
-                   options=OPTIONS):
-    """For each option, a fresh tiny model (LoRA adapters for "lora", their B made non-zero so
-    the adapters matter) and one cached step on a retrieval batch (the recipe: and a clustering
-    batch). The attention is what train.py would choose (F2LLM_FORCE_VARLEN=1: varlen rows)."""
+                   options=tuple(OPTIONS)):
+    """For each option, a fresh tiny model (options.backbone: with LoRA adapters for "lora")
+    and one cached step on a retrieval batch (the recipe: and a clustering batch). The
+    attention is what train.py would choose (F2LLM_FORCE_VARLEN=1: varlen rows)."""
     rank, world, device = train.setup_distributed()
     attn = A.attention_implementation(device, bf16=False)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     sources = T.load_tokenized(demo_dir, tokenizer, max_length, demo_dir + "_tokens", seed=0)
     grads, losses, collectives = {}, {}, {}
-    teacher = M.tiny_backbone(tokenizer, seed=1, attn=attn)
+    teacher_net = teacher(tokenizer, attn)
     for option in options:
-        backbone = M.tiny_backbone(tokenizer, seed=0, attn=attn)
-        if option == "lora":
-            backbone = M.add_lora(backbone, 4)
-            torch.manual_seed(1)
-            for name, p in backbone.named_parameters():
-                if "lora_B" in name:
-                    p.data.normal_(0, 0.05)
+        cfg = config(option)
+        net = backbone(tokenizer, cfg, attn)
         # small buckets, so the tiny model's gradients travel in several all-reduces
-        ddp = train.wrap_ddp(backbone, device, bucket_cap_mb=0.1) if world > 1 else None
+        ddp = train.wrap_ddp(net, device, bucket_cap_mb=0.1) if world > 1 else None
         reduced = []  # (bucket index, elements) of every gradient all-reduce DDP issues
 
         def counting_hook(state, bucket):
@@ -85,40 +84,32 @@ def step_gradients(tokenizer_dir, demo_dir, batch_size, chunk_tokens, max_length
         stream = D.BatchStream(sources, batch_size, seed=0)
         for task_type in ("retrieval", "clustering") if option == "recipe" else ("retrieval",):
             batch = next(b for b in stream if b.task_type == task_type).shard(rank, world)
-            if option == "detached" and world == 1:
-                loss_fn = official_reference_loss(batch)
-            elif option.startswith("kd-"):  # the teacher embeds this rank's sequences, no grad
-                teacher_states = train.embed_chunks(teacher, M.packed_chunks(
-                    teacher, batch.sequences(), chunk_tokens), contextlib.nullcontext())
-                loss_fn = official_kd_loss(batch, teacher_states) if (
-                    option == "kd-v2" and world == 1) else train.step_loss(
-                    batch, train.Config(kd_mode=option[3:], kd_weight=1), teacher_states)
-            else:
-                loss_fn = train.step_loss(batch, train.Config(
-                    mrl=option == "mrl",
-                    in_batch_gather="detached" if option == "detached" else "autograd"))
+            teacher_states = train.embed_chunks(  # the teacher embeds this rank's sequences
+                teacher_net, M.packed_chunks(teacher_net, batch.sequences(), chunk_tokens),
+                contextlib.nullcontext()) if cfg.teacher else None
+            loss_fn = ONE_PROCESS_REFERENCES[option](batch, teacher_states) if (
+                world == 1 and option in ONE_PROCESS_REFERENCES) else train.step_loss(
+                batch, cfg, teacher_states)
             reduced.clear()
             seqs = batch.sequences()
-            chunks = M.packed_chunks(backbone, seqs, chunk_tokens)
-            step_losses = train.cached_step(ddp or backbone, chunks, loss_fn,
-                                            contextlib.nullcontext())
+            chunks = M.packed_chunks(net, seqs, chunk_tokens)
+            step_losses = train.cached_step(ddp or net, chunks, loss_fn, contextlib.nullcontext())
             key = f"{option}/{task_type}"
-            grads[key] = {n: p.grad.clone()
-                          for n, p in backbone.named_parameters() if p.requires_grad}
+            grads[key] = {n: p.grad.clone() for n, p in net.named_parameters() if p.requires_grad}
             losses[key] = train.all_means(step_losses[:1])[0]
             collectives[key] = dict(chunks=len(chunks), allreduces=len(reduced), attention=attn,
                                     computed_tokens=sum(p.computed_tokens for p, _ in chunks),
                                     real_tokens=sum(len(s) for s in seqs),
                                     buckets=len({i for i, _ in reduced}),
                                     elements=sum(n for _, n in reduced),
-                                    parameters=sum(p.numel() for p in backbone.parameters() if p.requires_grad))
-            backbone.zero_grad(set_to_none=True)
+                                    parameters=sum(p.numel() for p in net.parameters() if p.requires_grad))
+            net.zero_grad(set_to_none=True)
     return rank, grads, losses, collectives
 
 
 if __name__ == "__main__":
     tokenizer_dir, demo_dir, out, batch_size, chunk_tokens = sys.argv[1:6]
-    options = sys.argv[6].split(",") if len(sys.argv) > 6 else OPTIONS
+    options = sys.argv[6].split(",") if len(sys.argv) > 6 else list(OPTIONS)
     rank, grads, losses, collectives = step_gradients(tokenizer_dir, demo_dir, int(batch_size),
                                                       int(chunk_tokens), options=options)
     if rank == 0:

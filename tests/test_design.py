@@ -78,7 +78,7 @@ def test_one_step_reads_in_at_most_250_lines_over_3_files():
     # the walk reaches the whole step: packing, pooling, both passes, the loss and its gather,
     # the update (so a count that shrinks by losing a piece fails here, not silently)
     assert {("model", "pack"), ("model", "last_token_pool"), ("train", "cached_step"),
-            ("train", "embed_chunks"), ("loss", "in_batch_loss"), ("loss", "_GatherWithGrad"),
+            ("train", "embed_chunks"), ("loss", "scores"), ("loss", "_GatherWithGrad"),
             ("train", "optimizer_step"), ("train", "all_means")} <= path.keys()
     lines, files = sum(path.values()), {module for module, _ in path}
     assert files == {"train", "model", "loss"}, files

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from conftest import launch
+from options import OPTIONS
 
 pytestmark = pytest.mark.slow  # torchrun / real processes / mteb / sentence-transformers
 
@@ -24,16 +25,18 @@ def one_process(tmp_path_factory, tokenizer, demo_dir):
 def test_I1_two_ranks_give_the_one_process_gradients_with_one_allreduce_per_step(
         tmp_path, tokenizer, demo_dir, one_process):
     """One step, batch 8: world=2 (b=4 each, several packed chunks) == world=1 (b=8, one chunk),
-    retrieval and clustering for the recipe, retrieval with Matryoshka, with LoRA (adapter
-    gradients), with distillation (each mode; v2's 2-rank gradients equal a 1-process step
-    written from v2's formula on the raw states) and with the official code's detached gather,
-    whose 2-rank gradients equal a 1-process step in which no positive gets an in-batch
-    gradient. docs/design.md §4: one all-reduce per step (per bucket), not per chunk."""
+    retrieval and clustering for the recipe, retrieval for each option of tests/options.py:
+    Matryoshka, LoRA (adapter gradients), no in-batch term, another temperature, distillation
+    (each mode; v2's 2-rank gradients equal a 1-process step written from v2's formula on the
+    raw states) and the official code's detached gather, whose 2-rank gradients equal a
+    1-process step in which no positive gets an in-batch gradient. docs/design.md §4: one all-reduce
+    per step (per bucket), not per chunk."""
     launch(WORKER, tokenizer.name_or_path, demo_dir, tmp_path / "w2.pt", 8, 120, nproc=2,
            env={"F2LLM_FORCE_VARLEN": "0"})
     two, one = torch.load(tmp_path / "w2.pt"), one_process[0]
-    # the recipe on retrieval and clustering, each option on retrieval
-    assert len(one["grads"]) == 8
+    # the recipe on retrieval and clustering, each option of tests/options.py on retrieval
+    assert sorted(one["grads"]) == sorted([f"{o}/retrieval" for o in OPTIONS]
+                                          + ["recipe/clustering"])
     for key in one["grads"]:
         assert two["losses"][key] == pytest.approx(one["losses"][key], rel=1e-5), key
         for name, g in one["grads"][key].items():

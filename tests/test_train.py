@@ -7,6 +7,7 @@ import json
 import math
 import os
 
+import options
 import pytest
 import step_path
 import torch
@@ -238,6 +239,8 @@ def test_tiny_recipe_end_to_end(trained_run):
     for key in ("loss", "hard", "in_batch", "lr", "grad_norm", "seq_per_s"):
         assert all(math.isfinite(r[key]) for r in records)
     vals = [r["val_loss"] for r in records if "val_loss" in r]
+    # the preset's own validation loss is the recipe's, which other variants' runs also report
+    assert vals == [r["val_recipe_loss"] for r in records if "val_loss" in r]
     # 1.3 epochs of 600 rows per source: the held-out loss falls, then the rows start to repeat
     assert vals[-1] < vals[0] and min(vals) < 0.9 * vals[0], vals
     for source in {r["source"] for r in records}:
@@ -351,6 +354,30 @@ def test_options_keep_I2_mrl_lora_and_one_process_detached_gather(tokenizer, sma
     assert all(torch.equal(recipe[1][n], detached[1][n]) for n in trained)
 
 
+@pytest.mark.slow  # ~1 s per option on 2 quiet cores; the recipe's own I2 tests stay quick
+@pytest.mark.parametrize("option", list(options.OPTIONS))
+def test_every_option_keeps_I2(tokenizer, small_demo_dir, option):
+    """I2 for each option of tests/options.py (the list the I1 harness runs too): packed
+    chunks of a few hundred tokens and of everything give the loss and the trained gradients
+    of one plain padded forward and backward of the same loss; a teacher's states, when the
+    option distils, are another tiny model's."""
+    cfg = options.config(option)
+    backbone = options.backbone(tokenizer, cfg)
+    batch, seqs = _rank_batch(small_demo_dir, tokenizer, "retrieval", size=4)
+    teacher = options.teacher(tokenizer) if cfg.teacher else None
+    teacher_states = None if teacher is None else train.embed_chunks(
+        teacher, M.packed_chunks(teacher, seqs, 10**6), contextlib.nullcontext())
+    loss_fn = train.step_loss(batch, cfg, teacher_states)
+    loss, direct = _padded_reference(backbone, seqs, tokenizer.pad_token_id,
+                                     lambda states: loss_fn(states)[0])
+    for chunk_tokens in (300, 10**6):
+        m, grads = _grads(backbone, seqs, loss_fn, chunk_tokens)
+        assert m["chunks"] > 1 or chunk_tokens == 10**6
+        assert m["loss"] == pytest.approx(loss.item(), rel=1e-5)
+        assert set(grads) == set(direct)  # the trained parameters, and only those
+        _close(grads, direct, f"{option} chunk_tokens={chunk_tokens}")
+
+
 def test_no_in_batch_drops_only_the_in_batch_term(backbone, tokenizer, small_demo_dir):
     """--no-in-batch (the ablation): on retrieval data the loss is the hard-negative term
     alone, the same term as the recipe's."""
@@ -429,9 +456,39 @@ def test_validation_on_the_varlen_path_matches_sdpa(tokenizer, small_demo_dir):
     batches = list(D.ValidationBatches(sources, 6, 1, seed=0))[:4]
     cfg = train.Config(chunk_tokens=200)
     losses = [train.validate(M.tiny_backbone(tokenizer, seed=0, attn=A.attention_implementation(
-        torch.device("cpu"), False, forced)), batches, 0, 1, cfg, contextlib.nullcontext())
+        torch.device("cpu"), False, forced)), batches, 0, 1, cfg, contextlib.nullcontext())[0]
         for forced in (False, True)]
     assert losses[0] > 0 and losses[1] == pytest.approx(losses[0], rel=1e-6)
+
+
+def test_validation_reports_the_recipes_loss_beside_a_variants_own(tokenizer, small_demo_dir):
+    """Comparable validation: a variant (--temperature 0.1 --no-in-batch --mrl) reports its
+    own loss and, on the same held-out reps, the recipe's, which is the preset's own
+    validation loss of the same model; the curves draw both lines."""
+    from runtime.curves import curves_figure
+    sources = T.load_tokenized(small_demo_dir, tokenizer, 128, small_demo_dir + "_tokens",
+                               val_fraction=0.05)  # 7 rows per source: batches of 6 and 1
+    # a retrieval batch of several queries (where --no-in-batch changes the loss) and a
+    # classification batch
+    batches = [next(b for b in D.ValidationBatches(sources, 6, 1, seed=0)
+                    if b.task_type == task_type and len(b.queries) == 6)
+               for task_type in ("retrieval", "classification")]
+    backbone = M.tiny_backbone(tokenizer, seed=0)
+    validate = lambda **variant: train.validate(backbone, batches, 0, 1, train.Config(**variant),
+                                                contextlib.nullcontext())
+    preset = validate()
+    assert preset[0] == preset[1] > 0  # the preset's own loss is the recipe's
+    for variant in (dict(temperature=0.1), dict(in_batch=False), dict(mrl=True)):
+        own, recipe = validate(**variant)
+        assert recipe == preset[0] and abs(own - recipe) > 0.01 * recipe, variant
+    records = [dict(step=s, source="a", loss=1.0, hard=1.0, in_batch=0.0, lr=1e-3,
+                    val_loss=2.0 + s, val_recipe_loss=3.0 + s) for s in (1, 2)]
+    val_ax = curves_figure(records).axes[1]
+    assert [list(line.get_ydata()) for line in val_ax.get_lines()] == [[3.0, 4.0], [4.0, 5.0]]
+    line = lambda record: train.log_step(dict(record, time=1.0, grad_norm=1.0, tokens_per_s=1.0,
+                                              chunks=1), 2, 0.0)
+    assert line(records[0]).endswith("val 3.0000 (the recipe's loss 4.0000)")
+    assert line(dict(records[0], val_recipe_loss=3.0)).endswith("val 3.0000")
 
 
 @pytest.mark.slow
