@@ -56,7 +56,9 @@ class Recipe:
 class Config(Recipe):
     """The recipe, and how this run executes it: memory, logging, files, planning."""
     out: str = ""  # run folder; "" = out/{size}
-    chunk_tokens: int = 4096  # real tokens per packed forward: memory only, never the math
+    chunk_tokens: int = 0  # real tokens per packed forward: memory only, never the math; 0 =
+                           # planned: the preset's where this run's plan fits the card, else
+                           # the largest that fits (a CPU run: the preset's)
     chunk_size: int = 0  # also cap the sequences per forward; 0 = no cap
     token_cache: str = ""  # tokenized data (shared by runs of one tokenizer); "" = OUT/token_cache
     max_bad_fraction: float = 0.01  # a source with more of its rows skipped is an error
@@ -78,14 +80,17 @@ MATH_FIELDS = [f.name for f in dataclasses.fields(Recipe)]
 # The paper's run (DESIGN §2), shared by the real sizes: 2 epochs of 512 queries per step.
 PAPER = dict(epochs=2, batch_size=512, max_length=1024, min_lr=1e-7, warmup_steps=500,
              val_fraction=0.01, source_sampling="official", eval_every=500, save_every=1000)
-# chunk_tokens: the largest multiple of 256 whose memory plan fits 72 GiB of an 80 GB GPU at 64
-# queries per GPU (plan.chunk_tokens_that_fit; a test checks)
 PRESETS = {
     "tiny": {},  # the defaults above
-    "0.6b": dict(PAPER, model="Qwen/Qwen3-0.6B", lr=1e-5, chunk_tokens=28672),
-    "1.7b": dict(PAPER, model="Qwen/Qwen3-1.7B", lr=9e-6, chunk_tokens=14336),
-    "4b": dict(PAPER, model="Qwen/Qwen3-4B", lr=8e-6, chunk_tokens=3840),
+    "0.6b": dict(PAPER, model="Qwen/Qwen3-0.6B", lr=1e-5),
+    "1.7b": dict(PAPER, model="Qwen/Qwen3-1.7B", lr=9e-6),
+    "4b": dict(PAPER, model="Qwen/Qwen3-4B", lr=8e-6),
 }
+# Each size's token budget without --chunk-tokens, where this run's plan fits it: the largest
+# multiple of 256 whose memory plan fits 72 GiB of an 80 GB GPU at the paper's 64 queries per
+# GPU on 8 GPUs (plan.chunk_tokens_that_fit; a test checks). A run whose plan holds more (a
+# teacher, fewer GPUs) takes the largest budget that fits instead (plan.planned_chunk_tokens).
+PRESET_CHUNK_TOKENS = {"tiny": 4096, "0.6b": 28416, "1.7b": 14080, "4b": 3840}
 
 
 def presets_text() -> str:
@@ -95,6 +100,7 @@ def presets_text() -> str:
     return ("presets (--size): tiny is the defaults above; 0.6b, 1.7b and 4b run the paper's "
             "recipe,\n" + paper + "\n" + "\n".join(
                 f"  {size:5s} " + ", ".join(f"{k}={v}" for k, v in p.items() if k not in PAPER)
+                + f", chunk_tokens={PRESET_CHUNK_TOKENS[size]} where it fits"
                 for size, p in PRESETS.items() if p))
 
 
@@ -105,11 +111,12 @@ def check_config(cfg: Config, world: int) -> None:
     if cfg.batch_size % world:
         fail(f"--batch-size {cfg.batch_size} is not divisible by the world size {world}; "
              f"use a multiple of {world}")
-    for name in ["batch_size", "chunk_tokens", "lr", "max_length", "keep_checkpoints",
-                 "max_bad_steps", "k_clustering"]:
+    for name in ["batch_size", "lr", "max_length", "keep_checkpoints", "max_bad_steps",
+                 "k_clustering"]:
         if getattr(cfg, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name, zero in [("chunk_size", "no cap"), ("lora_rank", "full finetuning"),
+    for name, zero in [("chunk_tokens", "planned"), ("chunk_size", "no cap"),
+                       ("lora_rank", "full finetuning"),
                        ("tokenize_workers", "one per core")]:
         if getattr(cfg, name) < 0:
             fail(f"--{name.replace('_', '-')} must be >= 0 (0 = {zero}), got {getattr(cfg, name)}")

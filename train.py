@@ -17,6 +17,7 @@ import math
 import os
 import socket
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,7 +26,15 @@ from transformers import AutoTokenizer
 
 import data as D
 import model as M
-from config import MATH_FIELDS, PRESETS, Config, Recipe, check_config, presets_text
+from config import (
+    MATH_FIELDS,
+    PRESET_CHUNK_TOKENS,
+    PRESETS,
+    Config,
+    Recipe,
+    check_config,
+    presets_text,
+)
 from loss import distillation_loss, f2llm_loss, matryoshka, matryoshka_dims
 from runtime import checkpoint
 from runtime import tokens as T
@@ -202,19 +211,92 @@ def lr_lambda(cfg: Config, total_steps: int):
 
 
 # ---------------------------------------------------------------------------- main
+def architecture(cfg: Config):
+    """The run's model config without its weights (tools/plan.py): tiny's (its tokenizer's
+    16,384 tokens), a preset's, or --model's folder or Qwen3 size. ValueError if unknown."""
+    if cfg.model == "tiny":
+        return M.tiny_config(16384)
+    if cfg.model == PRESETS[cfg.size].get("model"):
+        return plan.qwen3_config(cfg.size)
+    return plan.architecture(cfg.model, "--model")
+
+
 def dry_run(cfg: Config, world: int) -> dict:
-    """Plan a run of a real size without weights (tools/plan.py): parameters, batch arithmetic,
-    FLOPs, memory per GPU at the chunk's token budget (with --teacher: the teacher's too)."""
+    """Plan a run without weights (tools/plan.py): parameters, batch arithmetic (counted from
+    the data when it is at hand: --data, or tiny's sample), FLOPs, memory per GPU at the token
+    budget the run would take (with --teacher: the teacher's too)."""
     check_config(cfg, (cfg.nproc or world) * cfg.nodes)
-    if cfg.teacher:  # its architecture is known (folder or Qwen3 size), before any planning
-        try:
+    try:  # the architectures are known (folder or Qwen3 size), before any planning
+        config = architecture(cfg)
+        if cfg.teacher:
             plan.teacher_config(cfg.teacher)
-        except ValueError as e:
-            raise SystemExit(f"train.py: error: {e}") from None
-    return plan.dry_run(cfg.size, cfg.model, cfg.nproc or world, cfg.nodes, cfg.batch_size,
-                        cfg.epochs, cfg.steps, cfg.val_fraction, cfg.chunk_tokens, cfg.max_length,
+    except ValueError as e:
+        raise SystemExit(f"train.py: error: {e}") from None
+    train_rows, k, data_folder = None, max(D.K_BY_TYPE["retrieval"], cfg.k_clustering), ""
+    if cfg.data or cfg.size == "tiny":  # count what the loader will draw
+        with tempfile.TemporaryDirectory() as tmp:
+            data_folder = cfg.data or os.path.join(cfg.out, "data")
+            if not cfg.data and not os.path.isdir(data_folder):  # the run writes it; a plan not
+                data_folder = tmp
+                demo.write_demo_sample(tmp, seed=0, negatives=cfg.demo_negatives)
+            try:
+                sources = D.load_sources(data_folder, cfg.seed, cfg.val_fraction, None,
+                                         D.DATA_SETS[cfg.data_set][1], cfg.strict_data,
+                                         cfg.max_bad_fraction, cfg.k_clustering)
+            except D.DataError as e:
+                raise SystemExit(f"train.py: data error: {e}") from None
+        train_rows, k = [len(s.train_rows) for s in sources], max(s.k for s in sources)
+        data_folder = "tiny's demo sample" if data_folder == tmp else data_folder
+    released = len(D.read_task_types(None, D.DATA_SETS[cfg.data_set][1]))
+    return plan.dry_run(config, cfg.size, cfg.model, cfg.nproc or world, cfg.nodes,
+                        cfg.batch_size, cfg.epochs, cfg.steps, cfg.val_fraction, cfg.chunk_tokens,
+                        PRESET_CHUNK_TOKENS[cfg.size], cfg.max_length, k=k,
                         shard_optimizer=cfg.shard_optimizer, as_json=cfg.json,
-                        lora_rank=cfg.lora_rank, teacher=cfg.teacher)
+                        lora_rank=cfg.lora_rank, teacher=cfg.teacher, train_rows=train_rows,
+                        data=data_folder, released_sources=released)
+
+
+def chunk_tokens(cfg: Config, world: int, device, sources) -> tuple[int, str]:
+    """The run's token budget, and the start-up line that says where it comes from. On CUDA
+    the plan of THIS run (its model, teacher, LoRA rank, world size, the card's memory):
+    without --chunk-tokens the preset's where it fits, else the largest that fits; a given
+    --chunk-tokens whose plan does not fit is refused here, before any weights load. The
+    budget never changes the gradients (I2), so it is free to adapt."""
+    given, preset = cfg.chunk_tokens, PRESET_CHUNK_TOKENS[cfg.size]
+    if device.type != "cuda":
+        return given or preset, ("--chunk-tokens as given" if given else "the preset's") + \
+            " (a CPU run is not planned: the plan is of GPU memory)"
+    try:
+        config = architecture(cfg)
+        teacher = plan.teacher_config(cfg.teacher) if cfg.teacher else None
+    except ValueError as e:
+        return given or preset, f"not planned ({e})"
+    card = torch.cuda.get_device_properties(device).total_memory
+    usable = plan.usable_bytes(card)
+    seqs = cfg.batch_size // world * (2 + max(s.k for s in sources))  # this rank's, b x (2 + k)
+    args = dict(lora_rank=cfg.lora_rank, teacher=teacher, shard_optimizer=cfg.shard_optimizer)
+    total = lambda tokens: plan.memory_plan(config, world, tokens, seqs, cfg.shard_optimizer,
+                                            cfg.lora_rank, teacher)["total"]
+    fit = plan.chunk_tokens_that_fit(config, world, seqs, usable, **args)
+    where = (f"{world} rank(s) of {seqs} sequences"
+             + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "")
+             + (f", teacher {cfg.teacher}" if cfg.teacher else "")
+             + f"; the plan may fill {usable / plan.GiB:.1f} of this card's "
+             f"{card / plan.GiB:.1f} GiB")
+    if total(fit) > usable:
+        raise SystemExit(f"train.py: error: this run's plan does not fit the card at any "
+                         f"--chunk-tokens ({where}): {total(fit) / plan.GiB:.1f} GiB at {fit}; "
+                         f"use more GPUs, --lora-rank, or a smaller --teacher (the dry run shows "
+                         f"each term: --dry-run)")
+    if given and total(given) > usable:
+        raise SystemExit(f"train.py: error: --chunk-tokens {given} does not fit this run's plan "
+                         f"({where}): {total(given) / plan.GiB:.1f} GiB per GPU; --chunk-tokens "
+                         f"{fit} fits, or leave the flag out and the run plans it")
+    if given:
+        return given, f"--chunk-tokens as given; its plan fits ({where})"
+    tokens = plan.planned_chunk_tokens(preset, config, world, seqs, usable, **args)
+    return tokens, (f"planned: the preset's, which fits ({where})" if tokens == preset else
+                    f"planned: the largest that fits; the preset's {preset} does not ({where})")
 
 
 def setup_data(cfg: Config, rank: int, world: int):
@@ -358,13 +440,15 @@ def restore(cfg: Config, backbone, optimizer, scheduler, stream) -> int:
     return meta["step"]
 
 
-def batch_plan(cfg: Config, world: int, sources, epochs: float, total_steps: int) -> str:
-    """The batch arithmetic, printed at start (derived numbers never go back into the config)."""
+def batch_plan(cfg: Config, world: int, sources, epochs: float, total_steps: int,
+               budget: tuple[int, str]) -> str:
+    """The batch arithmetic, printed at start (derived numbers never go back into the config);
+    budget: chunk_tokens(...)'s (tokens, why)."""
     b = cfg.batch_size // world
     cap = f" and <= {cfg.chunk_size} sequences" if cfg.chunk_size else ""
     return (f"batch: {cfg.batch_size} queries/step = {world} ranks x {b}; per rank up to "
             f"{b * (2 + max(s.k for s in sources))} sequences (b x (2 + k)) in packed chunks of <= "
-            f"{cfg.chunk_tokens} tokens{cap}; {total_steps} steps ({epochs:.2f} epochs)")
+            f"{budget[0]} tokens{cap} ({budget[1]}); {total_steps} steps ({epochs:.2f} epochs)")
 
 
 def log_step(record: dict, total_steps: int, eta_s: float) -> str:
@@ -404,11 +488,14 @@ def main(argv=None):
         print0(allocator_note)
     sources, stream, cache_folder = setup_data(cfg, rank, world)
     total_steps = cfg.steps or cfg.epochs * stream.batches_per_epoch
-    print0(batch_plan(cfg, world, sources, total_steps / stream.batches_per_epoch, total_steps))
+    budget = chunk_tokens(cfg, world, device, sources)  # refused here if it cannot fit
+    print0(batch_plan(cfg, world, sources, total_steps / stream.batches_per_epoch, total_steps,
+                      budget))
     os.makedirs(cfg.out, exist_ok=True)
     if rank == 0:
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
+    cfg = dataclasses.replace(cfg, chunk_tokens=budget[0])  # the input config keeps the flag
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # one per pass
     backbone, tokenizer = setup_model(cfg, rank, device, bf16, sources)

@@ -92,7 +92,7 @@ def test_dry_run_json_fits_80gb_in_few_chunks(capsys, size, most_chunks):
     assert {"size", "parameters", "world", "steps", "chunks_per_step", "tokens_per_chunk",
             "memory_gib", "margin_gib", "activations_measured_on"} <= set(r)
     assert r["parameters"] == plan.PUBLISHED[size]["params"] and r["world"] == 8 and r["steps"] == 22_946
-    assert r["tokens_per_chunk"] == train.PRESETS[size]["chunk_tokens"]
+    assert r["tokens_per_chunk"] == train.PRESET_CHUNK_TOKENS[size]
     assert r["chunks_per_step"] <= most_chunks
     gib = r["memory_gib"]
     assert gib["total"] == pytest.approx(sum(v for k, v in gib.items() if k != "total"))
@@ -101,7 +101,7 @@ def test_dry_run_json_fits_80gb_in_few_chunks(capsys, size, most_chunks):
     assert r["margin_gib"] == pytest.approx(79.65 - gib["total"]) and r["margin_gib"] >= 7.65
     # the preset is the largest budget the plan allows
     config = plan.qwen3_config(size)
-    assert train.PRESETS[size]["chunk_tokens"] == plan.chunk_tokens_that_fit(config, 8, 576)
+    assert train.PRESET_CHUNK_TOKENS[size] == plan.chunk_tokens_that_fit(config, 8, 576)
     assert plan.memory_plan(config, 8, r["tokens_per_chunk"] + 256, 576)["total"] > 72 * 2**30
 
 

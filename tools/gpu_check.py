@@ -324,7 +324,7 @@ def main(argv=None):
     results, skipped = [], {}
     try:
         for size in sizes:
-            b, k, max_length, chunk_tokens = 64, 7, 1024, train.PRESETS[size]["chunk_tokens"]
+            b, k, max_length, chunk_tokens = 64, 7, 1024, train.PRESET_CHUNK_TOKENS[size]
             config = plan.qwen3_config(size, args.layers or None)
             if args.cpu_smoke:
                 config = smoke_config(config)
