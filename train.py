@@ -257,23 +257,30 @@ def dry_run(cfg: Config, world: int) -> dict:
 
 
 def chunk_tokens(cfg: Config, world: int, device, sources) -> tuple[int, str]:
-    """The run's token budget, and the start-up line that says where it comes from. On CUDA
-    the plan of THIS run (its model, teacher, LoRA rank, world size, the card's memory):
-    without --chunk-tokens the preset's where it fits, else the largest that fits; a given
-    --chunk-tokens whose plan does not fit is refused here, before any weights load. The
-    budget never changes the gradients (I2), so it is free to adapt."""
-    given, preset = cfg.chunk_tokens, PRESET_CHUNK_TOKENS[cfg.size]
+    """The run's token budget, and the start-up line's note on where it comes from: on CUDA
+    the plan of THIS run on the card it finds (planned_budget); on a CPU the flag or the
+    preset's (the plan is of GPU memory)."""
     if device.type != "cuda":
-        return given or preset, ("--chunk-tokens as given" if given else "the preset's") + \
+        return cfg.chunk_tokens or PRESET_CHUNK_TOKENS[cfg.size], (
+            "--chunk-tokens as given" if cfg.chunk_tokens else "the preset's") + \
             " (a CPU run is not planned: the plan is of GPU memory)"
+    return planned_budget(cfg, world, torch.cuda.get_device_properties(device).total_memory,
+                          max(s.k for s in sources))
+
+
+def planned_budget(cfg: Config, world: int, card_bytes: int, k: int) -> tuple[int, str]:
+    """The token budget of this run's plan (its model, teacher, LoRA rank, world size, a card
+    of card_bytes, k negatives): without --chunk-tokens the preset's where it fits, else the
+    largest that fits; a given --chunk-tokens whose plan does not fit is refused, before any
+    weights load, naming the budget that fits. The budget never changes the gradients (I2),
+    so it is free to adapt. -> (tokens, note)."""
+    given, preset = cfg.chunk_tokens, PRESET_CHUNK_TOKENS[cfg.size]
     try:
         config = architecture(cfg)
         teacher = plan.teacher_config(cfg.teacher) if cfg.teacher else None
     except ValueError as e:
-        return given or preset, f"not planned ({e})"
-    card = torch.cuda.get_device_properties(device).total_memory
-    usable = plan.usable_bytes(card)
-    seqs = cfg.batch_size // world * (2 + max(s.k for s in sources))  # this rank's, b x (2 + k)
+        return given or preset, f"not planned: {e}"
+    usable, seqs = plan.usable_bytes(card_bytes), cfg.batch_size // world * (2 + k)
     args = dict(lora_rank=cfg.lora_rank, teacher=teacher, shard_optimizer=cfg.shard_optimizer)
     total = lambda tokens: plan.memory_plan(config, world, tokens, seqs, cfg.shard_optimizer,
                                             cfg.lora_rank, teacher)["total"]
@@ -281,19 +288,19 @@ def chunk_tokens(cfg: Config, world: int, device, sources) -> tuple[int, str]:
     where = (f"{world} rank(s) of {seqs} sequences"
              + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "")
              + (f", teacher {cfg.teacher}" if cfg.teacher else "")
-             + f"; the plan may fill {usable / plan.GiB:.1f} of this card's "
-             f"{card / plan.GiB:.1f} GiB")
+             + f"; the plan may fill {usable / plan.GiB:.1f} GiB of a "
+             f"{card_bytes / plan.GiB:.1f} GiB card")
     if total(fit) > usable:
         raise SystemExit(f"train.py: error: this run's plan does not fit the card at any "
                          f"--chunk-tokens ({where}): {total(fit) / plan.GiB:.1f} GiB at {fit}; "
-                         f"use more GPUs, --lora-rank, or a smaller --teacher (the dry run shows "
-                         f"each term: --dry-run)")
+                         f"use more GPUs, --lora-rank, or a smaller --teacher (--dry-run shows "
+                         f"each term)")
     if given and total(given) > usable:
         raise SystemExit(f"train.py: error: --chunk-tokens {given} does not fit this run's plan "
-                         f"({where}): {total(given) / plan.GiB:.1f} GiB per GPU; --chunk-tokens "
+                         f"({where}): {total(given) / plan.GiB:.2f} GiB per GPU; --chunk-tokens "
                          f"{fit} fits, or leave the flag out and the run plans it")
     if given:
-        return given, f"--chunk-tokens as given; its plan fits ({where})"
+        return given, f"--chunk-tokens as given, which fits this run's plan ({where})"
     tokens = plan.planned_chunk_tokens(preset, config, world, seqs, usable, **args)
     return tokens, (f"planned: the preset's, which fits ({where})" if tokens == preset else
                     f"planned: the largest that fits; the preset's {preset} does not ({where})")

@@ -93,12 +93,23 @@ def meta_backbone(config: Qwen3Config, dtype=torch.float32):
 def trained_sizes(config: Qwen3Config, lora_rank: int = 0) -> list[int]:
     """The elements of each trained parameter: every weight of the backbone, or with LoRA
     each adapter's A (r x in) and B (out x r) on the targeted linear layers (model.add_lora)."""
-    net = meta_backbone(config)
-    if not lora_rank:
-        return [p.numel() for p in net.parameters()]
-    return [n for name, m in net.named_modules() if isinstance(m, torch.nn.Linear)
-            and name.split(".")[-1] in M.LORA_TARGETS
-            for n in (lora_rank * m.in_features, m.out_features * lora_rank)]
+    return list(_sizes(config.to_json_string(), lora_rank)[1])
+
+
+@functools.cache
+def _sizes(config_json: str, lora_rank: int) -> tuple[dict, tuple[int, ...]]:
+    """(parameter_counts, trained_sizes) of a config: one meta build per config (the planner
+    asks many times)."""
+    net = meta_backbone(Qwen3Config.from_dict(json.loads(config_json)))
+    linears = [(name, m) for name, m in net.named_modules() if isinstance(m, torch.nn.Linear)]
+    targets = [m for name, m in linears if name.split(".")[-1] in M.LORA_TARGETS]
+    counts = dict(all=sum(p.numel() for p in net.parameters()),
+                  embedding=net.embed_tokens.weight.numel(),
+                  cast=sum(m.weight.numel() for _, m in linears),
+                  lora=sum(lora_rank * (m.in_features + m.out_features) for m in targets))
+    sizes = [n for m in targets for n in (lora_rank * m.in_features, m.out_features * lora_rank)
+             ] if lora_rank else [p.numel() for p in net.parameters()]
+    return counts, tuple(sizes)
 
 
 def zero_shards(sizes: list[int], world: int) -> list[int]:
@@ -116,13 +127,7 @@ def zero_shards(sizes: list[int], world: int) -> list[int]:
 def parameter_counts(config: Qwen3Config, lora_rank: int = 0) -> dict:
     """all, embedding, `cast` (the weights autocast copies to bf16: linear layers only) and
     `lora` (the adapters of --lora-rank: r x (in + out) per targeted linear layer)."""
-    net = meta_backbone(config)
-    linears = [(name, m) for name, m in net.named_modules() if isinstance(m, torch.nn.Linear)]
-    lora = sum(lora_rank * (m.in_features + m.out_features) for name, m in linears
-               if name.split(".")[-1] in M.LORA_TARGETS)
-    return dict(all=sum(p.numel() for p in net.parameters()),
-                embedding=net.embed_tokens.weight.numel(),
-                cast=sum(m.weight.numel() for _, m in linears), lora=lora)
+    return dict(_sizes(config.to_json_string(), lora_rank)[0])
 
 
 # ---------------------------------------------------------------------------- activations
