@@ -155,21 +155,24 @@ def test_the_planned_steps_are_the_batches_the_loader_draws(capsys, tmp_path, de
     """plan.steps_per_epoch == what a real data.BatchStream plans per epoch over the same
     sources (each source's last partial batch filled: up to one step more per source than
     rows // batch), at batch sizes below, near and above a source's rows. The tiny preset's
-    dry run (its demo sample written aside, no weights) plans the 325 steps its run takes,
-    where rows // batch gave 323."""
+    dry run (no weights) counts its run's data folder, OUT/data, and plans the 325 steps the
+    run takes, where rows // batch gave 323."""
     sources = D.load_sources(small_demo_dir, seed=0, val_fraction=0.02)
     rows = [len(s.train_rows) for s in sources]
     for batch in (7, 32, 146, 147, 1000):
         stream = D.BatchStream(sources, batch, seed=0, sampling="remaining")
         assert plan.steps_per_epoch(rows, batch) == stream.batches_per_epoch == len(stream.plan)
     assert plan.steps_per_epoch(rows, 32) > sum(rows) // 32
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "data").symlink_to(demo_dir)  # what `--size tiny` writes there
     train.main(["--size", "tiny", "--dry-run", "--json", "--out", str(tmp_path / "run")])
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     cfg = train.parse_config(["--size", "tiny"])
-    run = D.BatchStream(D.load_sources(demo_dir, cfg.seed, cfg.val_fraction),  # the run's data
-                        cfg.batch_size, cfg.seed, cfg.source_sampling)
+    sources = D.load_sources(demo_dir, cfg.seed, cfg.val_fraction)
+    run = D.BatchStream(sources, cfg.batch_size, cfg.seed, cfg.source_sampling)
     assert r["steps"] == r["steps_per_epoch"] == run.batches_per_epoch == 325
-    assert r["steps_counted_from"] == "data" and not (tmp_path / "run").exists()
+    assert r["steps_counted_from"] == "data"
+    assert sum(len(s.train_rows) for s in sources) // cfg.batch_size == 323  # the old count
 
 
 def test_the_plan_holds_the_fullest_rank_of_a_real_zero_partition(tmp_path):
