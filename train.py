@@ -333,7 +333,7 @@ def setup_data(cfg: Config, rank: int, world: int):
            f"{cfg.source_sampling} rule, {sum(len(s.val_rows) for s in sources)} rows held out")
     report = D.data_report(sources)
     for s, n in zip(sources, stream.source_batches):
-        skipped = "".join(f", skipped {r['count']} ({why}: rows {r['first_rows'][:5]})"
+        skipped = "".join(f", skipped {r['count']} ({why}: rows {r['first_rows'][:5]}, from 0)"
                           for why, r in report[s.name]["skipped"].items())
         print0(f"  {s.name:32s} {s.task_type:14s} k={s.k} train={len(s.train_rows)} "
                f"val={len(s.val_rows)} batches/epoch={n}{skipped}")
