@@ -2,14 +2,17 @@
 a run executes it (Config), the presets of each size (DESIGN §2), and the checks of a config
 that argparse cannot make. train.py builds its command line from these fields: each field's
 comment is its flag's help, a Literal type its choices. Importing this file does nothing."""
+import argparse
 import dataclasses
 import os
 import textwrap
 from dataclasses import dataclass
 from typing import Literal
 
-from loss import TEMPERATURE
-from runtime import checkpoint
+from runtime.flags import choices, field_help
+
+# This file imports no torch (nor anything that does): the scripts parse their flags with it
+# first, so -h and a misspelt flag answer at once.
 
 
 # Every field has a default that runs as it is: the tiny preset. PRESETS below hold what each
@@ -32,7 +35,7 @@ class Recipe:
     weight_decay: float = 0.01  # AdamW weight decay
     beta2: float = 0.98  # AdamW betas (0.9, beta2)
     grad_clip: float = 1.0  # clip the global gradient norm to this
-    temperature: float = TEMPERATURE  # softmax temperature of both losses
+    temperature: float = 0.05  # softmax temperature of both losses (loss.TEMPERATURE)
     max_length: int = 128  # tokens per text including EOS
     val_fraction: float = 0.02  # held out per source
     # official: the official code's draw (sources run dry at random times); remaining: by
@@ -104,8 +107,39 @@ def presets_text() -> str:
                 for size, p in PRESETS.items() if p))
 
 
+def kd_mode_flag(text: str) -> str:
+    """--kd-mode's type: the mode this flag once had gets its own message."""
+    if text == "mse":
+        raise argparse.ArgumentTypeError(
+            "mse is now two modes: v2 (F2LLM v2's MSE of the raw states) or unit (the squared "
+            "distance of the unit vectors: what mse computed, times D)")
+    return text
+
+
+def parse_config(argv=None, description: str | None = None) -> Config:
+    """Config's fields as flags: help from each field's comment, a Literal field's values as
+    argparse choices (a bad value fails naming the flag and the choices)."""
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
+                                     epilog=presets_text(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    helps = field_help(Config)
+    for f in dataclasses.fields(Config):
+        flag, help = "--" + f.name.replace("_", "-"), f"{helps[f.name]} (default: {f.default!r})"
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
+        else:
+            values = choices(f.type)
+            kind = kd_mode_flag if f.name == "kd_mode" else str if values else f.type
+            parser.add_argument(flag, type=kind, default=None, help=help, choices=values)
+    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    cfg = Config(**{**PRESETS[args.get("size", Config.size)], **args})
+    cfg.out = cfg.out or os.path.join("out", cfg.size)
+    return cfg
+
+
 def check_config(cfg: Config, world: int) -> None:
     """Errors a user can cause that argparse cannot see, before anything is loaded or written."""
+    from runtime import checkpoint  # torch: imported once the flags have parsed
     def fail(msg):
         raise SystemExit(f"train.py: error: {msg}")
     if cfg.batch_size % world:

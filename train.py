@@ -9,7 +9,6 @@ Reads in the order things happen: the command line (config.py's fields) -> the p
 (DESIGN §4) -> the loop (log, validate, checkpoint, runtime/curves.py's figure) -> the final export
 in OUT/final.
 """
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -21,25 +20,35 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-from transformers import AutoTokenizer
-
-import data as D
-import model as M
-from config import (
+from config import (  # no torch here: the flags are checked before the imports below
     MATH_FIELDS,
     PRESET_CHUNK_TOKENS,
     PRESETS,
     Config,
     Recipe,
     check_config,
-    presets_text,
 )
+from config import parse_config as parse_flags
+
+
+def parse_config(argv=None) -> Config:
+    """The command line: Config's fields as flags (config.parse_config), -h led by this file's
+    docstring."""
+    return parse_flags(argv, __doc__)
+
+
+if __name__ == "__main__":  # -h and a misspelt flag answer before torch and transformers load
+    parse_config(sys.argv[1:])
+
+import torch
+from transformers import AutoTokenizer
+
+import data as D
+import model as M
 from loss import distillation_loss, f2llm_loss, matryoshka, matryoshka_dims
 from runtime import checkpoint
 from runtime import tokens as T
 from runtime.curves import plot_curves
-from runtime.flags import choices, field_help
 from runtime.parallel import (
     all_means,
     barrier,
@@ -54,36 +63,6 @@ from runtime.parallel import (
 )
 from tiny import demo
 from tools import plan
-
-
-# ---------------------------------------------------------------------------- command line
-def kd_mode_flag(text: str) -> str:
-    """--kd-mode's type: the mode this flag once had gets its own message."""
-    if text == "mse":
-        raise argparse.ArgumentTypeError(
-            "mse is now two modes: v2 (F2LLM v2's MSE of the raw states) or unit (the squared "
-            "distance of the unit vectors: what mse computed, times D)")
-    return text
-
-
-def parse_config(argv=None) -> Config:
-    """Config's fields as flags: help from each field's comment, a Literal field's values as
-    argparse choices (a bad value fails naming the flag and the choices)."""
-    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, epilog=presets_text(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    helps = field_help(Config)
-    for f in dataclasses.fields(Config):
-        flag, help = "--" + f.name.replace("_", "-"), f"{helps[f.name]} (default: {f.default!r})"
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
-        else:
-            values = choices(f.type)
-            kind = kd_mode_flag if f.name == "kd_mode" else str if values else f.type
-            parser.add_argument(flag, type=kind, default=None, help=help, choices=values)
-    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    cfg = Config(**{**PRESETS[args.get("size", Config.size)], **args})
-    cfg.out = cfg.out or os.path.join("out", cfg.size)
-    return cfg
 
 
 # ---------------------------------------------------------------------------- the step
