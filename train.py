@@ -242,7 +242,7 @@ def chunk_tokens(cfg: Config, world: int, device, sources) -> tuple[int, str]:
     if device.type != "cuda":
         return cfg.chunk_tokens or PRESET_CHUNK_TOKENS[cfg.size], (
             "--chunk-tokens as given" if cfg.chunk_tokens else "the preset's") + \
-            " (a CPU run is not planned: the plan is of GPU memory)"
+            "; a CPU run is not planned, the plan is of GPU memory"
     return planned_budget(cfg, world, torch.cuda.get_device_properties(device).total_memory,
                           max(s.k for s in sources))
 
@@ -264,11 +264,10 @@ def planned_budget(cfg: Config, world: int, card_bytes: int, k: int) -> tuple[in
     total = lambda tokens: plan.memory_plan(config, world, tokens, seqs, cfg.shard_optimizer,
                                             cfg.lora_rank, teacher)["total"]
     fit = plan.chunk_tokens_that_fit(config, world, seqs, usable, **args)
-    where = (f"{world} rank(s) of {seqs} sequences"
+    where = (f"{world} rank{'s' * (world > 1)} of {seqs} sequences"
              + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "")
              + (f", teacher {cfg.teacher}" if cfg.teacher else "")
-             + f"; the plan may fill {usable / plan.GiB:.1f} GiB of a "
-             f"{card_bytes / plan.GiB:.1f} GiB card")
+             + f", {usable / plan.GiB:.1f} GiB of a {card_bytes / plan.GiB:.1f} GiB card")
     if total(fit) > usable:
         raise SystemExit(f"train.py: error: this run's plan does not fit the card at any "
                          f"--chunk-tokens ({where}): {total(fit) / plan.GiB:.1f} GiB at {fit}; "
@@ -279,10 +278,11 @@ def planned_budget(cfg: Config, world: int, card_bytes: int, k: int) -> tuple[in
                          f"({where}): {total(given) / plan.GiB:.2f} GiB per GPU; --chunk-tokens "
                          f"{fit} fits, or leave the flag out and the run plans it")
     if given:
-        return given, f"--chunk-tokens as given, which fits this run's plan ({where})"
+        return given, f"--chunk-tokens as given, whose plan fits {where}"
     tokens = plan.planned_chunk_tokens(preset, config, world, seqs, usable, **args)
-    return tokens, (f"planned: the preset's, which fits ({where})" if tokens == preset else
-                    f"planned: the largest that fits; the preset's {preset} does not ({where})")
+    return tokens, (f"planned: the preset's, whose plan fits {where}" if tokens == preset else
+                    f"planned: the largest whose plan fits {where}; the preset's {preset} does "
+                    f"not")
 
 
 def setup_data(cfg: Config, rank: int, world: int):

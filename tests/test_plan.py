@@ -203,7 +203,7 @@ def test_a_run_plans_its_token_budget_and_refuses_one_that_cannot_fit():
     tokens, note = train.planned_budget(cfg(*teacher), 8, plan.CARD_BYTES, 7)
     config = plan.qwen3_config("1.7b")
     assert tokens == plan.chunk_tokens_that_fit(config, 8, 576, teacher=plan.qwen3_config("4b"))
-    assert tokens < train.PRESET_CHUNK_TOKENS["1.7b"] and "the largest that fits" in note
+    assert tokens < train.PRESET_CHUNK_TOKENS["1.7b"] and "the largest whose plan fits" in note
     with pytest.raises(SystemExit, match=f"--chunk-tokens 14080 does not fit .* --chunk-tokens "
                                          f"{tokens} fits"):
         train.planned_budget(cfg(*teacher, "--chunk-tokens", "14080"), 8, plan.CARD_BYTES, 7)
