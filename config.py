@@ -100,7 +100,8 @@ def presets_text() -> str:
     """-h's epilog: what each --size changes."""
     paper = textwrap.fill(", ".join(f"{k}={v}" for k, v in PAPER.items()), 88,
                           initial_indent="  ", subsequent_indent="  ")
-    return ("presets (--size): tiny is the defaults above; 0.6b, 1.7b and 4b run the paper's "
+    return (f"presets (--size): tiny is the defaults above (chunk_tokens="
+            f"{PRESET_CHUNK_TOKENS['tiny']} where it fits); 0.6b, 1.7b and 4b run the paper's "
             "recipe,\n" + paper + "\n" + "\n".join(
                 f"  {size:5s} " + ", ".join(f"{k}={v}" for k, v in p.items() if k not in PAPER)
                 + f", chunk_tokens={PRESET_CHUNK_TOKENS[size]} where it fits"
