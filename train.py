@@ -218,8 +218,10 @@ def dry_run(cfg: Config, world: int) -> dict:
             if not cfg.data and not os.path.isdir(data_folder):  # the run writes it; a plan not
                 data_folder = tmp
                 demo.write_demo_sample(tmp, seed=0, negatives=cfg.demo_negatives)
+            memo = cfg.token_cache or os.path.join(cfg.out, "token_cache")  # a run's file scans
             try:
-                sources = D.load_sources(data_folder, cfg.seed, cfg.val_fraction, None,
+                sources = D.load_sources(data_folder, cfg.seed, cfg.val_fraction,
+                                         memo if os.path.isdir(memo) else None,
                                          D.DATA_SETS[cfg.data_set][1], cfg.strict_data,
                                          cfg.max_bad_fraction, cfg.k_clustering)
             except D.DataError as e:

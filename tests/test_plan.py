@@ -150,6 +150,7 @@ def test_dry_run_text_names_the_estimate(capsys):
     assert "ESTIMATE at 30% MFU" in out and ": fits" in out and "margin left" in out
 
 
+@pytest.mark.slow  # the whole demo sample
 def test_the_planned_steps_are_the_batches_the_loader_draws(capsys, tmp_path, demo_dir,
                                                            small_demo_dir):
     """plan.steps_per_epoch == what a real data.BatchStream plans per epoch over the same
@@ -175,6 +176,7 @@ def test_the_planned_steps_are_the_batches_the_loader_draws(capsys, tmp_path, de
     assert sum(len(s.train_rows) for s in sources) // cfg.batch_size == 323  # the old count
 
 
+@pytest.mark.slow  # torchrun processes
 def test_the_plan_holds_the_fullest_rank_of_a_real_zero_partition(tmp_path):
     """3 gloo ranks, a tiny Qwen3 whose embedding is its largest tensor (as in every preset):
     the bytes of AdamW state each rank holds after one ZeroRedundancyOptimizer step are

@@ -182,7 +182,7 @@ def one_process_group(device) -> bool:
 
 
 def plans(config, chunk_tokens: int, sequences: int) -> tuple[dict, dict]:
-    """(what this 1-process check holds: AdamW unsharded, what a rank of 8 holds)."""
+    """(what this 1-process check holds: AdamW unsharded, what the fullest rank of 8 holds)."""
     one = plan.memory_plan(config, world=1, chunk_tokens=chunk_tokens,
                            sequences_per_rank=sequences, shard_optimizer=False)
     rank = plan.memory_plan(config, world=PAPER_WORLD, chunk_tokens=chunk_tokens,
@@ -264,7 +264,7 @@ def check_size(size, config, device, attn, steps, b, k, max_length, chunk_tokens
         # what the process holds beside the allocator: CUDA context, NCCL, cuBLAS workspaces
         free, total = torch.cuda.mem_get_info(device)
         outside = total - free - torch.cuda.memory_reserved(device)
-        adamw_saved = one["adamw_states"] - rank["adamw_states"]  # sharded 8 ways on a rank
+        adamw_saved = one["adamw_states"] - rank["adamw_states"]  # the fullest rank's share kept
         measured = dict(weights_fp32=weights - before, gradients_fp32=buckets - weights,
                         adamw_states=adamw, pass_2_transient=pass_2, peak_allocated=peak)
         planned = dict(weights_fp32=one["weights_fp32"], gradients_fp32=one["gradients_fp32"],
