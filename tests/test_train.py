@@ -175,11 +175,12 @@ def test_choice_flags_offer_what_the_code_accepts():
     from typing import get_args
 
     from loss import KD_MODES
+    from runtime.flags import field_help
     hints = train.Config.__annotations__ | train.Recipe.__annotations__
     assert get_args(hints["kd_mode"]) == KD_MODES
     assert set(get_args(hints["data_set"])) == set(D.DATA_SETS)
     assert set(get_args(hints["size"])) == set(train.PRESETS)
-    helps = train.field_help(train.Config)  # runtime/flags.py's, tools/mine.py's too: aligned continuations
+    helps = field_help(train.Config)  # runtime/flags.py's, tools/mine.py's too: aligned continuations
     assert helps["kd_mode"] == ("v2: F2LLM v2's MSE of raw states; unit: of unit vectors; "
                                 "kl: of scores")
     assert helps["source_sampling"] == "how a batch's source is drawn"  # not the block above
@@ -227,7 +228,7 @@ def test_tiny_recipe_end_to_end(trained_run):
     (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag"),
     (["--size", "7b"], "invalid choice: '7b'"),
     (["--batch-sz", "8"], "unrecognized arguments: --batch-sz"),  # no prefix matching
-    (["--chunk-tokens", "0"], "--chunk-tokens must be positive"),
+    (["--chunk-tokens", "-1"], "--chunk-tokens must be >= 0 (0 = planned), got -1"),
     (["--data", "/nonexistent/folder"], "--data /nonexistent/folder: no such folder"),
     (["--resume"], "--resume: no checkpoint in"),
     (["--kd-mode", "l2"], "argument --kd-mode: invalid choice: 'l2' (choose from"),
