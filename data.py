@@ -210,6 +210,8 @@ def _scan(path: str) -> tuple[list[str], np.ndarray, np.ndarray]:
 
 
 EMPTY_COLUMNS = (None, "query", "passage")  # the codes of _scan's `empty`
+# every row number this project prints or writes (errors, skipped rows, data_report.json)
+ROWS_FROM_0 = "rows count from 0, as pyarrow's slice and pandas' iloc"
 
 
 def _text_columns(names: list[str]) -> list[str]:
@@ -254,12 +256,13 @@ def _skipped_rows(path: str, k: int, n: np.ndarray, empty: np.ndarray, strict: b
     if strict and empty.any():
         row = int(np.flatnonzero(empty)[0])
         raise DataError(f"{path}, row {row}, column {EMPTY_COLUMNS[empty[row]]!r}: empty or "
-                        f"missing text; drop the row or fill it in (or leave out --strict-data)")
+                        f"missing text; drop the row or fill it in (or leave out --strict-data); "
+                        f"{ROWS_FROM_0}")
     if strict and (n < k).any():
         row = int(np.flatnonzero(n < k)[0])
         raise DataError(f"{path}, row {row}, column 'negative_{n[row] + 1}': this row has "
                         f"{n[row]} hard negatives but its task type needs k = {k}; drop the "
-                        f"row or mine more negatives (or leave out --strict-data)")
+                        f"row or mine more negatives (or leave out --strict-data); {ROWS_FROM_0}")
     skipped = {"empty query": np.flatnonzero(empty == 1),
                "empty passage": np.flatnonzero(empty == 2),
                f"fewer than k = {k} negatives": np.flatnonzero((empty == 0) & (n < k))}
@@ -271,7 +274,7 @@ def _skipped_rows(path: str, k: int, n: np.ndarray, empty: np.ndarray, strict: b
         limit = ("none is left" if bad == len(n)
                  else f"more than --max-bad-fraction {max_bad_fraction}")
         raise DataError(f"{path}: {bad} of its {len(n)} rows cannot train ({counts}): {limit}; "
-                        f"fix the file or remove it from the data folder")
+                        f"fix the file or remove it from the data folder; {ROWS_FROM_0}")
     return skipped
 
 
@@ -319,8 +322,8 @@ def load_sources(folder: str, seed: int = 0, val_fraction: float = 0.01,
 
 
 def data_report(sources: list[Source]) -> dict:
-    """Per source: rows, rows that train, and the rows skipped by reason (count, first rows);
-    train.py prints it at the start and writes it to OUT/data_report.json."""
+    """Per source: rows, rows that train, and the rows skipped by reason (count, first rows,
+    counting from 0); train.py prints it at the start and writes it to OUT/data_report.json."""
     return {s.name: {"file": s.path, "rows": s.num_rows,
                      "usable": s.num_rows - sum(len(r) for r in s.skipped.values()),
                      "skipped": {why: {"count": len(r), "first_rows": r[:10].tolist()}

@@ -44,6 +44,46 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("checkpoint",
+                   help="an export (OUT/final), a run's checkpoint (OUT/checkpoints/step_N) or "
+                        "a model mteb knows (codefuse-ai/F2LLM-4B)")
+    p.add_argument("--tasks", nargs="+",
+                   help="mteb task names, local task names or 'local' (default: the benchmark)")
+    p.add_argument("--benchmark", default="MTEB(eng, v2)", help="mteb benchmark name")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
+    p.add_argument("--max-length", type=int, default=8192, help="tokens per text, EOS included")
+    p.add_argument("--results", help="results folder (default: results/<checkpoint>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="recompute every task (and replace results of another checkpoint); "
+                        "without it, tasks already in the results folder are kept")
+    p.add_argument("--baseline", action="store_true",
+                   help="also score the run's untrained starting point")
+    p.add_argument("--dim", type=int, default=0,
+                   help="score the first N dimensions only (Matryoshka; 0 = all); named in the "
+                        "results")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="weights and compute of a local checkpoint (auto: bf16 + flash "
+                        "attention on CUDA, fp32 on CPU)")
+    p.add_argument("--encode", choices=["packed", "loader"], default="packed",
+                   help="packed: the loader's preprocessing, the backbone on packed rows (the "
+                        "same vectors, no padding computed); loader: its own padded encode")
+    p.add_argument("--chunk-tokens", type=int, default=16384,
+                   help="tokens per packed forward (--encode packed): a memory knob")
+    args = p.parse_args(argv)
+    if args.dim < 0:
+        p.error("--dim must be positive (0 = all dimensions)")
+    for flag in ("batch_size", "max_length", "chunk_tokens"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be positive")
+    return args
+
+
+if __name__ == "__main__":  # -h and a misspelt flag answer before mteb and torch load
+    parse_args(sys.argv[1:])
+
 import mteb
 import torch
 import torch.distributed as dist
@@ -393,41 +433,6 @@ def print_table(summary: dict, columns: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------- main
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("checkpoint",
-                   help="an export folder (OUT/final) or a model mteb knows (codefuse-ai/F2LLM-4B)")
-    p.add_argument("--tasks", nargs="+",
-                   help="mteb task names, local task names or 'local' (default: the benchmark)")
-    p.add_argument("--benchmark", default="MTEB(eng, v2)", help="mteb benchmark name")
-    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
-    p.add_argument("--max-length", type=int, default=8192, help="tokens per text, EOS included")
-    p.add_argument("--results", help="results folder (default: results/<checkpoint>)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="recompute every task (and replace results of another checkpoint); "
-                        "without it, tasks already in the results folder are kept")
-    p.add_argument("--baseline", action="store_true",
-                   help="also score the run's untrained starting point")
-    p.add_argument("--dim", type=int, default=0,
-                   help="score the first N dimensions only (Matryoshka; 0 = all); named in the "
-                        "results")
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="weights and compute of a local checkpoint (auto: bf16 + flash "
-                        "attention on CUDA, fp32 on CPU)")
-    p.add_argument("--encode", choices=["packed", "loader"], default="packed",
-                   help="packed: the loader's preprocessing, the backbone on packed rows (the "
-                        "same vectors, no padding computed); loader: its own padded encode")
-    p.add_argument("--chunk-tokens", type=int, default=16384,
-                   help="tokens per packed forward (--encode packed): a memory knob")
-    args = p.parse_args(argv)
-    if args.dim < 0:
-        p.error("--dim must be positive (0 = all dimensions)")
-    for flag in ("batch_size", "max_length", "chunk_tokens"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be positive")
-    return args
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     # every check a user can fail comes before any model is loaded

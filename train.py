@@ -9,7 +9,6 @@ Reads in the order things happen: the command line (config.py's fields) -> the p
 (docs/design.md §4) -> the loop (log, validate, checkpoint, runtime/curves.py's figure) -> the
 final export in OUT/final.
 """
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -18,8 +17,29 @@ import os
 import shlex
 import socket
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+from config import (  # no torch here: the flags are checked before the imports below
+    MATH_FIELDS,
+    PRESET_CHUNK_TOKENS,
+    PRESETS,
+    Config,
+    Recipe,
+    check_config,
+)
+from config import parse_config as parse_flags
+
+
+def parse_config(argv=None) -> Config:
+    """The command line: Config's fields as flags (config.parse_config), -h led by this file's
+    docstring."""
+    return parse_flags(argv, __doc__)
+
+
+if __name__ == "__main__":  # -h and a misspelt flag answer before torch and transformers load
+    parse_config(sys.argv[1:])
 
 import torch
 import torch.distributed as dist
@@ -27,14 +47,12 @@ from transformers import AutoTokenizer
 
 import data as D
 import model as M
-from config import MATH_FIELDS, PRESETS, Config, Recipe, check_config, presets_text
 from loss import IN_BATCH_TYPES, distillation_loss, f2llm_loss, matryoshka, matryoshka_dims
 from model import embed_packed
 from runtime import attention as A
 from runtime import checkpoint
 from runtime import tokens as T
 from runtime.curves import plot_curves
-from runtime.flags import choices, field_help
 from runtime.parallel import (
     barrier,
     print0,
@@ -46,36 +64,6 @@ from runtime.parallel import (
     wrap_ddp,
 )
 from runtime.signals import StopSignals
-
-
-# ---------------------------------------------------------------------------- command line
-def kd_mode_flag(text: str) -> str:
-    """--kd-mode's type: the mode this flag once had gets its own message."""
-    if text == "mse":
-        raise argparse.ArgumentTypeError(
-            "mse is now two modes: v2 (F2LLM v2's MSE of the raw states) or unit (the squared "
-            "distance of the unit vectors: what mse computed, times D)")
-    return text
-
-
-def parse_config(argv=None) -> Config:
-    """Config's fields as flags: help from each field's comment, a Literal field's values as
-    argparse choices (a bad value fails naming the flag and the choices)."""
-    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, epilog=presets_text(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    helps = field_help(Config)
-    for f in dataclasses.fields(Config):
-        flag, help = "--" + f.name.replace("_", "-"), f"{helps[f.name]} (default: {f.default!r})"
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
-        else:
-            values = choices(f.type)
-            kind = kd_mode_flag if f.name == "kd_mode" else str if values else f.type
-            parser.add_argument(flag, type=kind, default=None, help=help, choices=values)
-    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    cfg = Config(**{**PRESETS[args.get("size", Config.size)], **args})
-    cfg.out = cfg.out or os.path.join("out", cfg.size)
-    return cfg
 
 
 # ---------------------------------------------------------------------------- the step
@@ -217,20 +205,105 @@ def lr_lambda(lr: float, min_lr: float, warmup_steps: int, total_steps: int):
 
 
 # ---------------------------------------------------------------------------- main
+def architecture(cfg: Config):
+    """The run's model config without its weights (tools/plan.py): tiny's (its tokenizer's
+    16,384 tokens), a preset's, or --model's folder or Qwen3 size. ValueError if unknown."""
+    from tools import plan  # the planner serves the dry run and the CUDA budget only
+    if cfg.model == "tiny":
+        return M.tiny_config(16384)
+    if cfg.model == PRESETS[cfg.size].get("model"):
+        return plan.qwen3_config(cfg.size)
+    return plan.architecture(cfg.model, "--model")
+
+
 def dry_run(cfg: Config, world: int) -> dict:
-    """Plan a run of a real size without weights (tools/plan.py): parameters, batch arithmetic,
-    FLOPs, memory per GPU at the chunk's token budget (with --teacher: the teacher's too)."""
-    from tools import plan  # the planner serves the dry run only
+    """Plan a run without weights (tools/plan.py): parameters, batch arithmetic (counted from
+    the data when it is at hand: --data, or tiny's sample), FLOPs, memory per GPU at the token
+    budget the run would take (with --teacher: the teacher's too)."""
+    from tools import plan  # the planner serves the dry run and the CUDA budget only
     check_config(cfg, (cfg.nproc or world) * cfg.nodes)
-    if cfg.teacher:  # its architecture is known (folder or Qwen3 size), before any planning
-        try:
+    try:  # the architectures are known (folder or Qwen3 size), before any planning
+        config = architecture(cfg)
+        if cfg.teacher:
             plan.teacher_config(cfg.teacher)
-        except ValueError as e:
-            raise SystemExit(f"train.py: error: {e}") from None
-    return plan.dry_run(cfg.size, cfg.model, cfg.nproc or world, cfg.nodes, cfg.batch_size,
-                        cfg.epochs, cfg.steps, cfg.val_fraction, cfg.chunk_tokens, cfg.max_length,
+    except ValueError as e:
+        raise SystemExit(f"train.py: error: {e}") from None
+    train_rows, k, data_folder = None, max(D.K_BY_TYPE["retrieval"], cfg.k_clustering), ""
+    if cfg.data or cfg.size == "tiny":  # count what the loader will draw
+        with tempfile.TemporaryDirectory() as tmp:
+            data_folder = cfg.data or os.path.join(cfg.out, "data")
+            if not cfg.data and not os.path.isdir(data_folder):  # the run writes it; a plan not
+                data_folder = tmp
+                from tiny import demo
+                demo.write_demo_sample(tmp, seed=0, negatives=cfg.demo_negatives)
+            memo = cfg.token_cache or os.path.join(cfg.out, "token_cache")  # a run's file scans
+            try:
+                sources = D.load_sources(data_folder, cfg.seed, cfg.val_fraction,
+                                         memo if os.path.isdir(memo) else None,
+                                         D.DATA_SETS[cfg.data_set][1], cfg.strict_data,
+                                         cfg.max_bad_fraction, cfg.k_clustering)
+            except D.DataError as e:
+                raise SystemExit(f"train.py: data error: {e}") from None
+        train_rows, k = [len(s.train_rows) for s in sources], max(s.k for s in sources)
+        data_folder = "tiny's demo sample" if data_folder == tmp else data_folder
+    released = len(D.read_task_types(None, D.DATA_SETS[cfg.data_set][1]))
+    return plan.dry_run(config, cfg.size, cfg.model, cfg.nproc or world, cfg.nodes,
+                        cfg.batch_size, cfg.epochs, cfg.steps, cfg.val_fraction, cfg.chunk_tokens,
+                        PRESET_CHUNK_TOKENS[cfg.size], cfg.max_length, k=k,
                         shard_optimizer=cfg.shard_optimizer, as_json=cfg.json,
-                        lora_rank=cfg.lora_rank, teacher=cfg.teacher)
+                        lora_rank=cfg.lora_rank, teacher=cfg.teacher, train_rows=train_rows,
+                        data=data_folder, released_sources=released)
+
+
+def chunk_tokens(cfg: Config, world: int, device, sources) -> tuple[int, str]:
+    """The run's token budget, and the start-up line's note on where it comes from: on CUDA
+    the plan of THIS run on the card it finds (planned_budget); on a CPU the flag or the
+    preset's (the plan is of GPU memory)."""
+    if device.type != "cuda":
+        return cfg.chunk_tokens or PRESET_CHUNK_TOKENS[cfg.size], (
+            "--chunk-tokens as given" if cfg.chunk_tokens else "the preset's") + \
+            "; a CPU run is not planned, the plan is of GPU memory"
+    return planned_budget(cfg, world, torch.cuda.get_device_properties(device).total_memory,
+                          max(s.k for s in sources))
+
+
+def planned_budget(cfg: Config, world: int, card_bytes: int, k: int) -> tuple[int, str]:
+    """The token budget of this run's plan (its model, teacher, LoRA rank, world size, a card
+    of card_bytes, k negatives): without --chunk-tokens the preset's where it fits, else the
+    largest that fits; a given --chunk-tokens whose plan does not fit is refused, before any
+    weights load, naming the budget that fits. The budget never changes the gradients (I2),
+    so it is free to adapt. -> (tokens, note)."""
+    from tools import plan
+    given, preset = cfg.chunk_tokens, PRESET_CHUNK_TOKENS[cfg.size]
+    try:
+        config = architecture(cfg)
+        teacher = plan.teacher_config(cfg.teacher) if cfg.teacher else None
+    except ValueError as e:
+        return given or preset, f"not planned: {e}"
+    usable, seqs = plan.usable_bytes(card_bytes), cfg.batch_size // world * (2 + k)
+    args = dict(lora_rank=cfg.lora_rank, teacher=teacher, shard_optimizer=cfg.shard_optimizer)
+    total = lambda tokens: plan.memory_plan(config, world, tokens, seqs, cfg.shard_optimizer,
+                                            cfg.lora_rank, teacher)["total"]
+    fit = plan.chunk_tokens_that_fit(config, world, seqs, usable, **args)
+    where = (f"{world} rank{'s' * (world > 1)} of {seqs} sequences"
+             + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "")
+             + (f", teacher {cfg.teacher}" if cfg.teacher else "")
+             + f", {usable / plan.GiB:.1f} GiB of a {card_bytes / plan.GiB:.1f} GiB card")
+    if total(fit) > usable:
+        raise SystemExit(f"train.py: error: this run's plan does not fit the card at any "
+                         f"--chunk-tokens ({where}): {total(fit) / plan.GiB:.1f} GiB at {fit}; "
+                         f"use more GPUs, --lora-rank, or a smaller --teacher (--dry-run shows "
+                         f"each term)")
+    if given and total(given) > usable:
+        raise SystemExit(f"train.py: error: --chunk-tokens {given} does not fit this run's plan "
+                         f"({where}): {total(given) / plan.GiB:.2f} GiB per GPU; --chunk-tokens "
+                         f"{fit} fits, or leave the flag out and the run plans it")
+    if given:
+        return given, f"--chunk-tokens as given, whose plan fits {where}"
+    tokens = plan.planned_chunk_tokens(preset, config, world, seqs, usable, **args)
+    return tokens, (f"planned: the preset's, whose plan fits {where}" if tokens == preset else
+                    f"planned: the largest whose plan fits {where}; the preset's {preset} does "
+                    f"not")
 
 
 def setup_data(cfg: Config, rank: int, world: int):
@@ -261,7 +334,7 @@ def setup_data(cfg: Config, rank: int, world: int):
            f"{cfg.source_sampling} rule, {sum(len(s.val_rows) for s in sources)} rows held out")
     report = D.data_report(sources)
     for s, n in zip(sources, stream.source_batches):
-        skipped = "".join(f", skipped {r['count']} ({why}: rows {r['first_rows'][:5]})"
+        skipped = "".join(f", skipped {r['count']} ({why}: rows {r['first_rows'][:5]}, from 0)"
                           for why, r in report[s.name]["skipped"].items())
         print0(f"  {s.name:32s} {s.task_type:14s} k={s.k} train={len(s.train_rows)} "
                f"val={len(s.val_rows)} batches/epoch={n}{skipped}")
@@ -401,13 +474,15 @@ def continue_command(argv: list[str], world: int) -> str:
     return shlex.join(["python", "train.py", *argv])
 
 
-def batch_plan(cfg: Config, world: int, sources, epochs: float, total_steps: int) -> str:
-    """The batch arithmetic, printed at start (derived numbers never go back into the config)."""
+def batch_plan(cfg: Config, world: int, sources, epochs: float, total_steps: int,
+               budget: tuple[int, str]) -> str:
+    """The batch arithmetic, printed at start (derived numbers never go back into the config);
+    budget: chunk_tokens(...)'s (tokens, why)."""
     b = cfg.batch_size // world
     cap = f" and <= {cfg.chunk_size} sequences" if cfg.chunk_size else ""
     return (f"batch: {cfg.batch_size} queries/step = {world} ranks x {b}; per rank up to "
             f"{b * (2 + max(s.k for s in sources))} sequences (b x (2 + k)) in packed chunks of <= "
-            f"{cfg.chunk_tokens} tokens{cap}; {total_steps} steps ({epochs:.2f} epochs)")
+            f"{budget[0]} tokens{cap} ({budget[1]}); {total_steps} steps ({epochs:.2f} epochs)")
 
 
 def log_step(record: dict, total_steps: int, eta_s: float) -> str:
@@ -452,11 +527,14 @@ def main(argv=None):
         print0(allocator_note)
     sources, stream, cache_folder = setup_data(cfg, rank, world)
     total_steps = cfg.steps or cfg.epochs * stream.batches_per_epoch
-    print0(batch_plan(cfg, world, sources, total_steps / stream.batches_per_epoch, total_steps))
+    budget = chunk_tokens(cfg, world, device, sources)  # refused here if it cannot fit
+    print0(batch_plan(cfg, world, sources, total_steps / stream.batches_per_epoch, total_steps,
+                      budget))
     os.makedirs(cfg.out, exist_ok=True)
     if rank == 0:
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
+    cfg = dataclasses.replace(cfg, chunk_tokens=budget[0])  # the input config keeps the flag
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # one per pass
     backbone, tokenizer = setup_model(cfg, rank, device, bf16, sources)

@@ -314,7 +314,7 @@ def paper_batch_efficiency(args, batches: int = 20) -> dict:
     count-chunk step (C = 16, the old 0.6b preset) and the official step (one padded batch)."""
     rng, eff = np.random.default_rng(args.seed), {"varlen": [], "rows": [], "count": [],
                                                   "official": []}
-    budget = train.PRESETS["0.6b"]["chunk_tokens"]
+    budget = train.PRESET_CHUNK_TOKENS["0.6b"]
     for _ in range(batches):
         lengths = plan.length_mix(rng, 64, 7, args.max_length)
         real = sum(lengths)

@@ -107,7 +107,7 @@ class TokenCache:
         """Why the cache file of `source` cannot be used as it is; None if it can."""
         path = self.path(source)
         if not os.path.exists(path):
-            return "not built"
+            return "no cache file yet"
         try:
             reader = pa.ipc.open_file(pa.memory_map(path))
             key = json.loads(reader.schema.metadata[b"f2llm_key"])

@@ -272,7 +272,7 @@ def test_cache_is_keyed_by_data_tokenizer_and_length(tmp_path, tok, small_demo_d
     other = {"length": T.TokenCache(cache, tok, MAX_LENGTH // 2),
              "tokenizer": T.TokenCache(cache, other_tok, MAX_LENGTH)}
     for what, c in other.items():
-        assert c.path(source) != first and c.problem(source) == "not built", what
+        assert c.path(source) != first and c.problem(source) == "no cache file yet", what
         c.build([source], log=lambda *a: None)
     assert len([f for f in os.listdir(cache) if f.endswith(".arrow")]) == 3 and _files(folder) == data_files
     # a file of the other tokenizer under this key's name: refused by open, replaced by build
@@ -287,7 +287,7 @@ def test_cache_is_keyed_by_data_tokenizer_and_length(tmp_path, tok, small_demo_d
     table = pq.read_table(os.path.join(folder, "bbc_topic_classification.parquet")).slice(0, 100)
     pq.write_table(table, os.path.join(folder, "bbc_topic_classification.parquet"))
     (changed,) = D.load_sources(folder)
-    assert this.path(changed) != first and this.problem(changed) == "not built"
+    assert this.path(changed) != first and this.problem(changed) == "no cache file yet"
 
 
 def test_half_written_cache_is_rebuilt_and_waiting_ranks_open_it(tmp_path, tok, small_demo_dir, monkeypatch):
@@ -308,7 +308,7 @@ def test_half_written_cache_is_rebuilt_and_waiting_ranks_open_it(tmp_path, tok, 
     with pytest.raises(KeyboardInterrupt):
         builder.build([source], workers=1)
     monkeypatch.setattr(T, "tokenize_rows", real)
-    assert builder.problem(source) == "not built"  # only the temporary file was written
+    assert builder.problem(source) == "no cache file yet"  # only the temporary file was written
     assert [f for f in os.listdir(cache) if ".tmp-" in f]
     assert not [f for f in os.listdir(cache) if f.endswith(".lock")]  # released on the way out
     # a rank that waits for the builder opens the files once they are complete
@@ -536,7 +536,7 @@ def test_one_builder_per_file_and_the_stale_lock_rule(tmp_path, tok, small_demo_
                               kwargs=dict(log=built.append, workers=1))
     thread.start()
     thread.join(timeout=0.5)
-    assert thread.is_alive() and cache.problem(source) == "not built"  # waiting, not building
+    assert thread.is_alive() and cache.problem(source) == "no cache file yet"  # waiting, not building
     os.utime(lock, (time.time() - 120, time.time() - 120))  # that builder stopped touching it
     thread.join(timeout=30)
     assert not thread.is_alive() and cache.problem(source) is None and len(built) == 1
@@ -644,6 +644,7 @@ def test_v2_table_from_the_official_lists_and_an_extra_column_is_ignored(tmp_pat
     (["--tokenize-workers", "-1"], "--tokenize-workers must be >= 0"),
     (["--strict-data"], "src.parquet, row 3, column 'passage': empty or missing text"),
     ([], "src.parquet: 1 of its 5 rows cannot train (empty passage: 1 (rows 3))"),
+    ([], "rows count from 0"),  # the 4th row is row 3, and the message says so
 ])
 def test_data_flags_fail_before_any_model(tmp_path, argv, message):
     import train

@@ -51,9 +51,9 @@ def test_a_size_that_cannot_fit_the_gpu_is_skipped_with_the_reason():
     does not fit an 80 GB card that way; every size fits a 139 GiB H200 at full depth."""
     sequences = 64 * 9
     for size in ("0.6b", "1.7b", "4b"):
-        config, tokens = plan.qwen3_config(size), train.PRESETS[size]["chunk_tokens"]
+        config, tokens = plan.qwen3_config(size), train.PRESET_CHUNK_TOKENS[size]
         assert gpu_check.why_not(size, config, tokens, sequences, 139 * 2**30) is None, size
     config = plan.qwen3_config("4b")
-    reason = gpu_check.why_not("4b", config, train.PRESETS["4b"]["chunk_tokens"], sequences,
+    reason = gpu_check.why_not("4b", config, train.PRESET_CHUNK_TOKENS["4b"], sequences,
                                gpu_check.CARD_80GB)
     assert reason and "AdamW states unsharded" in reason and "--layers" in reason

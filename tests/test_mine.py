@@ -202,9 +202,11 @@ def test_field_help_reads_each_fields_comment_and_its_aligned_continuation():
                                       "short")
     assert helps["range_min"] == "skip the best N candidates, likely unlabelled positives"
     config = mine.field_help(train.Config)
-    assert mine.field_help is train.field_help  # one mechanism (runtime/flags.py)
+    import config as C
+    assert mine.field_help is C.field_help  # one mechanism (runtime/flags.py)
     assert list(config) == [f.name for f in dataclasses.fields(train.Config)]
     assert config["val_fraction"] == "held out per source"  # not the block comment below it
+    assert config["chunk_tokens"].endswith("else the largest that fits (a CPU run: the preset's)")
 
 
 @pytest.mark.slow

@@ -45,7 +45,7 @@ def test_two_nodes_build_each_cache_file_once_and_equal_one_node(tmp_path, small
                   nproc=2)
 
     # every source tokenized exactly once, by one of the two nodes' builders
-    built = collections.Counter(re.findall(r"tokenized (\w+) \(not built\)", "".join(logs)))
+    built = collections.Counter(re.findall(r"tokenized (\w+) \(no cache file yet\)", "".join(logs)))
     sources = {f.rsplit(".", 1)[0] for f in os.listdir(data) if f.endswith(".parquet")}
     assert built == {name: 1 for name in sources}, built
     cache = os.listdir(os.path.join(two, "token_cache"))

@@ -5,8 +5,10 @@ import json
 
 import pytest
 import torch
+from conftest import launch
 from transformers import AutoModel
 
+import data as D
 import model as M
 import train
 from tools import plan
@@ -91,8 +93,13 @@ def test_dry_run_json_fits_80gb_in_few_chunks(capsys, size, most_chunks):
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"size", "parameters", "world", "steps", "chunks_per_step", "tokens_per_chunk",
             "memory_gib", "margin_gib", "activations_measured_on"} <= set(r)
-    assert r["parameters"] == plan.PUBLISHED[size]["params"] and r["world"] == 8 and r["steps"] == 22_946
-    assert r["tokens_per_chunk"] == train.PRESETS[size]["chunk_tokens"]
+    assert r["parameters"] == plan.PUBLISHED[size]["params"] and r["world"] == 8
+    # the released set's sizes per source are unknown offline: at most one filled batch more per
+    # source (62) per epoch than the rows' 11,474
+    assert (r["steps_per_epoch_fewest"], r["steps_per_epoch"], r["steps"]) == (11_474, 11_537,
+                                                                               23_074)
+    assert r["tokens_per_chunk"] == train.PRESET_CHUNK_TOKENS[size]
+    assert r["tokens_per_chunk_from"] == "planned"
     assert r["chunks_per_step"] <= most_chunks
     gib = r["memory_gib"]
     assert gib["total"] == pytest.approx(sum(v for k, v in gib.items() if k != "total"))
@@ -101,17 +108,24 @@ def test_dry_run_json_fits_80gb_in_few_chunks(capsys, size, most_chunks):
     assert r["margin_gib"] == pytest.approx(79.65 - gib["total"]) and r["margin_gib"] >= 7.65
     # the preset is the largest budget the plan allows
     config = plan.qwen3_config(size)
-    assert train.PRESETS[size]["chunk_tokens"] == plan.chunk_tokens_that_fit(config, 8, 576)
+    assert train.PRESET_CHUNK_TOKENS[size] == plan.chunk_tokens_that_fit(config, 8, 576)
     assert plan.memory_plan(config, 8, r["tokens_per_chunk"] + 256, 576)["total"] > 72 * 2**30
 
 
 def test_dry_run_plans_a_teacher_from_its_folder_or_its_name(capsys, tmp_path):
     """--teacher adds its bf16 weights, one chunk of its no-grad forward and its reps; a folder
-    gives its config.json, a hub id its Qwen3 size; a name the plan cannot size is refused."""
+    gives its config.json, a hub id its Qwen3 size; a name the plan cannot size is refused.
+    At the preset's budget the plan with a 4B teacher does not fit; without --chunk-tokens the
+    dry run plans the largest budget that does, as the run would."""
     base = ["--size", "1.7b", "--dry-run", "--nproc", "8", "--json"]
     train.main(base)
     alone = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     train.main(base + ["--teacher", "Qwen/Qwen3-Embedding-4B"])
+    planned = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert planned["fits"] and planned["tokens_per_chunk_from"] == "planned"
+    assert planned["tokens_per_chunk"] == 11776 < alone["tokens_per_chunk"]
+    train.main(base + ["--teacher", "Qwen/Qwen3-Embedding-4B", "--chunk-tokens",
+                       str(alone["tokens_per_chunk"])])
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert r["teacher"]["parameters"] == plan.PUBLISHED["4b"]["params"]
     teacher_bf16 = 2 * r["teacher"]["parameters"] / 2**30
@@ -132,8 +146,77 @@ def test_dry_run_text_names_the_estimate(capsys):
     train.main(["--size", "4b", "--dry-run", "--nproc", "8", "--nodes", "2"])
     out = capsys.readouterr().out
     assert "4,022,468,096 parameters" in out and "embedding dim 2560" in out
-    assert "batch 512 queries/step = 32 per rank" in out and "22,946 steps in total" in out
+    assert "batch 512 queries/step = 32 per rank" in out and "at most 23,074 steps in total" in out
     assert "ESTIMATE at 30% MFU" in out and ": fits" in out and "margin left" in out
+
+
+@pytest.mark.slow  # the whole demo sample
+def test_the_planned_steps_are_the_batches_the_loader_draws(capsys, tmp_path, demo_dir,
+                                                           small_demo_dir):
+    """plan.steps_per_epoch == what a real data.BatchStream plans per epoch over the same
+    sources (each source's last partial batch filled: up to one step more per source than
+    rows // batch), at batch sizes below, near and above a source's rows. The tiny preset's
+    dry run (no weights) counts its run's data folder, OUT/data, and plans the 325 steps the
+    run takes, where rows // batch gave 323."""
+    sources = D.load_sources(small_demo_dir, seed=0, val_fraction=0.02)
+    rows = [len(s.train_rows) for s in sources]
+    for batch in (7, 32, 146, 147, 1000):
+        stream = D.BatchStream(sources, batch, seed=0, sampling="remaining")
+        assert plan.steps_per_epoch(rows, batch) == stream.batches_per_epoch == len(stream.plan)
+    assert plan.steps_per_epoch(rows, 32) > sum(rows) // 32
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "data").symlink_to(demo_dir)  # what `--size tiny` writes there
+    train.main(["--size", "tiny", "--dry-run", "--json", "--out", str(tmp_path / "run")])
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cfg = train.parse_config(["--size", "tiny"])
+    sources = D.load_sources(demo_dir, cfg.seed, cfg.val_fraction)
+    run = D.BatchStream(sources, cfg.batch_size, cfg.seed, cfg.source_sampling)
+    assert r["steps"] == r["steps_per_epoch"] == run.batches_per_epoch == 325
+    assert r["steps_counted_from"] == "data"
+    assert sum(len(s.train_rows) for s in sources) // cfg.batch_size == 323  # the old count
+
+
+@pytest.mark.slow  # torchrun processes
+def test_the_plan_holds_the_fullest_rank_of_a_real_zero_partition(tmp_path):
+    """3 gloo ranks, a tiny Qwen3 whose embedding is its largest tensor (as in every preset):
+    the bytes of AdamW state each rank holds after one ZeroRedundancyOptimizer step are
+    8 x plan.zero_shards(...) rank by rank, the fullest well above the average 8P / world,
+    and memory_plan's adamw_states is the fullest rank's."""
+    config = plan.config_like(plan.qwen3_config("0.6b"), 2)
+    for k, v in dict(SMALL, hidden_size=64, intermediate_size=128, head_dim=16,
+                     vocab_size=4000).items():
+        setattr(config, k, v)
+    config.to_json_file(tmp_path / "config.json")
+    launch("tests/zero_worker.py", tmp_path / "config.json", tmp_path / "held", nproc=3)
+    held = [json.loads((tmp_path / f"held.rank{r}.json").read_text()) for r in range(3)]
+    sizes = plan.trained_sizes(config)
+    assert held == [8 * n for n in plan.zero_shards(sizes, 3)]
+    assert max(held) > 1.5 * 8 * sum(sizes) / 3  # the embedding: whole, on one rank
+    assert plan.memory_plan(config, 3, 256, 9)["adamw_states"] == max(held)
+
+
+def test_a_run_plans_its_token_budget_and_refuses_one_that_cannot_fit():
+    """train.planned_budget, what a CUDA run calls with its card's memory before any weights
+    load: 1.7b on 8 GPUs with a 4B teacher does not fit the preset's budget on an 80 GB card,
+    so the run takes the largest that fits (the dry run's); a --chunk-tokens above it is
+    refused naming it; without a teacher the preset stays, and a larger card keeps it too."""
+    cfg = lambda *flags: train.parse_config(["--size", "1.7b", *flags])
+    teacher = ("--teacher", "Qwen/Qwen3-4B")
+    tokens, note = train.planned_budget(cfg(*teacher), 8, plan.CARD_BYTES, 7)
+    config = plan.qwen3_config("1.7b")
+    assert tokens == plan.chunk_tokens_that_fit(config, 8, 576, teacher=plan.qwen3_config("4b"))
+    assert tokens < train.PRESET_CHUNK_TOKENS["1.7b"] and "the largest whose plan fits" in note
+    with pytest.raises(SystemExit, match=f"--chunk-tokens 14080 does not fit .* --chunk-tokens "
+                                         f"{tokens} fits"):
+        train.planned_budget(cfg(*teacher, "--chunk-tokens", "14080"), 8, plan.CARD_BYTES, 7)
+    assert train.planned_budget(cfg(*teacher, "--chunk-tokens", str(tokens)), 8,
+                                plan.CARD_BYTES, 7)[0] == tokens
+    assert train.planned_budget(cfg(), 8, plan.CARD_BYTES, 7)[0] == 14080
+    assert train.planned_budget(cfg(), 8, int(139 * 2**30), 7)[0] == 14080
+    fewer = train.planned_budget(cfg(), 2, plan.CARD_BYTES, 7)[0]  # 256 queries per GPU
+    assert fewer < 14080
+    with pytest.raises(SystemExit, match="does not fit the card at any --chunk-tokens"):
+        train.planned_budget(train.parse_config(["--size", "4b"]), 1, plan.CARD_BYTES, 7)
 
 
 def test_fp32_master_weights_keep_tiny_updates(backbone):

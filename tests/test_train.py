@@ -209,11 +209,12 @@ def test_choice_flags_offer_what_the_code_accepts():
     from typing import get_args
 
     from loss import KD_MODES
+    from runtime.flags import field_help
     hints = train.Config.__annotations__ | train.Recipe.__annotations__
     assert get_args(hints["kd_mode"]) == KD_MODES
     assert set(get_args(hints["data_set"])) == set(D.DATA_SETS)
     assert set(get_args(hints["size"])) == set(train.PRESETS)
-    helps = train.field_help(train.Config)  # runtime/flags.py's, tools/mine.py's too: aligned continuations
+    helps = field_help(train.Config)  # runtime/flags.py's, tools/mine.py's too: aligned continuations
     assert helps["kd_mode"] == ("v2: F2LLM v2's MSE of raw states; unit: of unit vectors; "
                                 "kl: of scores")
     assert helps["source_sampling"] == "how a batch's source is drawn"  # not the block above
@@ -263,7 +264,7 @@ def test_tiny_recipe_end_to_end(trained_run):
     (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag"),
     (["--size", "7b"], "invalid choice: '7b'"),
     (["--batch-sz", "8"], "unrecognized arguments: --batch-sz"),  # no prefix matching
-    (["--chunk-tokens", "0"], "--chunk-tokens must be positive"),
+    (["--chunk-tokens", "-1"], "--chunk-tokens must be >= 0 (0 = planned), got -1"),
     (["--data", "/nonexistent/folder"], "--data /nonexistent/folder: no such folder"),
     (["--resume"], "--resume: no checkpoint in"),
     (["--kd-mode", "l2"], "argument --kd-mode: invalid choice: 'l2' (choose from"),
@@ -551,3 +552,48 @@ def test_k_clustering_sets_the_hard_negatives_of_clustering_data_only(small_demo
     assert [len(n) for n in batch.negatives] == [9] * 4
     with pytest.raises(D.DataError, match="negative_25"):
         D.load_sources(small_demo_dir, memo_folder=memo, k_clustering=25)
+
+
+# each script run as its user runs it: (path, module), one of them, and the words before a flag
+SCRIPTS = [("train.py", None, []), ("evaluate.py", None, []), (None, "tools.gpu_check", []),
+           (None, "tools.mine", ["demo", "--model", "m"])]
+WITHOUT_TORCH = """
+import contextlib, io, json, runpy, sys
+answers = []
+for path, module, words in json.loads(sys.argv[1]):
+    for argv in ([*words, "--chunk-token", "5"], [*words, "-h"]):
+        sys.argv, err, out = [path or module, *argv], io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            try:
+                runpy.run_path(path, run_name="__main__") if path else \\
+                    runpy.run_module(module, run_name="__main__", alter_sys=True)
+            except SystemExit as e:
+                answers.append([e.code, err.getvalue() + out.getvalue(), "torch" in sys.modules])
+print(json.dumps(answers))
+"""
+
+
+def test_scripts_answer_help_and_a_misspelt_flag_before_torch_loads():
+    """train.py, evaluate.py and `python -m tools.gpu_check | tools.mine`, as run from the
+    repository root: a misspelt flag gets argparse's usage error naming it (exit 2), and -h
+    its help (exit 0), before torch (~20 s here) is imported; tools.gpu_check's -h says in one
+    line what it does and every flag has help. Config's temperature is loss.TEMPERATURE."""
+    import subprocess
+    import sys
+
+    from conftest import ENV, ROOT
+
+    from loss import TEMPERATURE
+    from tools import gpu_check
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, json.dumps(SCRIPTS)], cwd=ROOT,
+                          env=ENV, capture_output=True, text=True, timeout=120)
+    answers = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(answers) == 2 * len(SCRIPTS), proc.stderr[-2000:]
+    for (path, module, _), misspelt, help in zip(SCRIPTS, answers[::2], answers[1::2]):
+        assert misspelt[0] == 2 and "unrecognized arguments: --chunk-token" in misspelt[1], path
+        assert help[0] == 0 and "usage:" in help[1], (path or module, help[1][-500:])
+        assert not misspelt[2] and not help[2], f"{path or module} imported torch first"
+    parser = gpu_check.flags()
+    assert "\n" not in parser.description and parser.description.endswith(".")
+    assert all(action.help for action in parser._actions)
+    assert train.Config.temperature == TEMPERATURE

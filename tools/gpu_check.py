@@ -4,7 +4,8 @@ memory plan? One script, no network, nothing beyond torch, transformers, numpy a
 one H200.
 
     python -m tools.gpu_check                 # on a GPU machine; writes gpu_check.json
-    python -m tools.gpu_check --cpu-smoke     # the same code path on a CPU with tiny shapes (tests)
+    python -m tools.gpu_check --cpu-smoke     # the same code path on a CPU with tiny shapes (tests;
+                                              # writes out/gpu_check_cpu_smoke.json)
 
 Each size runs as ONE RANK of the paper's run: the step inside DDP (a 1-process group, NCCL;
 gloo on the CPU smoke), so the gradients live in DDP's buckets as on a rank of 8, with the
@@ -24,9 +25,44 @@ CUDA attention path (one varlen row per chunk, model.FORCE_VARLEN) with sdpa per
 import argparse
 import gc
 import json
+import os
 import sys
 import time
 import warnings
+
+SIZES = ("0.6b", "1.7b", "4b")
+
+
+def flags() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.gpu_check", allow_abbrev=False,
+        description="The GPU check: each size's cached step on the paper's per-GPU batch at full "
+                    "depth, its speed (MFU) and its memory beside the plan; about 5 minutes on "
+                    "one H200.")
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="tiny shapes on CPU, the CUDA attention path, for the tests")
+    parser.add_argument("--steps", type=int, default=3,
+                        help="timed steps per size, after one warm-up")
+    parser.add_argument("--sizes", default=",".join(SIZES),
+                        help="the sizes to check, comma-separated (default: all three)")
+    parser.add_argument("--layers", type=int, default=0,
+                        help="run each size at this depth (0 = full; per-layer figures scale)")
+    parser.add_argument("--out", default="",
+                        help="the JSON of the results (default: gpu_check.json on a GPU, "
+                             "out/gpu_check_cpu_smoke.json with --cpu-smoke)")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = flags()
+    args = parser.parse_args(argv)
+    if unknown := [s for s in args.sizes.split(",") if s not in SIZES]:
+        parser.error(f"--sizes: unknown {','.join(unknown)}; use some of {','.join(SIZES)}")
+    return args
+
+
+if __name__ == "__main__":  # -h and a misspelt flag answer before torch and transformers load
+    parse_args(sys.argv[1:])
 
 import numpy as np
 import torch
@@ -147,7 +183,7 @@ def one_process_group(device) -> bool:
 
 
 def plans(config, chunk_tokens: int, sequences: int) -> tuple[dict, dict]:
-    """(what this 1-process check holds: AdamW unsharded, what a rank of 8 holds)."""
+    """(what this 1-process check holds: AdamW unsharded, what the fullest rank of 8 holds)."""
     one = plan.memory_plan(config, world=1, chunk_tokens=chunk_tokens,
                            sequences_per_rank=sequences, shard_optimizer=False)
     rank = plan.memory_plan(config, world=PAPER_WORLD, chunk_tokens=chunk_tokens,
@@ -229,7 +265,7 @@ def check_size(size, config, device, attn, steps, b, k, max_length, chunk_tokens
         # what the process holds beside the allocator: CUDA context, NCCL, cuBLAS workspaces
         free, total = torch.cuda.mem_get_info(device)
         outside = total - free - torch.cuda.memory_reserved(device)
-        adamw_saved = one["adamw_states"] - rank["adamw_states"]  # sharded 8 ways on a rank
+        adamw_saved = one["adamw_states"] - rank["adamw_states"]  # the fullest rank's share kept
         measured = dict(weights_fp32=weights - before, gradients_fp32=buckets - weights,
                         adamw_states=adamw, pass_2_transient=pass_2, peak_allocated=peak)
         planned = dict(weights_fp32=one["weights_fp32"], gradients_fp32=one["gradients_fp32"],
@@ -294,21 +330,10 @@ def report(r, peak_flops):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    parser.add_argument("--cpu-smoke", action="store_true",
-                        help="tiny shapes on CPU, the CUDA attention path, for the tests")
-    parser.add_argument("--steps", type=int, default=3,
-                        help="timed steps per size, after one warm-up")
-    parser.add_argument("--sizes", default="0.6b,1.7b,4b")
-    parser.add_argument("--layers", type=int, default=0,
-                        help="run each size at this depth (0 = full; per-layer figures scale)")
-    parser.add_argument("--out", default="gpu_check.json")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     if note := train.use_expandable_segments():  # before CUDA starts, as train.py does
         print(note)
     sizes = args.sizes.split(",")
-    if unknown := [s for s in sizes if s not in ("0.6b", "1.7b", "4b")]:
-        parser.error(f"--sizes: unknown {','.join(unknown)}; use some of 0.6b,1.7b,4b")
     if not args.cpu_smoke and not torch.cuda.is_available():
         raise SystemExit("tools/gpu_check.py: no CUDA device; run it on a GPU machine or pass "
                          "--cpu-smoke")
@@ -325,7 +350,7 @@ def main(argv=None):
     results, skipped = [], {}
     try:
         for size in sizes:
-            b, k, max_length, chunk_tokens = 64, 7, 1024, train.PRESETS[size]["chunk_tokens"]
+            b, k, max_length, chunk_tokens = 64, 7, 1024, train.PRESET_CHUNK_TOKENS[size]
             config = plan.qwen3_config(size, args.layers or None)
             if args.cpu_smoke:
                 config = smoke_config(config)
@@ -347,9 +372,11 @@ def main(argv=None):
             dist.destroy_process_group()
     out = dict(device=name, memory_gib=total / GIB, torch=torch.__version__, attention=attn,
                kernel=kernel, results=results, skipped=skipped)
-    with open(args.out, "w") as f:
+    path = args.out or ("out/gpu_check_cpu_smoke.json" if args.cpu_smoke else "gpu_check.json")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
         json.dump(out, f, indent=2)
-    print(f"wrote {args.out}")
+    print(f"wrote {path}")
     return results
 
 

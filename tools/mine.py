@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data import DataError, instruct, read_table
+from data import ROWS_FROM_0, DataError, instruct, read_table
 from runtime.flags import field_help
 from tiny.demo import DEMO_NEGATIVES, bbc_articles
 
@@ -293,7 +293,7 @@ def read_columns(path: str, columns: list[str], flag: str) -> dict[str, list[str
         bad = next((r for r, v in enumerate(out[column]) if v is None or not v.strip()), None)
         if bad is not None:
             raise DataError(f"{flag} {path}, row {bad}, column {column!r}: empty or missing text; "
-                            f"drop the row or fill it in")
+                            f"drop the row or fill it in; {ROWS_FROM_0}")
     return out
 
 

@@ -9,9 +9,14 @@ the per-GPU memory of the cached step, and the token budget of a packed chunk.
   bf16 autocast, split into bf16 and fp32 tensors; measured on a real 1- and 2-layer model of
   the same width on the CPU (autocast does not run on the meta device), its attention keeping
   what the CUDA varlen kernels keep (`MEASURED_ON`).
-- `memory_plan(...)`: the per-GPU bytes of a step at its peak, each term once (its docstring).
+- `zero_shards(sizes, world)`: the elements each rank's AdamW state covers, as torch's
+  ZeroRedundancyOptimizer partitions the parameters (largest first, to the emptiest rank).
+- `memory_plan(...)`: the per-GPU bytes of a step at its peak, each term once (its docstring),
+  on the rank that holds the most AdamW state.
 - `chunk_tokens_that_fit(...)`: the largest token budget whose plan fits `PLAN_BYTES`.
-- `teacher_config(name)`: a --teacher's architecture, from its folder or by its Qwen3 size.
+- `steps_per_epoch(train_rows, batch_size)`: the batches data.BatchStream draws per epoch.
+- `architecture(name, flag)`: a --model's or --teacher's architecture, from its folder or by
+  its Qwen3 size; `teacher_config(name)` for --teacher.
 - `length_mix(...)`: the realistic token lengths bench/step.py and tools/gpu_check.py both use.
 Importing this file does nothing.
 """
@@ -85,16 +90,44 @@ def meta_backbone(config: Qwen3Config, dtype=torch.float32):
         return AutoModel.from_config(copy.deepcopy(config), dtype=dtype, attn_implementation="sdpa")
 
 
+def trained_sizes(config: Qwen3Config, lora_rank: int = 0) -> list[int]:
+    """The elements of each trained parameter: every weight of the backbone, or with LoRA
+    each adapter's A (r x in) and B (out x r) on the targeted linear layers (model.add_lora)."""
+    return list(_sizes(config.to_json_string(), lora_rank)[1])
+
+
+@functools.cache
+def _sizes(config_json: str, lora_rank: int) -> tuple[dict, tuple[int, ...]]:
+    """(parameter_counts, trained_sizes) of a config: one meta build per config (the planner
+    asks many times)."""
+    net = meta_backbone(Qwen3Config.from_dict(json.loads(config_json)))
+    linears = [(name, m) for name, m in net.named_modules() if isinstance(m, torch.nn.Linear)]
+    targets = [m for name, m in linears if name.split(".")[-1] in M.LORA_TARGETS]
+    counts = dict(all=sum(p.numel() for p in net.parameters()),
+                  embedding=net.embed_tokens.weight.numel(),
+                  cast=sum(m.weight.numel() for _, m in linears),
+                  lora=sum(lora_rank * (m.in_features + m.out_features) for m in targets))
+    sizes = [n for m in targets for n in (lora_rank * m.in_features, m.out_features * lora_rank)
+             ] if lora_rank else [p.numel() for p in net.parameters()]
+    return counts, tuple(sizes)
+
+
+def zero_shards(sizes: list[int], world: int) -> list[int]:
+    """Elements of each rank's share of the trained parameters (each rank keeps AdamW's m and v
+    of its share only), by the rule of torch's ZeroRedundancyOptimizer._partition_parameters:
+    the parameters sorted largest first, each given to the rank with the fewest elements so
+    far (the lowest such rank). The largest tensor, the (V, D) embedding, lands whole on rank
+    0, so the fullest rank can hold twice the average 1 / world."""
+    shards = [0] * world
+    for n in sorted(sizes, reverse=True):
+        shards[shards.index(min(shards))] += n
+    return shards
+
+
 def parameter_counts(config: Qwen3Config, lora_rank: int = 0) -> dict:
     """all, embedding, `cast` (the weights autocast copies to bf16: linear layers only) and
     `lora` (the adapters of --lora-rank: r x (in + out) per targeted linear layer)."""
-    net = meta_backbone(config)
-    linears = [(name, m) for name, m in net.named_modules() if isinstance(m, torch.nn.Linear)]
-    lora = sum(lora_rank * (m.in_features + m.out_features) for name, m in linears
-               if name.split(".")[-1] in M.LORA_TARGETS)
-    return dict(all=sum(p.numel() for p in net.parameters()),
-                embedding=net.embed_tokens.weight.numel(),
-                cast=sum(m.weight.numel() for _, m in linears), lora=lora)
+    return dict(_sizes(config.to_json_string(), lora_rank)[0])
 
 
 # ---------------------------------------------------------------------------- activations
@@ -192,7 +225,9 @@ def memory_plan(config: Qwen3Config, world: int, chunk_tokens: int, sequences_pe
       gradients_fp32          4 P               (DDP's buckets ARE the .grad tensors: train.py
                                                 keeps them there from step 1,
                                                 optimizer_step)
-      adamw_states            8 P / world       (8 P unsharded)
+      adamw_states            8 x the fullest rank's share of ZeroRedundancyOptimizer's
+                                                partition (zero_shards; 8 P unsharded): the
+                                                plan of the rank that holds the most
       bf16_weight_copies      2 P_linear        (autocast's cache, one per pass)
       activations_bf16        chunk_tokens x measured bf16 bytes per token (MEASURED_ON)
       activations_fp32        chunk_tokens x measured fp32 bytes per token (autocast leaves
@@ -211,8 +246,9 @@ def memory_plan(config: Qwen3Config, world: int, chunk_tokens: int, sequences_pe
       teacher_reps            4 S D_teacher
     With LoRA (lora_rank > 0) the frozen weights are kept in bf16 (2 P, never cast again) and
     the gradients, AdamW states and fp32 copies are the adapters' A alone:
-      weights 2 P + 4 A, gradients 4 A, AdamW 8 A / world, bf16 copies 2 A; the activations
-      are measured with the adapters in place; the embedding is frozen (no embedding_grad).
+      weights 2 P + 4 A, gradients 4 A, AdamW 8 x A's fullest share, bf16 copies 2 A; the
+      activations are measured with the adapters in place; the embedding is frozen (no
+      embedding_grad).
     """
     counts = parameter_counts(config, lora_rank)
     p, a = counts["all"], counts["lora"]
@@ -221,7 +257,8 @@ def memory_plan(config: Qwen3Config, world: int, chunk_tokens: int, sequences_pe
     plan = {
         "weights_fp32": 2 * p + 4 * a if lora_rank else 4 * p,
         "gradients_fp32": 4 * trained,
-        "adamw_states": 8 * trained // (world if shard_optimizer else 1),
+        "adamw_states": 8 * (max(zero_shards(trained_sizes(config, lora_rank), world))
+                             if shard_optimizer and world > 1 else trained),
         "bf16_weight_copies": 2 * (a if lora_rank else counts["cast"]),
         "activations_bf16": int(bf16 * chunk_tokens),
         "activations_fp32": int(fp32 * chunk_tokens),
@@ -240,30 +277,63 @@ def memory_plan(config: Qwen3Config, world: int, chunk_tokens: int, sequences_pe
 
 def chunk_tokens_that_fit(config: Qwen3Config, world: int, sequences_per_rank: int,
                           usable: int = PLAN_BYTES, step: int = 256, most: int = 65536,
-                          lora_rank: int = 0, teacher: Qwen3Config | None = None) -> int:
-    """The largest multiple of `step` tokens (at most `most`) whose plan fits `usable` bytes."""
+                          lora_rank: int = 0, teacher: Qwen3Config | None = None,
+                          shard_optimizer: bool = True) -> int:
+    """The largest multiple of `step` tokens (at most `most`) whose plan fits `usable` bytes
+    (`step` if none does: check its plan)."""
     plan = functools.partial(memory_plan, config, world, sequences_per_rank=sequences_per_rank,
-                             lora_rank=lora_rank, teacher=teacher)
+                             lora_rank=lora_rank, teacher=teacher, shard_optimizer=shard_optimizer)
     fixed, per_token = plan(chunk_tokens=0)["total"], plan(chunk_tokens=1 << 20)["total"]
     per_token = (per_token - fixed) / (1 << 20)
     return max(step, min(most, int((usable - fixed) / per_token) // step * step))
 
 
-def teacher_config(name: str) -> Qwen3Config:
-    """--teacher's architecture without its weights: config.json of a local folder, or, for a
+def planned_chunk_tokens(preset: int, config: Qwen3Config, world: int, sequences_per_rank: int,
+                         usable: int = PLAN_BYTES, lora_rank: int = 0,
+                         teacher: Qwen3Config | None = None, shard_optimizer: bool = True) -> int:
+    """The budget of a run without --chunk-tokens: the preset's where this run's plan fits it
+    (the presets are the largest that fit the paper's layout on an 80 GB card), else the
+    largest that fits. A larger card keeps the preset: its per-token figures are the ones
+    tools/gpu_check.py checks. I2: the budget never changes the gradients, only memory."""
+    if memory_plan(config, world, preset, sequences_per_rank, shard_optimizer, lora_rank,
+                   teacher)["total"] <= usable:
+        return preset
+    return chunk_tokens_that_fit(config, world, sequences_per_rank, usable, lora_rank=lora_rank,
+                                 teacher=teacher, shard_optimizer=shard_optimizer)
+
+
+def usable_bytes(card_bytes: int) -> int:
+    """What the plan may fill on a card of card_bytes: PLAN_BYTES of an 80 GB card, in
+    proportion on others (the margin absorbs the allocator's rounding, which grows with it)."""
+    return int(card_bytes * PLAN_BYTES / CARD_BYTES)
+
+
+def steps_per_epoch(train_rows: list[int], batch_size: int) -> int:
+    """The batches data.BatchStream draws in an epoch: each source's last partial batch is
+    filled from the start of its order, so a source of n training rows gives ceil(n / batch)."""
+    return sum(-(-n // batch_size) for n in train_rows)
+
+
+def architecture(name: str, flag: str) -> Qwen3Config:
+    """A model's architecture without its weights: config.json of a local folder, or, for a
     hub id, the Qwen3 size its name gives (Qwen/Qwen3-4B, Qwen/Qwen3-Embedding-8B,
-    codefuse-ai/F2LLM-1.7B, ...)."""
+    codefuse-ai/F2LLM-1.7B, ...). `flag` names the flag in the errors."""
     if os.path.isdir(name):
         if not os.path.exists(os.path.join(name, "config.json")):
-            raise ValueError(f"--teacher {name}: the folder has no config.json; pass a model "
+            raise ValueError(f"{flag} {name}: the folder has no config.json; pass a model "
                              f"folder (a saved export or a hub snapshot)")
         return AutoConfig.from_pretrained(name)
     size = re.search(r"(?:qwen3|f2llm)\S*?-(0\.6|1\.7|4|8)b$", name.lower())
     if not size:
-        raise ValueError(f"--teacher {name}: not a local folder, and its name gives no Qwen3 "
+        raise ValueError(f"{flag} {name}: not a local folder, and its name gives no Qwen3 "
                          f"size the plan knows ({', '.join(QWEN3_CONFIGS)}); download it and "
                          f"pass its folder")
     return qwen3_config(size[1] + "b")
+
+
+def teacher_config(name: str) -> Qwen3Config:
+    """--teacher's architecture (`architecture`)."""
+    return architecture(name, "--teacher")
 
 
 # ---------------------------------------------------------------------------- the length mix
@@ -289,25 +359,51 @@ def flops_per_token(config: Qwen3Config) -> float:
 
 
 # ---------------------------------------------------------------------------- the dry run
-def dry_run(size: str, model: str, world_per_node: int, nodes: int, batch_size: int, epochs: int,
-            steps: int, val_fraction: float, chunk_tokens: int, max_length: int, k: int = 7,
-            shard_optimizer: bool = True, as_json: bool = False, mfu: float = 0.30,
-            lora_rank: int = 0, teacher: str = "") -> dict:
+def dry_run(config: Qwen3Config, size: str, model: str, world_per_node: int, nodes: int,
+            batch_size: int, epochs: int, steps: int, val_fraction: float, chunk_tokens: int,
+            preset_chunk_tokens: int, max_length: int, k: int = 7, shard_optimizer: bool = True,
+            as_json: bool = False, mfu: float = 0.30, lora_rank: int = 0, teacher: str = "",
+            train_rows: list[int] | None = None, data: str = "",
+            released_sources: int = 62) -> dict:
+    """The plan of a run, printed (or one JSON line). chunk_tokens 0: planned as a run plans
+    it (planned_chunk_tokens) for an 80 GB card. train_rows: the training rows of each source
+    when the data is at hand (the steps are then what the loader draws); None: the released
+    set, whose per-source sizes are not known offline: the steps are bounded, at most one
+    filled batch more per source per epoch (released_sources of them)."""
     world = world_per_node * nodes
-    config = qwen3_config(size)
     counts = parameter_counts(config)
     teacher_cfg = teacher_config(teacher) if teacher else None
     b = batch_size // world
     seqs = b * (2 + k)
-    train_rows = RELEASED_TUPLES - int(RELEASED_TUPLES * val_fraction)
-    per_epoch = train_rows // batch_size  # each source's partial batch is filled (1 more at most)
+    if train_rows is not None:  # counted as data.BatchStream counts
+        per_epoch = fewest_per_epoch = steps_per_epoch(train_rows, batch_size)
+        rows_note = f"{sum(train_rows):,} training rows in {len(train_rows)} sources of {data}"
+    else:  # each source holds out int(rows x val_fraction): up to one row less than the total's
+        held_out = int(RELEASED_TUPLES * val_fraction)
+        fewest_per_epoch = -(-(RELEASED_TUPLES - held_out) // batch_size)
+        per_epoch = -(-(RELEASED_TUPLES - held_out + released_sources) // batch_size) \
+            + released_sources
+        rows_note = (f"{RELEASED_TUPLES:,} released tuples in {released_sources} sources, "
+                     f"{val_fraction:.0%} held out; the sizes per source are not known here")
     steps = steps or epochs * per_epoch
     rng = np.random.default_rng(0)
     batches = [length_mix(rng, b, k, max_length) for _ in range(20)]  # 20 rank-steps of the mix
     tokens_per_rank = float(np.mean([sum(x) for x in batches]))
+    given = chunk_tokens > 0
+    if not given:
+        chunk_tokens = planned_chunk_tokens(preset_chunk_tokens, config, world, seqs,
+                                            lora_rank=lora_rank, teacher=teacher_cfg,
+                                            shard_optimizer=shard_optimizer)
+    budget_note = ("--chunk-tokens as given" if given else
+                   "planned: the preset's, which fits this run's plan"
+                   if chunk_tokens == preset_chunk_tokens else
+                   f"planned: the largest that fits this run's plan; the preset's "
+                   f"{preset_chunk_tokens:,} does not")
     # one varlen row per chunk (CUDA)
     chunks = max(len(M.make_chunks(x, chunk_tokens)) for x in batches)
     plan = memory_plan(config, world, chunk_tokens, seqs, shard_optimizer, lora_rank, teacher_cfg)
+    trained = sum(trained_sizes(config, lora_rank))
+    adamw_average = 8 * trained / (world if shard_optimizer else 1)
     flops_step = flops_per_token(config) * tokens_per_rank * world
     days = steps * flops_step / (world * H100_BF16_FLOPS * mfu) / 86400
     fits = plan["total"] <= PLAN_BYTES
@@ -315,9 +411,14 @@ def dry_run(size: str, model: str, world_per_node: int, nodes: int, batch_size: 
                   lora_parameters=parameter_counts(config, lora_rank)["lora"], world=world,
                   nodes=nodes,
                   batch_size=batch_size, per_rank_queries=b, sequences_per_rank=seqs, steps=steps,
-                  steps_per_epoch=per_epoch, real_tokens_per_rank_step=round(tokens_per_rank),
-                  chunks_per_step=chunks, tokens_per_chunk=chunk_tokens, flops_per_step=flops_step,
+                  steps_per_epoch=per_epoch, steps_per_epoch_fewest=fewest_per_epoch,
+                  steps_counted_from="data" if train_rows is not None else "bound",
+                  real_tokens_per_rank_step=round(tokens_per_rank),
+                  chunks_per_step=chunks, tokens_per_chunk=chunk_tokens,
+                  tokens_per_chunk_from="given" if given else "planned",
+                  preset_tokens_per_chunk=preset_chunk_tokens, flops_per_step=flops_step,
                   memory_gib={k_: v / GiB for k_, v in plan.items()},
+                  adamw_states_average_gib=adamw_average / GiB,
                   plan_budget_gib=PLAN_BYTES / GiB, card_gib=CARD_BYTES / GiB,
                   margin_gib=(CARD_BYTES - plan["total"]) / GiB, fits=fits,
                   activations_measured_on=MEASURED_ON,
@@ -342,20 +443,27 @@ def dry_run(size: str, model: str, world_per_node: int, nodes: int, batch_size: 
     print(f"world {world} = {nodes} node(s) x {world_per_node} GPUs; batch {batch_size} "
           f"queries/step = {b} per rank; {seqs} sequences per rank per step (b x (2 + k), "
           f"k = {k}), about {tokens_per_rank:,.0f} real tokens on the length mix, in at most "
-          f"{chunks} packed chunks of <= {chunk_tokens:,} tokens")
-    print(f"data: {RELEASED_TUPLES:,} tuples, {val_fraction:.0%} held out -> about {per_epoch:,} "
-          f"steps per epoch, {steps:,} steps in total ({epochs} epochs)")
+          f"{chunks} packed chunks of <= {chunk_tokens:,} tokens ({budget_note})")
+    counted = (f"{per_epoch:,} steps per epoch (each source's last partial batch filled)"
+               if train_rows is not None else
+               f"{fewest_per_epoch:,} to {per_epoch:,} steps per epoch (each source's last "
+               f"partial batch is filled: up to one step more per source)")
+    print(f"data: {rows_note} -> {counted}, {'at most ' * (train_rows is None)}{steps:,} steps "
+          f"in total ({epochs} epochs)")
     print(f"compute: {flops_step:.3g} model FLOPs per step; ESTIMATE at {mfu:.0%} MFU on "
           f"{world} x H100 (989 TFLOPS bf16): {days:.1f} days")
     print(f"memory per GPU at the step's peak (chunk of {chunk_tokens:,} tokens; activations "
           f"measured on {MEASURED_ON}):")
     for name, value in gib.items():
-        if name != "total":
+        if name == "adamw_states" and shard_optimizer and world > 1:
+            print(f"  {name:24s} {value:7.2f} GiB  (the fullest rank of ZeRO's partition; the "
+                  f"average, 8P / world, is {adamw_average / GiB:.2f})")
+        elif name != "total":
             print(f"  {name:24s} {value:7.2f} GiB")
     verdict = "fits"
     if not fits:
         smaller = chunk_tokens_that_fit(config, world, seqs, lora_rank=lora_rank,
-                                        teacher=teacher_cfg)
+                                        teacher=teacher_cfg, shard_optimizer=shard_optimizer)
         verdict = (f"does NOT fit; --chunk-tokens {smaller} would" if memory_plan(
             config, world, smaller, seqs, shard_optimizer, lora_rank, teacher_cfg)["total"]
             <= PLAN_BYTES else "does NOT fit at any --chunk-tokens; use more GPUs (--nproc, "
