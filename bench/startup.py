@@ -4,10 +4,12 @@ the same command with another --out once the cache holds them (goal: the second 
 its first step in <= 10 s on 2 quiet cores). Each round: a fresh cache, one first run, then
 `--warm` second runs, each with its own --out; and the floor, `python -c "import train"`.
 
-    python -m bench.startup [--rounds 1] [--warm 3] [--json startup.json]
+    python -m bench.startup [--rounds 1] [--warm 3] [--json startup.json] [--workdir DIR]
 
 A run is timed from launch to the line of its step 1 (printed when the step is done) and
-stopped there; the seconds to the line `tokens:` (the setup done) are kept too.
+stopped there; kept too: the seconds to its first line (imports, processes and the data's
+setup) and to the line `tokens:` (the data, tokenizer, model and tokens ready). `--rounds 0
+--cache-dir DIR` times second runs alone on a cache that a first run filled.
 """
 import argparse
 import json
@@ -32,6 +34,7 @@ def timed_start(out: str, cache: str) -> dict:
     result, lines = {}, []
     for line in proc.stdout:
         lines.append(line.rstrip())
+        result.setdefault("first_line_s", time.perf_counter() - t0)  # imports and setup done
         if line.startswith("tokens:"):
             result["setup_s"] = time.perf_counter() - t0
         if line.startswith("step 1/"):
@@ -55,33 +58,45 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=1, help="first runs, each on a fresh cache")
     parser.add_argument("--warm", type=int, default=3, help="second runs after each first run")
     parser.add_argument("--json", default="", help="also write the results here")
+    parser.add_argument("--cache-dir", default="",
+                        help="with --rounds 0: the filled cache the second runs read")
+    parser.add_argument("--workdir", default="",
+                        help="keep the runs and caches here (default: a temporary folder)")
     args = parser.parse_args(argv)
     load = [os.getloadavg()[0]]
     first, second, imports = [], [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            cache = os.path.join(tmp, f"cache{r}")
-            run = timed_start(os.path.join(tmp, f"r{r}-first"), cache)
-            print(f"round {r}: first run {run['first_step_s']:.1f} s to step 1 "
-                  f"(setup {run['setup_s']:.1f} s): " + "; ".join(run["built"]))
-            first.append(run)
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.workdir or scratch
+        for r in range(max(args.rounds, 1)):
+            cache = args.cache_dir or os.path.join(tmp, f"cache{r}")
+            if args.rounds:
+                run = timed_start(os.path.join(tmp, f"r{r}-first"), cache)
+                print(f"round {r}: first run {run['first_step_s']:.1f} s to step 1 "
+                      f"(setup {run['setup_s']:.1f} s): " + "; ".join(run["built"]))
+                first.append(run)
             for w in range(args.warm):
                 t0 = time.perf_counter()
                 subprocess.run([sys.executable, "-c", "import train"], cwd=HERE, check=True)
                 imports.append(time.perf_counter() - t0)
                 run = timed_start(os.path.join(tmp, f"r{r}-second{w}"), cache)
                 assert not run["built"], run["built"]  # a second run builds nothing
-                print(f"round {r}: second run {run['first_step_s']:.1f} s to step 1 "
-                      f"(setup {run['setup_s']:.1f} s); import train {imports[-1]:.1f} s")
+                print(f"round {r}: second run {run['first_step_s']:.1f} s to step 1 (first "
+                      f"line {run['first_line_s']:.1f} s, setup {run['setup_s']:.1f} s); "
+                      f"import train {imports[-1]:.1f} s")
                 second.append(run)
             load.append(os.getloadavg()[0])
-    summary = {"first_run_to_step_1": spread([x["first_step_s"] for x in first]),
-               "second_run_to_step_1": spread([x["first_step_s"] for x in second]),
+    summary = {"second_run_to_step_1": spread([x["first_step_s"] for x in second]),
                "second_run_setup": spread([x["setup_s"] for x in second]),
+               "second_run_setup_after_first_line": spread(
+                   [x["setup_s"] - x["first_line_s"] for x in second]),
                "import_train": spread(imports),
-               "ratio_first_over_second": statistics.median(x["first_step_s"] for x in first)
-               / statistics.median(x["first_step_s"] for x in second),
                "load_average_1min": [round(x, 2) for x in load], "cpus": os.cpu_count()}
+    if first:
+        summary["first_run_to_step_1"] = spread([x["first_step_s"] for x in first])
+        summary["first_run_setup"] = spread([x["setup_s"] for x in first])
+        summary["ratio_first_over_second_to_step_1"] = round(
+            statistics.median(x["first_step_s"] for x in first)
+            / statistics.median(x["first_step_s"] for x in second), 2)
     for k, v in summary.items():
         print(f"{k}: {v}")
     if args.json:
