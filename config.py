@@ -64,6 +64,9 @@ class Config(Recipe):
                            # the largest that fits (a CPU run: the preset's)
     chunk_size: int = 0  # also cap the sequences per forward; 0 = no cap
     token_cache: str = ""  # tokenized data (shared by runs of one tokenizer); "" = OUT/token_cache
+                           # (--size tiny: the shared cache's tokens/)
+    cache_dir: str = ""  # shared cache of tiny's data, tokenizer and tokens, built once per
+                         # content; "" = $F2LLM_CACHE, else $XDG_CACHE_HOME/f2llm or ~/.cache/f2llm
     max_bad_fraction: float = 0.01  # a source with more of its rows skipped is an error
     tokenize_workers: int = 0  # processes tokenizing a cache file on each node; 0 = one per core
     eval_every: int = 25  # steps between validation losses; 0 = only at the end
@@ -162,6 +165,8 @@ def check_config(cfg: Config, world: int) -> None:
         fail(f"--kd-weight must be positive with --teacher, got {cfg.kd_weight}")
     if cfg.data and not os.path.isdir(cfg.data):
         fail(f"--data {cfg.data}: no such folder")
+    if cfg.cache_dir and os.path.exists(cfg.cache_dir) and not os.path.isdir(cfg.cache_dir):
+        fail(f"--cache-dir {cfg.cache_dir}: a file, not a folder; name a folder (made if missing)")
     if not 0 <= cfg.max_bad_fraction < 1:
         fail(f"--max-bad-fraction must be in [0, 1), got {cfg.max_bad_fraction}")
     if cfg.resume and not checkpoint.latest(cfg.out):

@@ -67,6 +67,7 @@ class Source:
     skipped: dict = field(default_factory=dict)  # why -> row ids left out (cannot train)
     tokens: object = None  # a tokens.TokenTable, set by tokens.TokenCache.open
     teacher_tokens: object = None  # the same, in a teacher's own tokenizer's ids (--teacher)
+    digest: str = ""  # sha256 of the file's bytes: what the token cache's key names
 
     @property
     def num_rows(self) -> int:
@@ -222,30 +223,34 @@ def _text_columns(names: list[str]) -> list[str]:
 
 
 def _check_file(path: str, k: int, memo_folder: str | None):
-    """Check one source; return its text columns, usable negatives per row and first empty text
-    column per row (`_scan`). The scan's result is kept in memo_folder per data file (path,
-    size, mtime): a restart reads no text."""
+    """Check one source; return its text columns, usable negatives per row, first empty text
+    column per row (`_scan`) and the sha256 of its bytes. The result is kept in memo_folder per
+    data file (path, size, mtime): a restart reads no text."""
     stat = os.stat(path)
     identity = f"{os.path.realpath(path)} {stat.st_size} {stat.st_mtime_ns}"
     key = hashlib.sha256(identity.encode()).hexdigest()
     memo = memo_folder and os.path.join(memo_folder,
-                                        f"{os.path.basename(path)}-{key[:16]}.checked2.npz")
+                                        f"{os.path.basename(path)}-{key[:16]}.checked3.npz")
     if memo and os.path.exists(memo):
         with np.load(memo) as z:
             names, n, empty = z["names"].tolist(), z["n_candidates"], z["empty"]
+            digest = str(z["digest"])
     else:
         names, n, empty = _scan(path)
+        with open(path, "rb") as f:  # ~1 GB/s: a small part of the scan's time
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
         if memo:  # every rank may write it: a temporary name each, then an atomic rename
             os.makedirs(memo_folder, exist_ok=True)
             tmp = f"{memo}.tmp-{socket.gethostname()}-{os.getpid()}"
             with open(tmp, "wb") as f:
-                np.savez(f, names=np.array(names), n_candidates=n, empty=empty)
+                np.savez(f, names=np.array(names), n_candidates=n, empty=empty,
+                         digest=np.array(digest))
             os.replace(tmp, memo)
     for i in range(1, k + 1):  # the checks that depend on the task type
         if f"negative_{i}" not in names:
             raise DataError(f"{path}: missing column 'negative_{i}' (found {names}); the layout "
                             f"is query, passage, negative_1 .. negative_n with n >= {k}")
-    return _text_columns(names), n, empty
+    return _text_columns(names), n, empty, digest
 
 
 def _skipped_rows(path: str, k: int, n: np.ndarray, empty: np.ndarray, strict: bool,
@@ -309,7 +314,7 @@ def load_sources(folder: str, seed: int = 0, val_fraction: float = 0.01,
                             f"'{name},<retrieval|clustering|classification>' to "
                             f"{os.path.join(folder, 'task_types.csv')} (header: dataset,task_type)")
         k = k_clustering if types[name] == "clustering" else K_BY_TYPE[types[name]]
-        columns, n_candidates, empty = _check_file(path, k, memo_folder)
+        columns, n_candidates, empty, digest = _check_file(path, k, memo_folder)
         skipped = _skipped_rows(path, k, n_candidates, empty, strict, max_bad_fraction)
         rows = np.random.default_rng([seed,
                                       len(sources)]).permutation(len(n_candidates)).astype(np.int32)
@@ -317,7 +322,8 @@ def load_sources(folder: str, seed: int = 0, val_fraction: float = 0.01,
             rows = rows[(empty == 0)[rows] & (n_candidates >= k)[rows]]
         n_val = int(len(rows) * val_fraction)
         sources.append(Source(name, path, types[name], k, columns, n_candidates,
-                              np.sort(rows[n_val:]), np.sort(rows[:n_val]), skipped))
+                              np.sort(rows[n_val:]), np.sort(rows[:n_val]), skipped,
+                              digest=digest))
     return sources
 
 

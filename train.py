@@ -52,9 +52,9 @@ from model import embed_packed
 from runtime import attention as A
 from runtime import checkpoint
 from runtime import tokens as T
+from runtime.cache import cache_root
 from runtime.curves import plot_curves
 from runtime.parallel import (
-    barrier,
     print0,
     restarted_by_torchrun,
     setup_distributed,
@@ -308,20 +308,21 @@ def planned_budget(cfg: Config, world: int, card_bytes: int, k: int) -> tuple[in
 
 def setup_data(cfg: Config, rank: int, world: int):
     """Check every source file (before any model is loaded) and plan the batch stream."""
-    data_folder = cfg.data
-    if not data_folder and cfg.size == "tiny":
-        data_folder = os.path.join(cfg.out, "data")
-        if rank == 0 and not os.path.isdir(data_folder):
-            from tiny import demo
-            demo.write_demo_sample(data_folder, seed=0, negatives=cfg.demo_negatives)
-        barrier()
+    data_folder, shared_cache = cfg.data, cache_root(cfg.cache_dir)
+    if not data_folder and cfg.size == "tiny":  # written once per content, read by every run
+        from tiny import shared as tiny_setup
+        try:
+            data_folder = tiny_setup.sample_folder(shared_cache, 0, cfg.demo_negatives, print0)
+        except D.DataError as e:
+            raise SystemExit(f"train.py: data error: {e}") from None
     elif not data_folder:  # once per node (a marker per host, launch and restart, in OUT)
         launch = f"{os.getppid()}-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
         marker = os.path.join(cfg.out, ".downloads",
                               f"{cfg.data_set}-{socket.gethostname()}-{launch}")
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         data_folder = D.download_released_data(cfg.data_set, local_rank, marker)
-    cache_folder = cfg.token_cache or os.path.join(cfg.out, "token_cache")
+    cache_folder = cfg.token_cache or (os.path.join(shared_cache, "tokens") if cfg.size == "tiny"
+                                       else os.path.join(cfg.out, "token_cache"))
     try:  # every rank streams the files through the checks (once: cache_folder keeps the result)
         sources = D.load_sources(data_folder, cfg.seed, cfg.val_fraction, cache_folder,
                                  D.DATA_SETS[cfg.data_set][1], cfg.strict_data,
@@ -349,13 +350,11 @@ def setup_model(cfg: Config, rank: int, device, bf16: bool, sources):
     """Backbone and tokenizer (the tiny one built here), LoRA adapters if asked, on device."""
     torch.manual_seed(cfg.seed)
     attn, attn_note = A.setup_attention(device, bf16)
-    if cfg.model == "tiny":
-        tok_dir = os.path.join(cfg.out, "tokenizer")
-        if rank == 0 and not os.path.isdir(tok_dir):
-            from tiny.tokenizer import train_tokenizer
-            train_tokenizer(D.iter_texts(sources)).save_pretrained(tok_dir)
-        barrier()
+    if cfg.model == "tiny":  # trained once per content of the data, in the shared cache
+        from tiny import shared as tiny_setup
+        tok_dir = tiny_setup.tokenizer_folder(cache_root(cfg.cache_dir), sources, print0)
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        print0(f"tokenizer: {tok_dir}")
         backbone = M.tiny_backbone(tokenizer, cfg.seed, attn)
     else:
         backbone, tokenizer = M.load_backbone(cfg.model, attn)

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import train
 from data import HERE
 from runtime import checkpoint
+from runtime.parallel import barrier
 
 
 def rss_anon_mb() -> float:
@@ -62,11 +63,11 @@ class PeakMemory:
 def measured(fn) -> tuple[float, float, float]:
     """(seconds of the slowest rank, peak private MB during fn and private MB before it, each
     summed over ranks)."""
-    train.barrier()
+    barrier()
     with PeakMemory() as m:
         t0 = time.perf_counter()
         fn()
-        train.barrier()
+        barrier()
         seconds = time.perf_counter() - t0
     t = torch.tensor([m.peak, m.start], dtype=torch.float64)
     if dist.is_initialized():

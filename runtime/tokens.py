@@ -3,9 +3,11 @@ every process.
 
 Contract:
 - `TokenCache(folder, tokenizer, max_length)` keeps one Arrow file per source,
-  `{source}-{key}.arrow`, keyed by the data file (path, size, mtime), the tokenizer
-  (`tokenizer_fingerprint`) and max_length: a cache made for other data, another tokenizer or
-  another length is never read. `build` writes the files that are missing or unusable, each by
+  `{source}-{key}.arrow`, keyed by CONTENT: the data file's bytes (sha256), the tokenizer's
+  ids-deciding parts (`tokenizer_fingerprint`) and max_length, never a path or a time: a cache
+  made for other data, another tokenizer or another length is never read, and one made for the
+  same bytes elsewhere (the tiny sample of another run, a teacher whose tokenizer equals the
+  student's) is. `build` writes the files that are missing or unusable, each by
   ONE process of all that share the folder on any number of nodes (an O_EXCL `{file}.lock`,
   stale locks broken safely), its row ranges tokenized on a pool of worker processes
   (`TokenizerWorkers`), under a temporary name renamed when complete. `open` (every process)
@@ -33,14 +35,31 @@ import numpy as np
 import pyarrow as pa
 
 from data import DataError, Source, load_sources, read_batches
+from runtime.cache import file_digest, take_lock
 
 CACHE_FORMAT = 1  # bump when the layout of a cache file changes
 
 
+# The parts of a fast tokenizer's tokenizer.json that decide its ids. Not the files
+# save_pretrained writes: an export's tokenizer_config.json differs from its student's in
+# fields that change no id, and a teacher exported from the student must reuse its tokens.
+ID_PARTS = ("model", "normalizer", "pre_tokenizer", "post_processor", "added_tokens")
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of what save_pretrained writes (vocab, merges, normalizer, special tokens) and
-    of the EOS id: two tokenizers with one fingerprint give the same ids."""
-    h = hashlib.sha256(f"{type(tokenizer).__name__} eos={tokenizer.eos_token_id}".encode())
+    """sha256 of what decides the ids: a fast tokenizer's model (vocab, merges), normalizer,
+    pre-tokenizer, post-processor and added tokens, whether it splits special tokens, and the
+    EOS id; two tokenizers with one fingerprint give the same ids, whatever their class or
+    their config files. A tokenizer without that backend: of every file save_pretrained writes."""
+    h = hashlib.sha256(f"eos={tokenizer.eos_token_id}".encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        parts = {k: spec.get(k) for k in ID_PARTS}
+        parts["split_special_tokens"] = bool(getattr(tokenizer, "split_special_tokens", False))
+        h.update(json.dumps(parts, sort_keys=True).encode())
+        return h.hexdigest()
+    h.update(type(tokenizer).__name__.encode())
     with tempfile.TemporaryDirectory() as folder:
         tokenizer.save_pretrained(folder)
         for name in sorted(os.listdir(folder)):
@@ -80,7 +99,7 @@ class TokenCache:
 
     One Arrow IPC file per source, `{source}-{key}.arrow`: a list<int32> column per text
     column, one row per data row, each text's first max_length token ids. The key hashes the
-    data file (path, size, mtime), the tokenizer (`tokenizer_fingerprint`) and max_length, so
+    data file's bytes, the tokenizer (`tokenizer_fingerprint`) and max_length, so
     a change of any gives another file name: a cache made for other data, another tokenizer
     or another length is never read. A file is written under a temporary name and renamed
     when complete, so a build killed halfway leaves no file of that name and is redone."""
@@ -94,9 +113,10 @@ class TokenCache:
         self.tokenizer_id = tokenizer_fingerprint(tokenizer)
 
     def key(self, source: Source) -> dict:
-        stat = os.stat(source.path)
-        return dict(format=CACHE_FORMAT, file=os.path.realpath(source.path), size=stat.st_size,
-                    mtime_ns=stat.st_mtime_ns, tokenizer=self.tokenizer_id,
+        # what the ids depend on, not where the data lies: a copy of the file, or the same
+        # demo sample written for another run, finds these tokens
+        return dict(format=CACHE_FORMAT, data=source.digest or file_digest(source.path),
+                    tokenizer=self.tokenizer_id,
                     eos_id=self.tokenizer.eos_token_id, max_length=self.max_length)
 
     def path(self, source: Source) -> str:
@@ -160,43 +180,9 @@ class TokenCache:
                 pool.shutdown()
 
     def _lock(self, source: Source) -> bool:
-        """Take `{file}.lock` (O_CREAT | O_EXCL: exactly one process succeeds, also on NFS v3+).
-        A lock is stale if its builder is a dead process of this host, or if it was not touched
-        for `stale_after_s` (a builder touches it every row range). Breaking a stale lock needs
-        `{file}.lock.break`, taken the same way, and a second look: two processes that both saw
-        it stale cannot both delete it, and nobody deletes a lock taken in between."""
-        lock = self.path(source) + ".lock"
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if not self._stale(lock):
-                return False
-            breaker = lock + ".break"
-            try:
-                os.close(os.open(breaker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:  # someone else is breaking it (or died in these lines)
-                if _age(breaker) > self.stale_after_s:
-                    _remove(breaker)
-                return False
-            try:
-                if self._stale(lock):
-                    _remove(lock)
-            finally:
-                os.unlink(breaker)
-            return self._lock(source)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{socket.gethostname()} {os.getpid()}\n")
-        return True
-
-    def _stale(self, lock: str) -> bool:
-        try:
-            with open(lock) as f:
-                host, pid = (f.read().split() + ["", ""])[:2]
-        except FileNotFoundError:
-            return True  # released meanwhile: try again
-        if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
-            return True
-        return _age(lock) > self.stale_after_s
+        """Take `{file}.lock` (runtime/cache.py's `take_lock`: O_EXCL, stale locks broken by
+        one process: a dead pid of this host, or untouched for `stale_after_s`)."""
+        return take_lock(self.path(source) + ".lock", self.stale_after_s)
 
     def _build(self, source: Source, pool, progress: "BuildProgress") -> None:
         """Write the file under a temporary name, then give it its name. The lock's holder is
@@ -345,30 +331,6 @@ class BuildProgress:
             self.last = time.time()
             self.log(f"  waiting for {len(todo)} token cache files that other processes build: "
                      f"{', '.join(s.name for s in todo[:5])}{' ...' if len(todo) > 5 else ''}")
-
-
-def _age(path: str) -> float:
-    try:
-        return time.time() - os.stat(path).st_mtime
-    except FileNotFoundError:
-        return 0.0
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def load_tokenized(folder: str, tokenizer, max_length: int, cache_folder: str, seed: int = 0,

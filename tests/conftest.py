@@ -3,9 +3,11 @@ it with Qwen3's special tokens, the demo sample in the released layout, tiny Qwe
 `launch`, which runs a script in fresh processes (under torchrun for several). Nothing is
 downloaded."""
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -19,12 +21,21 @@ from transformers import AutoTokenizer
 
 import model as M
 from runtime import attention as A
-from tiny import demo
+from tiny import demo, shared
 from tiny import tokenizer as tiny_tokenizer
+
+# The shared cache (runtime/cache.py) of every run the tests start, in this process or launched:
+# a folder of this session, never the user's ~/.cache/f2llm (removed at the end)
+SHARED_CACHE = tempfile.mkdtemp(prefix="f2llm-test-cache-")
+os.environ["F2LLM_CACHE"] = SHARED_CACHE
 
 # the environment of every launched process: one thread each (2 ranks share the cores), offline
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-       "TOKENIZERS_PARALLELISM": "false"}
+       "TOKENIZERS_PARALLELISM": "false", "F2LLM_CACHE": SHARED_CACHE}
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(SHARED_CACHE, ignore_errors=True)
 
 
 def free_port() -> int:
@@ -70,10 +81,10 @@ def tokenizer(tmp_path_factory, articles):
 
 
 @pytest.fixture(scope="session")
-def demo_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("demo"))
-    demo.write_demo_sample(path, seed=0)
-    return path
+def demo_dir():
+    """The tiny preset's demo sample (seed 0, mined negatives) as train.py gets it: written once
+    into the session's shared cache."""
+    return shared.sample_folder(SHARED_CACHE, seed=0, log=lambda *a: None)
 
 
 @pytest.fixture()

@@ -33,7 +33,8 @@ def test_two_nodes_build_each_cache_file_once_and_equal_one_node(tmp_path, small
             shutil.copy(os.path.join(small_demo_dir, name), data)
     two, one = str(tmp_path / "two_nodes"), str(tmp_path / "one_node")
     port = free_port()
-    nodes = [subprocess.Popen(command("train.py", *_train_args(data, two), nproc=1, torchrun=[
+    token_cache = ["--token-cache", f"{two}/token_cache"]  # one folder the two nodes share
+    nodes = [subprocess.Popen(command("train.py", *_train_args(data, two, *token_cache), nproc=1, torchrun=[
                                   "--nnodes", 2, "--node-rank", rank, "--master-addr",
                                   "127.0.0.1", "--master-port", port]),
                               cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -41,8 +42,7 @@ def test_two_nodes_build_each_cache_file_once_and_equal_one_node(tmp_path, small
     logs = [node.communicate(timeout=300)[0] for node in nodes]
     assert all(node.returncode == 0 for node in nodes), logs[0][-3000:] + logs[1][-3000:]
     # the same run on one node, reading the cache the two nodes built (keyed: same ids)
-    proc = launch("train.py", *_train_args(data, one, "--token-cache", f"{two}/token_cache"),
-                  nproc=2)
+    proc = launch("train.py", *_train_args(data, one, *token_cache), nproc=2)
 
     # every source tokenized exactly once, by one of the two nodes' builders
     built = collections.Counter(re.findall(r"tokenized (\w+) \(no cache file yet\)", "".join(logs)))

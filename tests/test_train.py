@@ -502,13 +502,13 @@ def test_a_run_distils_from_a_teacher_with_its_own_tokenizer(tmp_path, small_dem
     M.save_export(M.tiny_backbone(other, seed=3), other, str(tmp_path / "teacher"))
     argv = ["--data", small_demo_dir, "--out", str(tmp_path / "run"), "--steps", "2",
             "--max-length", "48", "--eval-every", "0", "--teacher", str(tmp_path / "teacher"),
-            "--kd-mode", "kl"]
+            "--kd-mode", "kl", "--cache-dir", str(tmp_path / "cache")]
     train.main(argv)
     printed = capsys.readouterr().out
     assert "teacher tokenizer: its own" in printed and ", kd " in printed
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and all(json.loads(line)["kd"] > 0 for line in lines)
-    cached = [f for f in os.listdir(tmp_path / "run" / "token_cache") if f.endswith(".arrow")]
+    cached = [f for f in os.listdir(tmp_path / "cache" / "tokens") if f.endswith(".arrow")]
     sources = [f for f in os.listdir(small_demo_dir) if f.endswith(".parquet")]
     assert len(cached) == 2 * len(sources)  # the student's and the teacher's ids of each
     with pytest.raises(SystemExit, match="kd_weight was 1.0, now 2.0"):

