@@ -146,7 +146,7 @@ def test_the_same_content_elsewhere_reuses_a_changed_file_rebuilds(tmp_path, two
     pq.write_table(pa.Table.from_pylist(table), changed)
     edited = D.load_sources(str(tmp_path / "b"), memo_folder=f"{root}/tokens")
     assert {s.name: cache.problem(s) for s in edited} == {
-        s.name: "not built" if s.name == "bbc_topic_classification" else None for s in edited}
+        s.name: "no cache file yet" if s.name == "bbc_topic_classification" else None for s in edited}
     assert shared.tokenizer_folder(root, edited, built.append) != tok_dir
 
 
@@ -170,7 +170,7 @@ def test_a_teacher_exported_from_the_student_reads_the_students_tokens(tmp_path,
     lower = AutoTokenizer.from_pretrained(tmp_path / "teacher")
     lower.backend_tokenizer.normalizer = normalizers.Lowercase()
     assert T.tokenizer_fingerprint(lower) != T.tokenizer_fingerprint(tokenizer)
-    assert T.TokenCache(folder, lower, 48).problem(sources[0]) == "not built"
+    assert T.TokenCache(folder, lower, 48).problem(sources[0]) == "no cache file yet"
 
 
 @pytest.mark.slow
