@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tolerance import assert_same_sums
 
 import model as M
 import train
@@ -34,8 +35,8 @@ def test_cpu_smoke_runs_the_loop_step_on_varlen_rows_inside_ddp(tmp_path):
         chunks = M.packed_chunks(reference, seqs, chunk_tokens)
         losses = train.cached_step(reference, chunks, loss_fn, contextlib.nullcontext())
         norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0).item()
-        assert r["losses"][0] == pytest.approx(losses[0].item(), rel=1e-5)
-        assert r["grad_norms"][0] == pytest.approx(norm, rel=1e-4)
+        assert_same_sums(r["losses"][0], losses[0].item(), f"{r['size']} loss")
+        assert_same_sums(r["grad_norms"][0], norm, f"{r['size']} gradient norm")
         step_1 = plan.length_mix(np.random.default_rng(1), b, k, max_length)
         assert r["chunks_per_step"] == len(M.make_chunks(step_1, chunk_tokens)) > 1
         assert r["packed_vs_padded_max_abs"] < 1e-5  # fp32 on a CPU

@@ -3,6 +3,7 @@ truncation, and when the pad id is a real token."""
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerance import assert_same_sums
 
 import model as M
 from runtime import attention as A
@@ -29,13 +30,13 @@ def test_last_token_pool_left_and_right_padding(tokenizer, backbone):
         assert ids[torch.arange(2), eos_at].tolist() == [tokenizer.eos_token_id] * 2
         batched = M.embed(backbone, ids, lengths, side)
         for i in range(len(seqs)):
-            torch.testing.assert_close(batched[i], single[i][0], atol=1e-5, rtol=1e-4)
+            assert_same_sums(batched[i], single[i][0], f"{side} padding, row {i}")
         positions = torch.arange(width)[None]
         mask = (positions < lengths[:, None]) if side == "right" else (
             positions >= width - lengths[:, None])
         hidden = backbone(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         pooled = M.last_token_pool(hidden, torch.arange(2) * width + eos_at)
-        torch.testing.assert_close(pooled, batched, atol=1e-5, rtol=1e-4)
+        assert_same_sums(pooled, batched, f"{side} padding, pooled from the hidden states")
         if side == "right":  # naive [:, -1] would pool a pad position of the short row
             assert not torch.allclose(F.normalize(hidden[1, -1], dim=-1), pooled[1])
 
@@ -48,7 +49,7 @@ def test_pad_id_equal_to_real_token(tokenizer, backbone):
         ids, lengths = M.pad(seqs, pad_id)
         out = M.embed(backbone, ids, lengths)
         ref = M.embed(backbone, *M.pad(seqs, tokenizer.pad_token_id))
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+        assert_same_sums(out, ref, f"pad id {pad_id}")
     # sum(mask)-1 from `ids != pad` would be wrong here: the pad id occurs inside the text
     ids, lengths = M.pad(seqs, seqs[0][0])
     assert (ids[0] == seqs[0][0]).sum() >= 1 and lengths.tolist() == [len(s) for s in seqs]
@@ -58,7 +59,7 @@ def test_encode_keeps_input_order(tokenizer, backbone):
     texts = ["short", "a much longer text " * 10, "mid length text here"]
     out = M.encode(backbone, tokenizer, texts, batch_size=2)
     for i, t in enumerate(texts):
-        torch.testing.assert_close(out[i], M.encode(backbone, tokenizer, [t])[0], atol=1e-5, rtol=1e-4)
+        assert_same_sums(out[i], M.encode(backbone, tokenizer, [t])[0], f"text {i}")
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(3))
 
 
@@ -91,7 +92,7 @@ def _varlen_reference(backbone):
 
 def test_packed_sequences_pool_their_own_eos_and_match_padded(tokenizer, backbone):
     """I3 for packed chunks: each sequence pools its own EOS; packed rows (sdpa, block-diagonal
-    masks) and one varlen row give each sequence's unpacked embedding to 1e-5 in fp32."""
+    masks) and one varlen row give each sequence's unpacked embedding (fp32, tests/tolerance.py)."""
     texts = ["a long sentence about the economy and markets " * 3, "hi", "the match ended",
              "shares fell sharply today on news of the merger", "ok"]
     seqs, _ = M.tokenize(tokenizer, texts, 64)
@@ -108,7 +109,7 @@ def test_packed_sequences_pool_their_own_eos_and_match_padded(tokenizer, backbon
         if one_row:
             assert packed.computed_tokens == sum(len(s) for s in seqs)
             assert packed.cu_seqlens.diff().tolist() == sorted((len(s) for s in seqs), reverse=True)
-        torch.testing.assert_close(M.embed_packed(net, packed), single, atol=1e-5, rtol=1e-5)
+        assert_same_sums(M.embed_packed(net, packed), single, f"width {width}")
     # attention that crossed sequences would change every sequence but the first of a row
     one_row = M.pack(seqs)
     positions = torch.arange(one_row.computed_tokens)[None]  # no restart: attention crosses sequences
@@ -132,17 +133,16 @@ def test_no_kv_cache_in_training_forwards(tokenizer, backbone):
 
 def test_every_function_that_takes_a_backbone_runs_on_a_varlen_one(tokenizer, backbone):
     """With the CUDA attention forced on a CPU: encode (one varlen row per chunk) and the padded
-    reference (model.embed, run as sdpa) give the sdpa backbone's embeddings to 1e-5 in fp32; a
+    reference (model.embed, run as sdpa) give the sdpa backbone's embeddings in fp32; a
     padded forward that skips model.embed is refused with what to do, not a None deep inside
     transformers; the varlen backbone keeps its attention afterwards."""
     varlen = _varlen_reference(backbone)
     texts = ["a long sentence about the economy and markets " * 4, "hi", "the match ended"]
-    torch.testing.assert_close(M.encode(varlen, tokenizer, texts, batch_size=2),
-                               M.encode(backbone, tokenizer, texts, batch_size=2),
-                               atol=1e-5, rtol=1e-5)
+    assert_same_sums(M.encode(varlen, tokenizer, texts, batch_size=2),
+                     M.encode(backbone, tokenizer, texts, batch_size=2), "encode, varlen vs sdpa")
     ids, lengths = M.pad(M.tokenize(tokenizer, texts, 64)[0], tokenizer.pad_token_id)
-    torch.testing.assert_close(M.embed(varlen, ids, lengths), M.embed(backbone, ids, lengths),
-                               atol=1e-5, rtol=1e-5)
+    assert_same_sums(M.embed(varlen, ids, lengths), M.embed(backbone, ids, lengths),
+                     "padded forward, varlen vs sdpa backbone")
     assert M.uses_varlen(varlen)
     refused = r"got 3 row\(s\) and cu_seq_lens_q=None.*padded_attention"
     with pytest.raises(ValueError, match=refused):
@@ -201,9 +201,8 @@ def test_torch_varlen_kernel_gets_grouped_heads_and_kwargs_fixed_at_registration
     A.AttentionInterface.register(A.VARLEN, functools.partial(A.packed_attention, kernel=kernel))
     try:
         seqs, _ = M.tokenize(tokenizer, ["the match ended in a draw", "shares fell", "ok"], 32)
-        torch.testing.assert_close(M.embed_packed(net, M.pack(seqs)),
-                                   M.embed_packed(backbone, M.pack(seqs, 32)),
-                                   atol=1e-5, rtol=1e-5)
+        assert_same_sums(M.embed_packed(net, M.pack(seqs)),
+                         M.embed_packed(backbone, M.pack(seqs, 32)), "varlen_attn vs sdpa rows")
     finally:
         A.attention_implementation(torch.device("cpu"), forced=True)  # the CPU stand-in again
     config = backbone.config
