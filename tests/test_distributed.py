@@ -14,17 +14,17 @@ WORKER = "tests/dist_worker.py"
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory, tokenizer, demo_dir):
+def one_process(tmp_path_factory, tokenizer, small_demo_dir):
     """The reference of both tests: every option's step in ONE process on sdpa rows (b=8, one
     chunk)."""
     out = tmp_path_factory.mktemp("one_process") / "w1.pt"
-    launch(WORKER, tokenizer.name_or_path, demo_dir, out, 8, 100000,
+    launch(WORKER, tokenizer.name_or_path, small_demo_dir, out, 8, 100000,
            env={"F2LLM_FORCE_VARLEN": "0"})
     return torch.load(out), json.loads(out.with_name("w1.pt.rank0.json").read_text())
 
 
 def test_I1_two_ranks_give_the_one_process_gradients_with_one_allreduce_per_step(
-        tmp_path, tokenizer, demo_dir, one_process):
+        tmp_path, tokenizer, small_demo_dir, one_process):
     """One step, batch 8: world=2 (b=4 each, several packed chunks) == world=1 (b=8, one chunk),
     retrieval and clustering for the recipe, retrieval for each option of tests/options.py:
     Matryoshka, LoRA (adapter gradients), no in-batch term, another temperature, distillation
@@ -32,7 +32,7 @@ def test_I1_two_ranks_give_the_one_process_gradients_with_one_allreduce_per_step
     raw states) and the official code's detached gather, whose 2-rank gradients equal a
     1-process step in which no positive gets an in-batch gradient. docs/design.md §4: one all-reduce
     per step (per bucket), not per chunk."""
-    launch(WORKER, tokenizer.name_or_path, demo_dir, tmp_path / "w2.pt", 8, 120, nproc=2,
+    launch(WORKER, tokenizer.name_or_path, small_demo_dir, tmp_path / "w2.pt", 8, 120, nproc=2,
            env={"F2LLM_FORCE_VARLEN": "0"})
     two, one = torch.load(tmp_path / "w2.pt"), one_process[0]
     # the recipe on retrieval and clustering, each option of tests/options.py on retrieval
@@ -62,13 +62,13 @@ def test_I1_two_ranks_give_the_one_process_gradients_with_one_allreduce_per_step
             assert key != "recipe/clustering" or c["buckets"] >= 2, c
 
 
-def test_I1_on_the_cuda_attention_path_matches_one_sdpa_process(tmp_path, tokenizer, demo_dir,
+def test_I1_on_the_cuda_attention_path_matches_one_sdpa_process(tmp_path, tokenizer, small_demo_dir,
                                                                one_process):
     """The CUDA layout under DDP: with F2LLM_FORCE_VARLEN=1, 2 gloo ranks run one varlen row
     per chunk (cumulative lengths passed down, no padding computed), the recipe and
     distillation from a teacher that also runs varlen rows, and give the gradients of ONE
     process on sdpa rows (float32 rounding), with one all-reduce per bucket per step."""
-    launch(WORKER, tokenizer.name_or_path, demo_dir, tmp_path / "v2.pt", 8, 120, "recipe,kd-v2",
+    launch(WORKER, tokenizer.name_or_path, small_demo_dir, tmp_path / "v2.pt", 8, 120, "recipe,kd-v2",
            nproc=2, env={"F2LLM_FORCE_VARLEN": "1"})
     two, (one, sdpa) = torch.load(tmp_path / "v2.pt"), one_process
     assert sorted(two["grads"]) == ["kd-v2/retrieval", "recipe/clustering", "recipe/retrieval"]

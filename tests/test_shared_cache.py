@@ -190,7 +190,7 @@ def test_two_runs_started_together_build_each_entry_once(tmp_path, two_sources, 
     assert all(p.returncode == 0 for p in procs), printed[-3000:]
     assert printed.count(f"built {cache}/tiny-tokenizer/") == 1
     names = ["bbc_headline_retrieval", "bbc_topic_classification"]
-    assert sorted(re.findall(r"tokenized (\w+) \(not built\)", printed)) == names
+    assert sorted(re.findall(r"tokenized (\w+) \(no cache file yet\)", printed)) == names
     assert len([f for f in os.listdir(cache / "tokens") if f.endswith(".arrow")]) == len(names)
     train.main(argv("run3"))
     third = capsys.readouterr().out
