@@ -7,7 +7,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
@@ -25,17 +24,18 @@ from tiny import demo, shared
 from tiny import tokenizer as tiny_tokenizer
 
 # The shared cache (runtime/cache.py) of every run the tests start, in this process or launched:
-# a folder of this session, never the user's ~/.cache/f2llm (removed at the end)
-SHARED_CACHE = tempfile.mkdtemp(prefix="f2llm-test-cache-")
+# the checkout's own, in .pytest_cache (git ignores it), never the user's ~/.cache/f2llm. Its
+# entries are keyed by content, so a warm session reuses the demo sample, the tiny tokenizer and
+# their tokens that an earlier one built; `rm -rf .pytest_cache` clears it. The tests that count
+# builds give their runs a --cache-dir of their own.
+SHARED_CACHE = os.path.join(ROOT, ".pytest_cache", "f2llm-shared-cache")
+os.makedirs(SHARED_CACHE, exist_ok=True)
 os.environ["F2LLM_CACHE"] = SHARED_CACHE
 
 # the environment of every launched process: one thread each (2 ranks share the cores), offline
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false", "F2LLM_CACHE": SHARED_CACHE}
 
-
-def pytest_unconfigure(config):
-    shutil.rmtree(SHARED_CACHE, ignore_errors=True)
 
 
 def free_port() -> int:
@@ -107,7 +107,6 @@ def trained_run(tmp_path_factory, demo_dir):
 
 
 def _first_rows(folder, path, rows):
-    import shutil
 
     import pyarrow.parquet as pq
     for name in os.listdir(folder):
@@ -120,8 +119,13 @@ def _first_rows(folder, path, rows):
 
 @pytest.fixture(scope="session")
 def small_demo_dir(tmp_path_factory, demo_dir):
-    """The first 150 rows of each demo source: for tests that start many short runs."""
-    return _first_rows(demo_dir, tmp_path_factory.mktemp("small_demo"), 150)
+    """The first 150 rows of each demo source: for tests that start many short runs. Their
+    tokens, in `small_demo_dir + "_tokens"`, are the shared cache's (keyed by content: a warm
+    session reads what an earlier one tokenized)."""
+    path = _first_rows(demo_dir, tmp_path_factory.mktemp("small_demo"), 150)
+    os.makedirs(os.path.join(SHARED_CACHE, "tokens"), exist_ok=True)
+    os.symlink(os.path.join(SHARED_CACHE, "tokens"), path + "_tokens")
+    return path
 
 
 @pytest.fixture(params=["sdpa", A.VARLEN])

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import SHARED_CACHE
 
 import data as D
 import model as M
@@ -35,7 +36,7 @@ def tok(tokenizer):
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("token_cache"))  # keyed: every test may share it
+    return os.path.join(SHARED_CACHE, "tokens")  # keyed by content: every test may share it
 
 
 def _sources(folder, tok, cache_dir, seed=0, **kw):
