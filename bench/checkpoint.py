@@ -8,8 +8,8 @@ to rank 0, one torch.save; every rank torch.loads the whole file) against runtim
 For each world size, old and new run in turns (old, new, old, new, ...), each as its own
 `torchrun` launch of this file with --worker: the worker builds the model, takes one AdamW
 step with random gradients (so every state tensor exists), then saves and loads once. Seconds
-are the slowest rank's, between barriers. Memory is each rank's private memory (RssAnon, as
-peak_mem.py reads it), sampled every 5 ms: the peak during the operation and the level
+are the slowest rank's, between barriers. Memory is each rank's private memory (RssAnon of
+/proc/PID/status), sampled every 5 ms: the peak during the operation and the level
 before it, summed over ranks (freed memory stays with the allocator, so the level before the
 load still holds the optimizer state the load replaces; compare peaks). The load starts with
 no optimizer state, as a fresh process does. Prints medians (min-max) and old / new ratios.

@@ -4,8 +4,8 @@ same data; the tokenizer's own thread pool is off in both, so the cores are the 
 
     python -m bench.tokens DATA TOKENIZER [--workers 2] [--rounds 3] [--max-length 1024]
 
-DATA: a folder in the released layout (e.g. ../shared/tools/make_scale_data.py OUT 50);
-TOKENIZER: a Hugging Face tokenizer folder (e.g. ../shared/tools/qwen3_tokenizer.py OUT).
+DATA: a folder in the released layout (the released set, or `python -m tools.mine` output);
+TOKENIZER: a Hugging Face tokenizer folder (Qwen3's own for the figures in docs/data.md).
 """
 import argparse
 import os
