@@ -17,7 +17,6 @@ import os
 import shlex
 import socket
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -230,22 +229,19 @@ def dry_run(cfg: Config, world: int) -> dict:
         raise SystemExit(f"train.py: error: {e}") from None
     train_rows, k, data_folder = None, max(D.K_BY_TYPE["retrieval"], cfg.k_clustering), ""
     if cfg.data or cfg.size == "tiny":  # count what the loader will draw
-        with tempfile.TemporaryDirectory() as tmp:
-            data_folder = cfg.data or os.path.join(cfg.out, "data")
-            if not cfg.data and not os.path.isdir(data_folder):  # the run writes it; a plan not
-                data_folder = tmp
-                from tiny import demo
-                demo.write_demo_sample(tmp, seed=0, negatives=cfg.demo_negatives)
-            memo = cfg.token_cache or os.path.join(cfg.out, "token_cache")  # a run's file scans
-            try:
-                sources = D.load_sources(data_folder, cfg.seed, cfg.val_fraction,
-                                         memo if os.path.isdir(memo) else None,
-                                         D.DATA_SETS[cfg.data_set][1], cfg.strict_data,
-                                         cfg.max_bad_fraction, cfg.k_clustering)
-            except D.DataError as e:
-                raise SystemExit(f"train.py: data error: {e}") from None
+        # tiny's sample: the shared cache's, which the run reads too (its build line on stderr,
+        # so that --json prints JSON alone)
+        data_folder = cfg.data or tiny_sample(cfg, lambda *a: print(*a, file=sys.stderr))
+        memo = token_folder(cfg)  # a run's file scans, if a run made them
+        try:
+            sources = D.load_sources(data_folder, cfg.seed, cfg.val_fraction,
+                                     memo if os.path.isdir(memo) else None,
+                                     D.DATA_SETS[cfg.data_set][1], cfg.strict_data,
+                                     cfg.max_bad_fraction, cfg.k_clustering)
+        except D.DataError as e:
+            raise SystemExit(f"train.py: data error: {e}") from None
         train_rows, k = [len(s.train_rows) for s in sources], max(s.k for s in sources)
-        data_folder = "tiny's demo sample" if data_folder == tmp else data_folder
+        data_folder = data_folder if cfg.data else "tiny's demo sample"
     released = len(D.read_task_types(None, D.DATA_SETS[cfg.data_set][1]))
     return plan.dry_run(config, cfg.size, cfg.model, cfg.nproc or world, cfg.nodes,
                         cfg.batch_size, cfg.epochs, cfg.steps, cfg.val_fraction, cfg.chunk_tokens,
@@ -306,23 +302,36 @@ def planned_budget(cfg: Config, world: int, card_bytes: int, k: int) -> tuple[in
                     f"not")
 
 
+def tiny_sample(cfg: Config, log) -> str:
+    """The tiny preset's demo sample: the shared cache's folder, written once per content."""
+    from tiny import shared as tiny_setup
+    try:
+        return tiny_setup.sample_folder(cache_root(cfg.cache_dir), 0, cfg.demo_negatives, log)
+    except D.DataError as e:
+        raise SystemExit(f"train.py: data error: {e}") from None
+
+
+def token_folder(cfg: Config) -> str:
+    """The token cache (and its file checks): --token-cache, the shared cache's for tiny (keyed
+    by content), else OUT/token_cache (the released set's tokens are tens of GB)."""
+    if cfg.token_cache:
+        return cfg.token_cache
+    return (os.path.join(cache_root(cfg.cache_dir), "tokens") if cfg.size == "tiny"
+            else os.path.join(cfg.out, "token_cache"))
+
+
 def setup_data(cfg: Config, rank: int, world: int):
     """Check every source file (before any model is loaded) and plan the batch stream."""
-    data_folder, shared_cache = cfg.data, cache_root(cfg.cache_dir)
+    data_folder = cfg.data
     if not data_folder and cfg.size == "tiny":  # written once per content, read by every run
-        from tiny import shared as tiny_setup
-        try:
-            data_folder = tiny_setup.sample_folder(shared_cache, 0, cfg.demo_negatives, print0)
-        except D.DataError as e:
-            raise SystemExit(f"train.py: data error: {e}") from None
+        data_folder = tiny_sample(cfg, print0)
     elif not data_folder:  # once per node (a marker per host, launch and restart, in OUT)
         launch = f"{os.getppid()}-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
         marker = os.path.join(cfg.out, ".downloads",
                               f"{cfg.data_set}-{socket.gethostname()}-{launch}")
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         data_folder = D.download_released_data(cfg.data_set, local_rank, marker)
-    cache_folder = cfg.token_cache or (os.path.join(shared_cache, "tokens") if cfg.size == "tiny"
-                                       else os.path.join(cfg.out, "token_cache"))
+    cache_folder = token_folder(cfg)
     try:  # every rank streams the files through the checks (once: cache_folder keeps the result)
         sources = D.load_sources(data_folder, cfg.seed, cfg.val_fraction, cache_folder,
                                  D.DATA_SETS[cfg.data_set][1], cfg.strict_data,
