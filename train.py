@@ -612,8 +612,10 @@ def main(argv=None):
             print0(f"stopped by a signal after step {step}/{total_steps}, saved in {saved}; "
                    f"continue with {continue_command(argv, world)}")
             teardown()
-            if world == 1:  # under torchrun the handler stays: the agent's SIGTERM, sent once
-                stop.restore()  # another rank has exited, must not kill this one's clean exit
+            if world == 1:
+                stop.restore()
+            else:  # the agent's SIGTERM, sent once another rank has exited, must not kill this one
+                stop.outlast_the_agent()
             raise SystemExit(stop.exit_code)
     stop.restore()  # the caller's handlers again
     prefetch.shutdown(cancel_futures=True)

@@ -8,6 +8,11 @@ or Ctrl-C (SIGINT) stops the run at a step boundary, saved.
   run (the same one) and exits with 128 + the signal's number (143 SIGTERM, 130 SIGINT), the
   shell's code for "stopped by a signal": a script's `train.py && evaluate.py` stops there.
 - A second SIGINT exits at once (code 130), saving nothing beyond the last checkpoint.
+- Under torchrun, the first worker to exit 143 makes the agent send SIGTERM to the others. A
+  rank that has saved calls `stop.outlast_the_agent()` before it exits: SIGTERM is ignored from
+  then on, so each rank exits 143 itself. A Python handler would not do: the interpreter puts
+  back the default action of Python handlers while it shuts down, and the agent's SIGTERM
+  arriving then kills the rank (exit -15), a race that a slow shutdown loses.
 Only the main thread may install handlers: `stop = StopSignals().install()` before the loop,
 `stop.restore()` after it puts the previous ones back (a notebook calling main() keeps its
 Ctrl-C; the final export is not stopped half-way, it is written to a temporary name).
@@ -41,6 +46,10 @@ class StopSignals:
             self.signum = signum
             _say(f"train.py: {name}: stopping after this step with a checkpoint "
                  f"(Ctrl-C again exits at once)\n")
+
+    def outlast_the_agent(self) -> None:
+        """SIGTERM ignored until this process ends, its shutdown included (see above)."""
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     @property
     def exit_code(self) -> int:

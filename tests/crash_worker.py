@@ -6,7 +6,10 @@ checkpoint of STEP, first attempt only), `save` (the disk fills up while writing
 of STEP), `nan` (the backbone's output, hence the loss, of STEP is NaN, on every rank) or
 `reads` (record the keys each rank asks torch.distributed.checkpoint.load for, in
 OUT/reads.{rank}.json; STEP and RANK unused) or `slow` (RANK works SLOW_SECONDS longer on
-its own: before it renames the checkpoint of STEP into place and before the final export).
+its own: before it renames the checkpoint of STEP into place and before the final export) or
+`slowend` (RANK's interpreter takes 2 s to shut down, after Python's signal handlers
+are gone: the window in which torchrun's SIGTERM, sent once another rank has exited, kills a
+rank that kept a Python handler; STEP unused).
 
 Only public entry points are hooked (clip_grad_norm_, the global module forward hook, the
 safetensors serialisation DCP writes each rank's file with, dcp.load, os.replace), never
@@ -79,6 +82,14 @@ def replace(src, dst, *args, **kwargs):
     return real_replace(src, dst, *args, **kwargs)
 
 
+class SlowEnd:
+    """Freed with this module's globals, late in the interpreter's shutdown: after it has put
+    back the default action of every signal that had a Python handler."""
+    def __del__(self, sleep=time.sleep):  # the module's names are gone by then
+        sleep(2)
+
+
+slow_end = SlowEnd() if fault == "slowend" and rank == at_rank else None
 torch.nn.utils.clip_grad_norm_, dcp.load, os.replace = clip_grad_norm_, load, replace
 safetensors.torch.save = serialise
 torch.nn.modules.module.register_module_forward_hook(nan_output)

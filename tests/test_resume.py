@@ -33,11 +33,13 @@ def args(small_demo_dir, out):
             "--token-cache", small_demo_dir + "_tokens"]
 
 
-def interrupted(args, out, nproc=0, rank=0, after=3):
-    """Start train.py ARGS (torchrun with nproc > 0) and send SIGTERM to the process of `rank`
-    alone once metrics.jsonl shows `after` steps. -> the finished process (stdout, stderr)."""
+def interrupted(args, out, nproc=0, rank=0, after=3, fault=None):
+    """Start train.py ARGS (torchrun with nproc > 0; through crash_worker.py with a fault) and
+    send SIGTERM to the process of `rank` alone once metrics.jsonl shows `after` steps.
+    -> the finished process (stdout, stderr)."""
     rendezvous = ["--master-port", free_port(), "--max-restarts", 0]
-    proc = subprocess.Popen(command("train.py", *args, nproc=nproc, torchrun=rendezvous),
+    script = ["tests/crash_worker.py", *fault, "--"] if fault else ["train.py"]
+    proc = subprocess.Popen(command(*script, *args, nproc=nproc, torchrun=rendezvous),
                             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     metrics, deadline = out / "metrics.jsonl", time.time() + 240
@@ -230,12 +232,14 @@ def test_sigterm_saves_the_step_and_the_same_command_continues_bit_identical(
 def test_sigterm_to_one_rank_stops_both_then_a_slow_rank_0_outlasts_the_timeout(
         tmp_path, small_demo_dir, uninterrupted):
     """2 gloo ranks, SIGTERM to rank 1 only: the ranks agree at the step's all-reduce, both
-    save the same step and exit 143. The same command continues with collectives limited to
-    4 s while rank 0 spends 8 s alone renaming the last checkpoint and then the export: the
-    others wait on the store, not in a collective, so no rank is killed; bit-identical."""
+    save the same step and exit 143, rank 0 too though its shutdown is slow (torchrun sends it
+    SIGTERM when rank 1 exits). The same command continues with collectives limited to 4 s
+    while rank 0 spends 8 s alone renaming the last checkpoint and then the export: the others
+    wait on the store, not in a collective, so no rank is killed; bit-identical."""
     out = tmp_path / "run"
     timeout = ["--collective-timeout", "4"]
-    proc = interrupted(args(small_demo_dir, out) + timeout, out, nproc=2, rank=1)
+    proc = interrupted(args(small_demo_dir, out) + timeout, out, nproc=2, rank=1,
+                       fault=["slowend", "0", "0"])
     assert proc.returncode != 0  # torchrun reports its workers' 143 as a failure
     assert proc.stderr_text.count("exitcode  : 143") == 2, proc.stderr_text[-3000:]
     line = next(x for x in proc.stdout_text.splitlines() if x.startswith("stopped by a signal"))
