@@ -32,6 +32,9 @@ SHARED_CACHE = os.path.join(ROOT, ".pytest_cache", "f2llm-shared-cache")
 os.makedirs(SHARED_CACHE, exist_ok=True)
 os.environ["F2LLM_CACHE"] = SHARED_CACHE
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: the workers share the cores
+    torch.set_num_threads(1)
+
 # the environment of every launched process: one thread each (2 ranks share the cores), offline
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false", "F2LLM_CACHE": SHARED_CACHE}
@@ -97,18 +100,29 @@ def backbone(tokenizer):
 def trained_run(tmp_path_factory, demo_dir):
     """The recipe on a small config of its own (the tiny preset runs for minutes): `--size
     tiny` on the first 600 rows of each demo source, 100 steps of 32 queries (1.3 epochs),
-    64 tokens per text; shared by the tests that need a trained model."""
+    64 tokens per text; shared by the tests that need a trained model. Trained once per test
+    session: under pytest-xdist the first worker that needs it trains it in the folder that
+    all workers share while the others wait (runtime/cache.build_once on a marker file)."""
     import train
-    data = _first_rows(demo_dir, tmp_path_factory.mktemp("demo600"), 600)
-    out = tmp_path_factory.mktemp("tiny") / "run"
-    train.main(["--size", "tiny", "--data", data, "--out", str(out), "--steps", "100",
-                "--max-length", "64", "--eval-every", "25", "--save-every", "50"])
+    from runtime.cache import build_once
+    base = tmp_path_factory.getbasetemp()
+    shared_base = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out = shared_base / "trained_run" / "run"
+
+    def train_it(marker):
+        shutil.rmtree(out.parent, ignore_errors=True)  # a worker that died halfway
+        data = _first_rows(demo_dir, out.parent / "demo600", 600)
+        train.main(["--size", "tiny", "--data", data, "--out", str(out), "--steps", "100",
+                    "--max-length", "64", "--eval-every", "25", "--save-every", "50"])
+        open(marker, "w").close()
+
+    build_once(str(shared_base / "trained_run.done"), train_it, log=lambda *a: None)
     return out
 
 
 def _first_rows(folder, path, rows):
-
     import pyarrow.parquet as pq
+    os.makedirs(path, exist_ok=True)
     for name in os.listdir(folder):
         if name.endswith(".parquet"):
             pq.write_table(pq.read_table(os.path.join(folder, name)).slice(0, rows), path / name)
@@ -134,3 +148,4 @@ def attn(request):
     varlen row per chunk, forced on this CPU (model.FORCE_VARLEN; sdpa per sequence inside)."""
     return A.attention_implementation(torch.device("cpu"), bf16=False,
                                       forced=request.param == A.VARLEN)
+

@@ -6,20 +6,30 @@ import os
 import shutil
 import socket
 
-import mteb
 import pytest
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
 from torch.utils.data import DataLoader
 from transformers import AutoModel, AutoTokenizer
 
 import data as D
-import evaluate
 import model as M
 from tiny import demo
 
 pytestmark = pytest.mark.slow  # torchrun / real processes / mteb / sentence-transformers
+
+datasets = evaluate = mteb = None  # imported as the first test here starts: mteb takes seconds
+
+
+@pytest.fixture(scope="module", autouse=True)
+def modules():
+    """Collecting this file (the quick loop does too) imports neither mteb nor evaluate.py."""
+    global datasets, evaluate, mteb
+    import datasets
+    import mteb
+
+    import evaluate
+
 
 # mixed lengths: empty-ish, short, instruction-formatted, and far past the max length below
 TEXTS = ["ok", "Shares in the airline fell sharply on Monday.",
@@ -85,7 +95,7 @@ def _encoder_inputs(wrapper, tokenizer, task, prompt_type, texts):
             seen.append(tokenizer.decode(ids[mask.bool()]))
     handle = wrapper.model[0].register_forward_pre_hook(hook)  # the Transformer module
     try:
-        wrapper.encode(DataLoader(Dataset.from_dict({"text": texts}), batch_size=8),
+        wrapper.encode(DataLoader(datasets.Dataset.from_dict({"text": texts}), batch_size=8),
                        task_metadata=task.metadata, hf_split="test", hf_subset="default",
                        prompt_type=prompt_type)
     finally:

@@ -9,17 +9,26 @@ import re
 import subprocess
 import time
 
-import mteb
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ENV, command, launch
 from transformers import AutoModel, AutoTokenizer
 
-import evaluate
 import model as M
 from runtime import checkpoint as C
 from runtime.encoding import PackedEncode, SplitEncode, split_by_tokens
+
+evaluate = mteb = None  # imported by the tests that use them: mteb takes seconds
+
+
+@pytest.fixture(scope="module")
+def modules():
+    """Collecting this file (the quick loop does too) imports neither mteb nor evaluate.py."""
+    global evaluate, mteb
+    import mteb
+
+    import evaluate
 
 TEXTS = ["Fuel prices hit airline profits", "BA made a pre-tax profit of 75m.",
          "The central bank raised interest rates again. " * 30]
@@ -49,7 +58,7 @@ def _scores(results) -> dict:
 
 
 @pytest.fixture(scope="module")
-def step_50(trained_run):
+def step_50(trained_run, modules):
     return str(trained_run / "checkpoints" / "step_00000050")
 
 
@@ -113,7 +122,7 @@ def test_killed_evaluation_resumes_with_the_missing_tasks(uninterrupted, step_50
 
 
 @pytest.mark.slow
-def test_last_step_exports_the_final_weights(trained_run, tmp_path):
+def test_last_step_exports_the_final_weights(trained_run, tmp_path, modules):
     """checkpoints/step_00000100 is the run's last step: read from its shards it embeds as
     final/ does (so the weights come from the shards, not from the seeded initialisation)."""
     ckpt = evaluate.resolve_checkpoint(str(trained_run / "checkpoints" / "step_00000100"))
@@ -129,7 +138,7 @@ def test_last_step_exports_the_final_weights(trained_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_step_is_scored_with_its_adapters_merged(tokenizer, tmp_path):
+def test_lora_step_is_scored_with_its_adapters_merged(tokenizer, tmp_path, modules):
     """A LoRA run's step (saved by runtime/checkpoint.save as train.py saves it): its export
     embeds as the adapters merged into the weights, not as the backbone alone."""
     lora = M.add_lora(M.tiny_backbone(tokenizer, seed=0), 4)
@@ -151,7 +160,7 @@ def test_lora_step_is_scored_with_its_adapters_merged(tokenizer, tmp_path):
 
 
 @pytest.mark.slow
-def test_packed_encode_agrees_with_the_loader_on_every_local_task(trained_run, tmp_path):
+def test_packed_encode_agrees_with_the_loader_on_every_local_task(trained_run, tmp_path, modules):
     """Every encode call mteb makes on the local suite (queries with their instruction,
     documents without, symmetric texts), embedded both ways: cosine >= 0.9999 for every text."""
     wrapper = evaluate.load_f2llm(str(trained_run / "final"), "local/agree", "agree", 64, 8192,
@@ -175,11 +184,13 @@ def test_packed_encode_agrees_with_the_loader_on_every_local_task(trained_run, t
     assert min(worst.values()) >= 0.9999, worst
 
 
+@pytest.mark.slow  # evaluate.py loads mteb
 @pytest.mark.parametrize("meta, message", [
     ({"format": "f2llm-dcp-safetensors-1", "step": 1, "shards": {}}, "holds no run config"),
     ("not json", "truncated or not JSON"),
 ])
-def test_a_step_without_a_readable_config_is_refused(meta, message, tmp_path, monkeypatch):
+def test_a_step_without_a_readable_config_is_refused(meta, message, tmp_path, monkeypatch,
+                                                    modules):
     step = tmp_path / "run" / "checkpoints" / "step_00000001"
     step.mkdir(parents=True)
     (step / "meta.json").write_text(meta if isinstance(meta, str) else json.dumps(meta))
