@@ -67,7 +67,7 @@ from runtime.signals import StopSignals
 
 # ---------------------------------------------------------------------------- the step
 # Copyable: the step (these functions, model.py's packing and pooling, loss.py) needs torch
-# alone; tests/test_train.py runs a copy of exactly that text. docs/design.md §4 walks it.
+# alone; tests/test_step.py runs a copy of exactly that text. docs/design.md §4 walks it.
 def rng_state(device):
     return (torch.get_rng_state(),
             torch.cuda.get_rng_state(device) if device.type == "cuda" else None)

@@ -9,19 +9,15 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from transformers import AutoTokenizer
-
-import model as M
-from runtime import attention as A
-from tiny import demo, shared
-from tiny import tokenizer as tiny_tokenizer
+# torch, transformers and the project's modules are imported in the fixtures that use them: the
+# pytest-xdist process that only hands out the tests imports this file too, before the workers
+# start (pyproject.toml: two workers, one test file each)
 
 # The shared cache (runtime/cache.py) of every run the tests start, in this process or launched:
 # the checkout's own, in .pytest_cache (git ignores it), never the user's ~/.cache/f2llm. Its
@@ -32,13 +28,15 @@ SHARED_CACHE = os.path.join(ROOT, ".pytest_cache", "f2llm-shared-cache")
 os.makedirs(SHARED_CACHE, exist_ok=True)
 os.environ["F2LLM_CACHE"] = SHARED_CACHE
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: the workers share the cores
-    torch.set_num_threads(1)
-
 # the environment of every launched process: one thread each (2 ranks share the cores), offline
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false", "F2LLM_CACHE": SHARED_CACHE}
 
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: they share the cores
+        import torch
+        torch.set_num_threads(1)
 
 
 def free_port() -> int:
@@ -70,6 +68,7 @@ def launch(script, *args, nproc=0, torchrun=("--standalone",), env=None, timeout
 
 @pytest.fixture(scope="session")
 def articles():
+    from tiny import demo
     return demo.bbc_articles()
 
 
@@ -77,6 +76,9 @@ def articles():
 def tokenizer(tmp_path_factory, articles):
     """Saved and loaded back, as train.py loads one: the folder, `tokenizer.name_or_path`, is
     what a worker in another process loads."""
+    from transformers import AutoTokenizer
+
+    from tiny import tokenizer as tiny_tokenizer
     path = str(tmp_path_factory.mktemp("tokenizer"))
     texts = [a["headline"] + "\n" + a["body"] for a in articles[::3]]
     tiny_tokenizer.train_tokenizer(texts, vocab_size=1024).save_pretrained(path)
@@ -87,11 +89,15 @@ def tokenizer(tmp_path_factory, articles):
 def demo_dir():
     """The tiny preset's demo sample (seed 0, mined negatives) as train.py gets it: written once
     into the session's shared cache."""
+    from tiny import shared
     return shared.sample_folder(SHARED_CACHE, seed=0, log=lambda *a: None)
 
 
 @pytest.fixture()
 def backbone(tokenizer):
+    import torch
+
+    import model as M
     torch.manual_seed(0)
     return M.tiny_backbone(tokenizer, seed=0)
 
@@ -142,10 +148,12 @@ def small_demo_dir(tmp_path_factory, demo_dir):
     return path
 
 
-@pytest.fixture(params=["sdpa", A.VARLEN])
+@pytest.fixture(params=["sdpa", "varlen"])
 def attn(request):
     """Both attention paths of packed chunks: sdpa rows (a CPU's) and the CUDA layout, one
     varlen row per chunk, forced on this CPU (model.FORCE_VARLEN; sdpa per sequence inside)."""
-    return A.attention_implementation(torch.device("cpu"), bf16=False,
-                                      forced=request.param == A.VARLEN)
+    import torch
 
+    from runtime import attention as A
+    return A.attention_implementation(torch.device("cpu"), bf16=False,
+                                      forced=request.param == "varlen")

@@ -1,7 +1,7 @@
 """The options the invariant harnesses run, in ONE list: a name and its train.py flags. A new
 loss variant (a Config field, its function in loss.py) is added to OPTIONS and nothing else:
 tests/dist_worker.py steps each one on 2 gloo ranks and in one process
-(tests/test_distributed.py: I1) and tests/test_train.py's test_every_option_keeps_I2 steps each
+(tests/test_distributed.py: I1) and tests/test_step.py's test_every_option_keeps_I2 steps each
 one across token budgets against one padded forward (I2). How each option builds its model
 and teacher is here too, so both harnesses build them alike."""
 import torch
