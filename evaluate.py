@@ -169,6 +169,7 @@ def run_tasks(model, tasks, cache_dir: str, batch_size: int, overwrite: bool = F
     cache = mteb.ResultCache(cache_path=cache_dir)
     scores = {}
     for task in tasks:
+        drop_cut_result(cache_dir, task.metadata.name)
         result = mteb.evaluate(model, [task], cache=cache, encode_kwargs={"batch_size": batch_size},
                                overwrite_strategy="always" if overwrite else "only-missing",
                                co2_tracker=False, show_progress_bar=False)
@@ -176,6 +177,20 @@ def run_tasks(model, tasks, cache_dir: str, batch_size: int, overwrite: bool = F
         if progress:
             progress.task_done(task)
     return scores
+
+
+def drop_cut_result(cache_dir: str, task_name: str) -> None:
+    """mteb writes a task's result file in place: a kill during the write leaves it cut short,
+    which mteb cannot read back. Such a file is removed, so that the task is computed again."""
+    pattern = os.path.join(glob.escape(cache_dir), "**", f"{task_name}.json")
+    for path in glob.glob(pattern, recursive=True):
+        try:
+            with open(path) as f:
+                json.load(f)
+        except ValueError:
+            print0(f"{task_name}: its result file was cut short (the run was killed while "
+                   f"writing it), computing it again: {path}")
+            os.remove(path)
 
 
 # ---------------------------------------------------------------------------- inputs

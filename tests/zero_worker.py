@@ -21,4 +21,5 @@ if __name__ == "__main__":
                for name, v in state.items() if name != "step")
     with open(f"{out}.rank{dist.get_rank()}.json", "w") as f:
         json.dump(held, f)
+    dist.barrier()  # no rank tears gloo down while another's last broadcast is in flight
     dist.destroy_process_group()
