@@ -185,8 +185,7 @@ def drop_cut_result(cache_dir: str, task_name: str) -> None:
     pattern = os.path.join(glob.escape(cache_dir), "**", f"{task_name}.json")
     for path in glob.glob(pattern, recursive=True):
         try:
-            with open(path) as f:
-                json.load(f)
+            read_json(path)
         except ValueError:
             print0(f"{task_name}: its result file was cut short (the run was killed while "
                    f"writing it), computing it again: {path}")

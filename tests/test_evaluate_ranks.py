@@ -94,8 +94,7 @@ def _written(pattern) -> bool:
     """A file matching `pattern` holds complete JSON (mteb writes result files in place)."""
     for path in glob.glob(pattern, recursive=True):
         try:
-            with open(path) as f:
-                json.load(f)
+            evaluate.read_json(path)
             return True
         except ValueError:
             pass
