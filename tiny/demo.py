@@ -131,12 +131,14 @@ def write_demo_sample(folder: str, seed: int = 0, negatives: str = "mined",
                                                  a["body"]),
                                "passage": a["topic"], "negative_1": str(wrong)})
 
+    openings = {a["body"]: opening_sentences(a["body"]) for a in arts}  # once per article
+
     def without(body, i):  # the article without its i-th opening sentence (if it has one)
-        opening = opening_sentences(body)
+        opening = openings[body]
         return body.replace(opening[i], "", 1).strip() if i < len(opening) else body
     for row in mined:  # after the other sources' draws, so those stay as they were
         body, negs = by_id[row[0]]["body"], [by_id[x]["body"] for x in row[1:]]
-        opening = opening_sentences(body)
+        opening = openings[body]
         for i in rng.choice(len(opening), min(sentence_queries, len(opening)), replace=False):
             inverse_cloze.append({
                 "query": instruct(DEMO_INSTRUCTIONS["bbc_sentence_retrieval"], opening[i]),
