@@ -2,6 +2,8 @@
 it with Qwen3's special tokens, the demo sample in the released layout, tiny Qwen3 models;
 `launch`, which runs a script in fresh processes (under torchrun for several). Nothing is
 downloaded."""
+import contextlib
+import io
 import os
 import shutil
 import socket
@@ -63,6 +65,25 @@ def launch(script, *args, nproc=0, torchrun=("--standalone",), env=None, timeout
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def train_here(*args) -> str:
+    """`python train.py ARGS` in this process: train.main on one thread, as a launched run
+    (ENV) computes it, so its weights equal a launched run's bit for bit, without the ~6 s
+    each fresh process spends importing torch and transformers. -> what it printed; a refused
+    command raises SystemExit with its message. Faults, signals and several ranks need
+    `launch`."""
+    import torch
+
+    import train
+    threads, printed = torch.get_num_threads(), io.StringIO()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(printed):
+            train.main(list(map(str, args)))
+    finally:
+        torch.set_num_threads(threads)
+    return printed.getvalue()
 
 
 
