@@ -2,8 +2,9 @@
 for the recipe and each option of tests/options.py (Matryoshka, LoRA, the official detached
 gather, no in-batch term, another temperature, distillation from another tiny model in each
 mode); saves the trained parameters' gradients (rank 0) and, per rank, what DDP all-reduced.
-Run with `python` (world 1) or `torchrun` (world N): tests/test_distributed.py compares the two
-(I1) and counts the all-reduces (one per bucket per step)."""
+Run under `torchrun` (world N); tests/test_distributed.py calls `step_gradients` in its own
+process for world 1, compares the two (I1) and counts the all-reduces (one per bucket per
+step)."""
 import contextlib
 import json
 import os
@@ -59,12 +60,14 @@ ONE_PROCESS_REFERENCES = {"detached": official_reference_loss, "kd-v2": official
 
 
 def step_gradients(tokenizer_dir, demo_dir, batch_size, chunk_tokens, max_length=48,
-                   options=tuple(OPTIONS)):
+                   options=tuple(OPTIONS), varlen=False, world_info=None):
     """For each option, a fresh tiny model (options.backbone: with LoRA adapters for "lora")
-    and one cached step on a retrieval batch (the recipe: and a clustering batch). The
-    attention is what train.py would choose (F2LLM_FORCE_VARLEN=1: varlen rows)."""
-    rank, world, device = train.setup_distributed()
-    attn = A.attention_implementation(device, bf16=False)
+    and one cached step on a retrieval batch (the recipe: and a clustering batch), on the
+    attention train.py chooses on this CPU: sdpa rows, or with varlen the CUDA layout (one
+    varlen row per chunk, forced). world_info: train.setup_distributed()'s (rank, world,
+    device); one process by default."""
+    rank, world, device = world_info or (0, 1, torch.device("cpu"))
+    attn = A.attention_implementation(device, bf16=False, forced=varlen)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     sources = T.load_tokenized(demo_dir, tokenizer, max_length, demo_dir + "_tokens", seed=0)
     grads, losses, collectives = {}, {}, {}
@@ -108,12 +111,17 @@ def step_gradients(tokenizer_dir, demo_dir, batch_size, chunk_tokens, max_length
 
 
 if __name__ == "__main__":
-    tokenizer_dir, demo_dir, out, batch_size, chunk_tokens = sys.argv[1:6]
-    options = sys.argv[6].split(",") if len(sys.argv) > 6 else list(OPTIONS)
-    rank, grads, losses, collectives = step_gradients(tokenizer_dir, demo_dir, int(batch_size),
-                                                      int(chunk_tokens), options=options)
-    if rank == 0:
-        torch.save({"grads": grads, "losses": losses}, out)
-    with open(f"{out}.rank{rank}.json", "w") as f:
-        json.dump(collectives, f)
+    # TOKENIZER DATA OUT BATCH CHUNK_TOKENS PATH=OPTIONS ...: for each attention path (sdpa or
+    # varlen) the step of those options, in OUT.PATH.pt (rank 0) and OUT.PATH.rankN.json
+    tokenizer_dir, demo_dir, out, batch_size, chunk_tokens, *runs = sys.argv[1:]
+    world_info = train.setup_distributed()
+    for run in runs:
+        path, options = run.split("=")
+        rank, grads, losses, collectives = step_gradients(
+            tokenizer_dir, demo_dir, int(batch_size), int(chunk_tokens),
+            options=options.split(","), varlen=path == "varlen", world_info=world_info)
+        if rank == 0:
+            torch.save({"grads": grads, "losses": losses}, f"{out}.{path}.pt")
+        with open(f"{out}.{path}.rank{rank}.json", "w") as f:
+            json.dump(collectives, f)
     train.teardown()

@@ -14,17 +14,27 @@ WORKER = "tests/dist_worker.py"
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory, tokenizer, small_demo_dir):
-    """The reference of both tests: every option's step in ONE process on sdpa rows (b=8, one
-    chunk)."""
-    out = tmp_path_factory.mktemp("one_process") / "w1.pt"
-    launch(WORKER, tokenizer.name_or_path, small_demo_dir, out, 8, 100000,
-           env={"F2LLM_FORCE_VARLEN": "0"})
-    return torch.load(out), json.loads(out.with_name("w1.pt.rank0.json").read_text())
+def one_process(tokenizer, small_demo_dir):
+    """The reference of both tests: every option's step in ONE process (this one) on sdpa rows
+    (b=8, one chunk)."""
+    import dist_worker
+    _, grads, losses, collectives = dist_worker.step_gradients(tokenizer.name_or_path,
+                                                               small_demo_dir, 8, 100000)
+    return {"grads": grads, "losses": losses}, collectives
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, tokenizer, small_demo_dir):
+    """One torchrun launch of 2 gloo ranks (b=4 each, 120 tokens a chunk): every option on
+    sdpa rows (OUT.sdpa.*), the recipe and v2's distillation on varlen rows (OUT.varlen.*)."""
+    out = tmp_path_factory.mktemp("two_ranks") / "w2"
+    launch(WORKER, tokenizer.name_or_path, small_demo_dir, out, 8, 120,
+           "sdpa=" + ",".join(OPTIONS), "varlen=recipe,kd-v2", nproc=2)
+    return out
 
 
 def test_I1_two_ranks_give_the_one_process_gradients_with_one_allreduce_per_step(
-        tmp_path, tokenizer, small_demo_dir, one_process):
+        two_ranks, one_process):
     """One step, batch 8: world=2 (b=4 each, several packed chunks) == world=1 (b=8, one chunk),
     retrieval and clustering for the recipe, retrieval for each option of tests/options.py:
     Matryoshka, LoRA (adapter gradients), no in-batch term, another temperature, distillation
@@ -32,9 +42,7 @@ def test_I1_two_ranks_give_the_one_process_gradients_with_one_allreduce_per_step
     raw states) and the official code's detached gather, whose 2-rank gradients equal a
     1-process step in which no positive gets an in-batch gradient. docs/design.md §4: one all-reduce
     per step (per bucket), not per chunk."""
-    launch(WORKER, tokenizer.name_or_path, small_demo_dir, tmp_path / "w2.pt", 8, 120, nproc=2,
-           env={"F2LLM_FORCE_VARLEN": "0"})
-    two, one = torch.load(tmp_path / "w2.pt"), one_process[0]
+    two, one = torch.load(f"{two_ranks}.sdpa.pt"), one_process[0]
     # the recipe on retrieval and clustering, each option of tests/options.py on retrieval
     assert sorted(one["grads"]) == sorted([f"{o}/retrieval" for o in OPTIONS]
                                           + ["recipe/clustering"])
@@ -55,22 +63,19 @@ def test_I1_two_ranks_give_the_one_process_gradients_with_one_allreduce_per_step
     # would send chunks x as many). DDP's first step runs on one initial bucket; it then
     # rebuilds them by bucket_cap_mb, so the second step (clustering) has several.
     for rank in (0, 1):
-        for key, c in json.loads((tmp_path / f"w2.pt.rank{rank}.json").read_text()).items():
+        for key, c in json.loads(open(f"{two_ranks}.sdpa.rank{rank}.json").read()).items():
             assert c["chunks"] >= 3, c
             assert c["allreduces"] == c["buckets"], (rank, key, c)
             assert c["elements"] == c["parameters"], (rank, key, c)
             assert key != "recipe/clustering" or c["buckets"] >= 2, c
 
 
-def test_I1_on_the_cuda_attention_path_matches_one_sdpa_process(tmp_path, tokenizer, small_demo_dir,
-                                                               one_process):
-    """The CUDA layout under DDP: with F2LLM_FORCE_VARLEN=1, 2 gloo ranks run one varlen row
-    per chunk (cumulative lengths passed down, no padding computed), the recipe and
-    distillation from a teacher that also runs varlen rows, and give the gradients of ONE
-    process on sdpa rows (float32 rounding), with one all-reduce per bucket per step."""
-    launch(WORKER, tokenizer.name_or_path, small_demo_dir, tmp_path / "v2.pt", 8, 120, "recipe,kd-v2",
-           nproc=2, env={"F2LLM_FORCE_VARLEN": "1"})
-    two, (one, sdpa) = torch.load(tmp_path / "v2.pt"), one_process
+def test_I1_on_the_cuda_attention_path_matches_one_sdpa_process(two_ranks, one_process):
+    """The CUDA layout under DDP: forced on this CPU (F2LLM_FORCE_VARLEN=1's path), 2 gloo ranks
+    run one varlen row per chunk (cumulative lengths passed down, no padding computed), the
+    recipe and distillation from a teacher that also runs varlen rows, and give the gradients
+    of ONE process on sdpa rows (float32 rounding), with one all-reduce per bucket per step."""
+    two, (one, sdpa) = torch.load(f"{two_ranks}.varlen.pt"), one_process
     assert sorted(two["grads"]) == ["kd-v2/retrieval", "recipe/clustering", "recipe/retrieval"]
     for key in two["grads"]:
         assert_same_sums(two["losses"][key], one["losses"][key], f"{key} loss")
@@ -79,7 +84,7 @@ def test_I1_on_the_cuda_attention_path_matches_one_sdpa_process(tmp_path, tokeni
             # orders); attention that crossed sequences would give O(1)
             assert_same_sums(two["grads"][key][name], g, f"{key} {name}")
     for rank in (0, 1):
-        for c in json.loads((tmp_path / f"v2.pt.rank{rank}.json").read_text()).values():
+        for c in json.loads(open(f"{two_ranks}.varlen.rank{rank}.json").read()).values():
             assert c["attention"] == "f2llm_varlen" and c["chunks"] >= 3, c
             assert c["computed_tokens"] == c["real_tokens"], c  # one varlen row per chunk
             assert c["allreduces"] == c["buckets"] and c["elements"] == c["parameters"], c
