@@ -71,18 +71,23 @@ def train_here(*args) -> str:
     """`python train.py ARGS` in this process: train.main on one thread, as a launched run
     (ENV) computes it, so its weights equal a launched run's bit for bit, without the ~6 s
     each fresh process spends importing torch and transformers. -> what it printed; a refused
-    command raises SystemExit with its message. Faults, signals and several ranks need
-    `launch`."""
+    command raises SystemExit with its message. A kill, a signal or several ranks need
+    `launch`; crash_worker.injected brings the other faults into this process."""
+    import signal
+
     import torch
 
     import train
     threads, printed = torch.get_num_threads(), io.StringIO()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     torch.set_num_threads(1)
     try:
         with contextlib.redirect_stdout(printed):
             train.main(list(map(str, args)))
-    finally:
+    finally:  # a run that failed mid-loop left its stop handlers installed
         torch.set_num_threads(threads)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
     return printed.getvalue()
 
 

@@ -1,8 +1,8 @@
 """I5 exact resume and crash safety in one process: SIGKILL at a step then --resume, a full disk
 during a save, another config refused, LoRA with the Matryoshka loss, a SIGTERM mid-run then
-the same command. A fault runs in a real process (crash_worker.py); the runs that only finish
-or are refused run train.main here (conftest.train_here: the same weights, bit for bit, as a
-launched run). Several ranks: test_resume_ranks.py."""
+the same command. A kill or a signal runs in a real process (crash_worker.py); the runs that
+finish, are refused or fail with an error run train.main here (conftest.train_here: the same
+weights, bit for bit, as a launched run). Several ranks: test_resume_ranks.py."""
 import os
 import shutil
 import signal
@@ -12,7 +12,9 @@ import time
 import pytest
 import torch
 from conftest import ENV, ROOT, command, free_port, launch, train_here
+from crash_worker import injected
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.api import CheckpointException
 
 pytestmark = pytest.mark.slow  # torchrun / real processes / mteb / sentence-transformers
 
@@ -100,8 +102,9 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, small_demo_dir, uninterr
 def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, small_demo_dir,
                                                              uninterrupted):
     out = tmp_path / "run"
-    proc = run(args(small_demo_dir, out), fault=["save", "4", "0"], check=False)
-    assert proc.returncode != 0 and "No space left on device" in proc.stderr
+    with injected("save", 4, 0, args(small_demo_dir, out)), pytest.raises(
+            CheckpointException, match="No space left on device"):  # DCP's, around the OSError
+        train_here(*args(small_demo_dir, out))
     assert sorted(os.listdir(out / "checkpoints")) == ["step_00000002", "step_00000004.tmp"]
     train_here(*args(small_demo_dir, out), "--resume")  # from 2: the partial 4 is ignored
     assert_identical(weights(out), weights(uninterrupted / "one"))

@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 from conftest import train_here
+from crash_worker import injected
 from test_resume import args, assert_identical, interrupted, run, weights
 
 pytestmark = pytest.mark.slow  # torchrun / real processes / mteb / sentence-transformers
@@ -85,9 +86,10 @@ def test_nan_loss_never_reaches_the_weights(tmp_path, small_demo_dir):
         assert torch.isfinite(w).all(), name
     lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert lrs[2] == lrs[1]  # the skipped step did not advance the schedule either
-    proc = run(args(small_demo_dir, tmp_path / "r2") + ["--max-bad-steps", "1"],
-               fault=["nan", "3", "0"], check=False)
-    assert proc.returncode != 0 and "1 non-finite steps in a row (--max-bad-steps)" in proc.stderr
+    one = args(small_demo_dir, tmp_path / "r2") + ["--max-bad-steps", "1"]  # one process
+    with injected("nan", 3, 0, one), pytest.raises(
+            SystemExit, match=r"1 non-finite steps in a row \(--max-bad-steps\)"):
+        train_here(*one)
     assert not os.path.exists(tmp_path / "r2" / "final")
 
 
