@@ -32,6 +32,7 @@ Contract:
 """
 import argparse
 import csv
+import gc
 import glob
 import hashlib
 import importlib.util
@@ -52,7 +53,9 @@ def parse_args(argv=None):
                         "a model mteb knows (codefuse-ai/F2LLM-4B)")
     p.add_argument("--tasks", nargs="+",
                    help="mteb task names, local task names or 'local' (default: the benchmark)")
-    p.add_argument("--benchmark", default="MTEB(eng, v2)", help="mteb benchmark name")
+    p.add_argument("--benchmark", default="MTEB(eng, v2)",
+                   help="mteb benchmark name: the tasks without --tasks, and the subsets of its "
+                        "tasks that --tasks names (not read when --tasks names local tasks only)")
     p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
     p.add_argument("--max-length", type=int, default=8192, help="tokens per text, EOS included")
     p.add_argument("--results", help="results folder (default: results/<checkpoint>)")
@@ -84,6 +87,7 @@ def parse_args(argv=None):
 if __name__ == "__main__":  # -h and a misspelt flag answer before mteb and torch load
     parse_args(sys.argv[1:])
 
+gc.disable()  # the imports' ~1M long-lived objects: frozen out of every collection (train.py)
 import mteb
 import torch
 import torch.distributed as dist
@@ -97,6 +101,9 @@ from runtime.encoding import LoaderEncode, PackedEncode, SplitEncode, serve
 from runtime.parallel import print0, wait_for_every_rank
 from runtime.progress import Progress, chars_per_token, probe_rate
 from tiny.local_suite import LOCAL_TASKS
+
+gc.freeze()
+gc.enable()
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAPER_SCORES = os.path.join(HERE, "reference", "mteb_eng_v2_scores.csv")
@@ -194,7 +201,14 @@ def drop_cut_result(cache_dir: str, task_name: str) -> None:
 
 # ---------------------------------------------------------------------------- inputs
 def select_tasks(names: list[str] | None, benchmark: str) -> list:
-    """--tasks / --benchmark -> mteb task objects. Tasks of the benchmark keep its subsets."""
+    """--tasks / --benchmark -> mteb task objects. Tasks of the benchmark keep its subsets. The
+    benchmark is read only when a task may come from it: mteb builds every benchmark's task
+    objects to find one (about 3 s), which a run of local tasks alone does not pay."""
+    names = [n for arg in names or [] for n in arg.split(",") if n]
+    names = list(dict.fromkeys(m for n in names
+                               for m in (list(LOCAL_TASKS) if n == "local" else [n])))
+    if names and all(name in LOCAL_TASKS for name in names):
+        return [LOCAL_TASKS[name]() for name in names]
     try:
         bench_tasks = {t.metadata.name: t for t in mteb.get_benchmark(benchmark).tasks}
     except KeyError as e:
@@ -202,10 +216,8 @@ def select_tasks(names: list[str] | None, benchmark: str) -> list:
                          f"({e.args[0]}); see `mteb.get_benchmarks()`") from None
     if not names:
         return list(bench_tasks.values())
-    names = [n for arg in names for n in arg.split(",") if n]
-    names = [m for n in names for m in (list(LOCAL_TASKS) if n == "local" else [n])]
     tasks = []
-    for name in dict.fromkeys(names):
+    for name in names:
         if name in LOCAL_TASKS:
             tasks.append(LOCAL_TASKS[name]())
         elif name in bench_tasks:
@@ -452,6 +464,8 @@ def main(argv=None) -> dict:
     # every check a user can fail comes before any model is loaded
     ckpt = resolve_checkpoint(args.checkpoint)
     tasks = select_tasks(args.tasks, args.benchmark)
+    # the report names the benchmark where it was read (select_tasks)
+    benchmark = None if all(t.metadata.name in LOCAL_TASKS for t in tasks) else args.benchmark
     if args.baseline and ckpt.path is None:
         raise SystemExit("evaluate.py: error: --baseline needs a local checkpoint from a "
                          "train.py run")
@@ -530,7 +544,7 @@ def main(argv=None) -> dict:
             columns[f"paper {col}"] = paper_scores(col)
     summary = summarize(tasks, columns)
     print_table(summary, list(columns))
-    report = dict(checkpoint=args.checkpoint, identity=identity, benchmark=args.benchmark,
+    report = dict(checkpoint=args.checkpoint, identity=identity, benchmark=benchmark,
                   dim=args.dim or ckpt.dim,
                   protocol=dict(loader_of=protocol, mteb=mteb.__version__,
                                 max_length=args.max_length),

@@ -51,7 +51,7 @@ def test_a_grid_runs_once_then_a_second_invocation_reruns_nothing(tmp_path, smal
     out = tmp_path / "grid"
     argv = ["--out", str(out), "--seeds", "0", "--jobs", "2", "--tasks", "LeeSTS",
             "--variant", "the preset=", "--variant", "T 0.1=--temperature 0.1", "--",
-            "--data", small_demo_dir, "--token-cache", str(tmp_path / "tokens"), "--steps", "2",
+            "--data", small_demo_dir, "--token-cache", small_demo_dir + "_tokens", "--steps", "2",
             "--batch-size", "8", "--max-length", "32", "--eval-every", "0", "--save-every", "0"]
     rows = ablate.main(argv)
     assert [(r["run"], r["seed"], r["flags"]) for r in rows] == [

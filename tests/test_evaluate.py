@@ -221,6 +221,12 @@ def test_local_suite_runs_offline_into_the_named_folder(local_run, export):
         assert floor <= scores["untrained"] <= 100 and floor <= scores["score"] <= 100
     # no paper numbers here
     assert not any(k.startswith("paper") for k in report["mean_over_tasks"])
+    # local tasks alone: the benchmark is not read (mteb builds every benchmark's tasks for it)
+    assert saved["benchmark"] is None
+    assert [t.metadata.name for t in evaluate.select_tasks(["local"], "MTEB(nope)")] == list(
+        evaluate.LOCAL_TASKS)
+    with pytest.raises(SystemExit, match="--benchmark 'MTEB.nope.': mteb does not know it"):
+        evaluate.select_tasks(["LeeSTS", "STS12"], "MTEB(nope)")
 
 
 def test_training_lifts_local_retrieval(local_run):

@@ -34,6 +34,14 @@ def test_choice_flags_offer_what_the_code_accepts():
     assert helps["source_sampling"] == "how a batch's source is drawn"  # not the block above
 
 
+def test_the_imports_are_frozen_out_of_the_collector_and_it_stays_on():
+    """train.py (and evaluate.py) freeze what their imports made, ~600k objects that no later
+    collection need walk; the collector stays on for what a run makes (off, a long run's
+    cycles would never be freed)."""
+    import gc
+    assert gc.isenabled() and gc.get_freeze_count() > 300_000
+
+
 def test_lr_schedule_warmup_cosine_floor():
     cfg = train.Config(lr=1e-3, min_lr=1e-5, warmup_steps=10)
     f = train.lr_lambda(cfg.lr, cfg.min_lr, cfg.warmup_steps, total_steps=110)
@@ -149,22 +157,30 @@ def test_batch_size_must_divide_over_ranks():
 @pytest.mark.slow
 def test_a_run_distils_from_a_teacher_with_its_own_tokenizer(tmp_path, small_demo_dir, capsys):
     """train.py --teacher FOLDER --kd-mode kl: the teacher (an export with another tokenizer)
-    gets its own token cache, the distillation term is logged per step, and resuming with
-    another --kd-weight is refused."""
+    gets token cache files of its own beside the student's, the distillation term is logged per
+    step, and resuming with another --kd-weight is refused. The token cache is the shared test
+    cache (a warm session tokenizes nothing; test_data counts what a build writes)."""
     texts = D.iter_texts(D.load_sources(small_demo_dir))
     other = tiny_tokenizer.train_tokenizer(texts, vocab_size=600)
     M.save_export(M.tiny_backbone(other, seed=3), other, str(tmp_path / "teacher"))
+    token_cache = small_demo_dir + "_tokens"
     argv = ["--data", small_demo_dir, "--out", str(tmp_path / "run"), "--steps", "2",
             "--max-length", "48", "--eval-every", "0", "--teacher", str(tmp_path / "teacher"),
-            "--kd-mode", "kl", "--cache-dir", str(tmp_path / "cache")]
+            "--kd-mode", "kl", "--token-cache", token_cache]
     train.main(argv)
     printed = capsys.readouterr().out
     assert "teacher tokenizer: its own" in printed and ", kd " in printed
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and all(json.loads(line)["kd"] > 0 for line in lines)
-    cached = [f for f in os.listdir(tmp_path / "cache" / "tokens") if f.endswith(".arrow")]
-    sources = [f for f in os.listdir(small_demo_dir) if f.endswith(".parquet")]
-    assert len(cached) == 2 * len(sources)  # the student's and the teacher's ids of each
+    # the student's and the teacher's ids of each source: two keys, a usable file for each
+    from transformers import AutoTokenizer
+    student = AutoTokenizer.from_pretrained(printed.split("tokenizer: ")[1].split()[0])
+    teacher = AutoTokenizer.from_pretrained(tmp_path / "teacher")  # as train.py loads them
+    caches = [T.TokenCache(token_cache, t, 48) for t in (student, teacher)]
+    sources = D.load_sources(small_demo_dir)
+    assert caches[0].tokenizer_id != caches[1].tokenizer_id and len(sources) == 4
+    assert all(c.problem(s) is None for c in caches for s in sources)
+    assert len({c.path(s) for c in caches for s in sources}) == 2 * len(sources)
     with pytest.raises(SystemExit, match="kd_weight was 1.0, now 2.0"):
         train.main(argv + ["--resume", "--kd-weight", "2"])
 
