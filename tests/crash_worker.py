@@ -17,6 +17,7 @@ Only public entry points are hooked (clip_grad_norm_, the global module forward 
 safetensors serialisation DCP writes each rank's file with, dcp.load, os.replace), never
 train.py's or runtime/checkpoint.py's own names: they may rename their internals freely."""
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -24,11 +25,15 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+gc.disable()  # as train.py: the imports' objects are frozen out of every collection
 import safetensors.torch
 import torch
 import torch.distributed.checkpoint as dcp
 
 import train
+
+gc.freeze()
+gc.enable()
 
 SLOW_SECONDS = 8
 

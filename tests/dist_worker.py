@@ -6,10 +6,12 @@ Run under `torchrun` (world N); tests/test_distributed.py calls `step_gradients`
 process for world 1, compares the two (I1) and counts the all-reduces (one per bucket per
 step)."""
 import contextlib
+import gc
 import json
 import os
 import sys
 
+gc.disable()  # as train.py: the imports' objects are frozen out of every collection
 import torch
 import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -24,6 +26,9 @@ import train
 from loss import f2llm_loss, hard_negative_loss, in_batch_loss
 from runtime import attention as A
 from runtime import tokens as T
+
+gc.freeze()
+gc.enable()
 
 
 def official_reference_loss(batch, teacher_states=None):

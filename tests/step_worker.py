@@ -10,12 +10,14 @@ under torchrun. Writes OUT.rank{R}.json:
 Step k runs from one clip_grad_norm_ call (train.py clips once per step) to the next. Only
 public torch entry points are hooked (DDP.__init__, clip_grad_norm_, dist.all_reduce, global
 module hooks), never train.py's own names."""
+import gc
 import json
 import os
 import sys
 import threading
 import traceback
 
+gc.disable()  # as train.py: the imports' objects are frozen out of every collection
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -24,6 +26,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train
+
+gc.freeze()
+gc.enable()
 
 out, argv = sys.argv[1], sys.argv[sys.argv.index("--") + 1:]
 step = 1  # the step being computed: 1 + clip_grad_norm_ calls so far

@@ -1,13 +1,18 @@
 """One AdamW step under torch's ZeroRedundancyOptimizer on a tiny Qwen3 (gloo, under
 torchrun): each rank writes the bytes of the AdamW state it holds (m and v) to OUT.rankN.json;
 tests/test_plan.py compares them with the plan's partition (plan.zero_shards)."""
+import gc
 import json
 import sys
 
+gc.disable()  # as train.py: the imports' objects are frozen out of every collection
 import torch
 import torch.distributed as dist
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from transformers import AutoModel, Qwen3Config
+
+gc.freeze()
+gc.enable()
 
 
 def adamw_bytes_held(config_path: str) -> int:
