@@ -272,7 +272,10 @@ def test_shipped_demo_negatives_obey_the_paper_rule_under_the_model_that_mined_t
     assert len(rows) == 1751  # of 1,777 training headlines; 26 fail the relative margin
     arts = {a["id"]: a for a in demo.bbc_articles() if not a["heldout"]}
     embed = mine.load_encoder(_minilm(), max_length=256)
-    for row in rows[::250]:  # 8 rows
+    # 4 rows (25 articles of 256 tokens a row: FLOP-bound, ~3 s a row on one core); a file
+    # mined another way (another model or length, unsorted, the article kept) breaks the order
+    # or the rule on nearly every row, not on a few
+    for row in rows[::500]:
         assert len(set(row[1:])) == 24 and row[0] not in row[1:]
         query = embed([arts[row[0]]["headline"]])[0]
         docs = embed([arts[x]["body"] for x in row])  # the positive, then the negatives
