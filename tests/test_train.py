@@ -4,12 +4,13 @@ model is loaded and write nothing."""
 import json
 import math
 import os
+import re
 
 import pytest
 from conftest import ROOT
 from test_step import _lora_backbone
 from tolerance import assert_same_sums
-from transformers import AutoModel
+from transformers import AutoModel, AutoTokenizer
 
 import data as D
 import model as M
@@ -75,7 +76,6 @@ def test_tiny_recipe_end_to_end(trained_run):
     assert json.loads((out / "config.json").read_text())["size"] == "tiny"
     # a save every 50 of the 100 steps, the newest 2 kept (--keep-checkpoints' default)
     assert sorted(os.listdir(out / "checkpoints")) == ["step_00000050", "step_00000100"]
-    from transformers import AutoTokenizer
     backbone = AutoModel.from_pretrained(out / "final")
     tokenizer = AutoTokenizer.from_pretrained(out / "final")
     assert tokenizer("x")["input_ids"][-1] == tokenizer.eos_token_id
@@ -173,8 +173,7 @@ def test_a_run_distils_from_a_teacher_with_its_own_tokenizer(tmp_path, small_dem
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and all(json.loads(line)["kd"] > 0 for line in lines)
     # the student's and the teacher's ids of each source: two keys, a usable file for each
-    from transformers import AutoTokenizer
-    student = AutoTokenizer.from_pretrained(printed.split("tokenizer: ")[1].split()[0])
+    student = AutoTokenizer.from_pretrained(re.search(r"^tokenizer: (\S+)", printed, re.M)[1])
     teacher = AutoTokenizer.from_pretrained(tmp_path / "teacher")  # as train.py loads them
     caches = [T.TokenCache(token_cache, t, 48) for t in (student, teacher)]
     sources = D.load_sources(small_demo_dir)
